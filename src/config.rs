@@ -1,0 +1,338 @@
+//! Configuration: [`NodeConfig`], [`TopicConfig`], [`ProducerConfig`],
+//! [`ConsumerConfig`]. Names and defaults follow Kafka's (in snake_case) unless a
+//! field's doc says why meshlog differs. Every config has `validate()`, called by
+//! the API before the config is used.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        reason: reason.into(),
+    }
+}
+
+/// The directory a node uses when none is given: `$MESHLOG_DATA_DIR`, else the
+/// platform's data directory (`~/.local/share/meshlog` on Linux), else `./meshlog-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MESHLOG_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    dirs::data_dir()
+        .map(|d| d.join("meshlog"))
+        .unwrap_or_else(|| PathBuf::from("meshlog-data"))
+}
+
+/// How a node runs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Where the node keeps its database. Default: [`default_data_dir`].
+    pub data_dir: PathBuf,
+    /// Whether each commit is fsync'd before records are acknowledged. Default
+    /// `true`: an acknowledged record survives a crash of the process or the
+    /// machine. With `false` an acknowledgement means "written"; the last
+    /// acknowledged records may be lost on a crash.
+    pub fsync: bool,
+    /// Most write requests carried by one transaction (group commit). Default 4096.
+    pub max_group_commit: usize,
+    /// How often retention runs (Kafka's `log.retention.check.interval.ms`). Default 5 min.
+    pub retention_check_interval: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: default_data_dir(),
+            fsync: true,
+            max_group_commit: 4096,
+            retention_check_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// A default config with the given data directory.
+    pub fn with_data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = dir.into();
+        self
+    }
+
+    /// Sets [`NodeConfig::fsync`].
+    pub fn with_fsync(mut self, fsync: bool) -> Self {
+        self.fsync = fsync;
+        self
+    }
+
+    /// Checks the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_group_commit == 0 {
+            return Err(invalid("max_group_commit", "must be at least 1"));
+        }
+        if self.retention_check_interval.is_zero() {
+            return Err(invalid("retention_check_interval", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// How long and how much a topic keeps. Only whole segments are dropped, and
+/// never the segment being written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Drop a segment once its newest record is older than this
+    /// (`retention.ms`). `None` keeps records forever. Default 7 days.
+    pub time: Option<Duration>,
+    /// Drop the oldest segments while the partition would still hold at least
+    /// this many bytes without them (`retention.bytes`). Default `None`: unlimited.
+    pub bytes: Option<u64>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            time: Some(Duration::from_secs(7 * 24 * 3600)),
+            bytes: None,
+        }
+    }
+}
+
+/// A topic's settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    /// Number of partitions (`--partitions`). Default 1.
+    pub partitions: u32,
+    /// Copies of each partition (`--replication-factor`). `None` means
+    /// min(3, storage nodes), so one node alone runs RF 1.
+    pub replication_factor: Option<u16>,
+    /// Replicas that must have a record before `Acks::All` acknowledges it.
+    /// `None` means a majority of the replication factor.
+    pub min_insync_replicas: Option<u16>,
+    /// What the topic keeps.
+    pub retention: Retention,
+    /// Size at which a partition starts a new segment (`segment.bytes`). Retention
+    /// drops whole segments. Default 64 MiB: smaller than Kafka's 1 GiB because a
+    /// segment here is a key range in one redb file, and smaller segments let
+    /// retention free space in smaller steps.
+    pub segment_bytes: u64,
+    /// Age at which a partition starts a new segment even when it is not full
+    /// (`segment.ms`), so that time-based retention also frees quiet partitions.
+    /// Measured on record timestamps. Default 7 days.
+    pub segment_time: Duration,
+    /// Largest record accepted (`max.message.bytes`). Default 1 MiB.
+    pub max_message_bytes: u32,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            partitions: 1,
+            replication_factor: None,
+            min_insync_replicas: None,
+            retention: Retention::default(),
+            segment_bytes: 64 * 1024 * 1024,
+            segment_time: Duration::from_secs(7 * 24 * 3600),
+            max_message_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl TopicConfig {
+    /// A default config with `partitions` partitions.
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Sets the replication factor.
+    pub fn with_replication_factor(mut self, rf: u16) -> Self {
+        self.replication_factor = Some(rf);
+        self
+    }
+
+    /// Sets the retention.
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sets the segment size.
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes;
+        self
+    }
+
+    /// Checks the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.partitions == 0 || self.partitions > 100_000 {
+            return Err(invalid("partitions", "must be between 1 and 100000"));
+        }
+        if self.replication_factor == Some(0) {
+            return Err(invalid("replication_factor", "must be at least 1"));
+        }
+        if let (Some(rf), Some(min)) = (self.replication_factor, self.min_insync_replicas)
+            && (min == 0 || min > rf)
+        {
+            return Err(invalid(
+                "min_insync_replicas",
+                format!("must be between 1 and the replication factor ({rf})"),
+            ));
+        }
+        if self.segment_bytes < 1024 {
+            return Err(invalid("segment_bytes", "must be at least 1024"));
+        }
+        if self.segment_time.is_zero() {
+            return Err(invalid("segment_time", "must be positive"));
+        }
+        if self.max_message_bytes < 64 || self.max_message_bytes as usize > 16 * 1024 * 1024 {
+            return Err(invalid(
+                "max_message_bytes",
+                "must be between 64 B and 16 MiB",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The replication factor on a mesh of `storage_nodes` nodes.
+    pub fn effective_replication_factor(&self, storage_nodes: usize) -> u16 {
+        self.replication_factor
+            .unwrap_or_else(|| storage_nodes.clamp(1, 3) as u16)
+    }
+}
+
+/// How a producer sends.
+#[derive(Clone, Debug)]
+pub struct ProducerConfig {
+    /// Chain this producer's records per partition so that retries never
+    /// duplicate or reorder them (`enable.idempotence`). Default `true`.
+    pub enable_idempotence: bool,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            enable_idempotence: true,
+        }
+    }
+}
+
+/// Where a consumer starts when it has no valid committed offset (`auto.offset.reset`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OffsetReset {
+    /// The oldest record still stored.
+    Earliest,
+    /// The next record written after the consumer starts (Kafka's default).
+    #[default]
+    Latest,
+    /// No reset: `poll` fails with `Error::NoOffset`.
+    None,
+}
+
+/// How a consumer reads.
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    /// The consumer group (`group.id`): where committed offsets are kept. `None`
+    /// means the consumer keeps its position itself and cannot commit.
+    pub group_id: Option<String>,
+    /// Where to start without a committed offset. Default `Latest`, as in Kafka.
+    pub auto_offset_reset: OffsetReset,
+    /// Commit what the application has been given, every `auto_commit_interval`,
+    /// during `poll` and on `close` (`enable.auto.commit`). Default `true`.
+    /// Unlike Kafka's Java client, which commits the previous poll's offsets,
+    /// meshlog commits the positions after the records `poll` has returned.
+    pub enable_auto_commit: bool,
+    /// Default 5 s (`auto.commit.interval.ms`).
+    pub auto_commit_interval: Duration,
+    /// Most records one `poll` returns (`max.poll.records`). Default 500.
+    pub max_poll_records: usize,
+    /// Most bytes read from one partition per fetch (`max.partition.fetch.bytes`). Default 1 MiB.
+    pub max_partition_fetch_bytes: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            group_id: None,
+            auto_offset_reset: OffsetReset::Latest,
+            enable_auto_commit: true,
+            auto_commit_interval: Duration::from_secs(5),
+            max_poll_records: 500,
+            max_partition_fetch_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// Sets the group.
+    pub fn with_group_id(mut self, group: impl Into<String>) -> Self {
+        self.group_id = Some(group.into());
+        self
+    }
+
+    /// Sets `auto_offset_reset`.
+    pub fn with_auto_offset_reset(mut self, reset: OffsetReset) -> Self {
+        self.auto_offset_reset = reset;
+        self
+    }
+
+    /// Sets `enable_auto_commit`.
+    pub fn with_auto_commit(mut self, enabled: bool) -> Self {
+        self.enable_auto_commit = enabled;
+        self
+    }
+
+    /// Checks the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.group_id.as_deref() == Some("") {
+            return Err(invalid("group_id", "must not be empty"));
+        }
+        if self.max_poll_records == 0 {
+            return Err(invalid("max_poll_records", "must be at least 1"));
+        }
+        if self.max_partition_fetch_bytes == 0 {
+            return Err(invalid("max_partition_fetch_bytes", "must be at least 1"));
+        }
+        if self.enable_auto_commit && self.auto_commit_interval.is_zero() {
+            return Err(invalid("auto_commit_interval", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        NodeConfig::default().validate().unwrap();
+        TopicConfig::default().validate().unwrap();
+        ConsumerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused() {
+        let bad = TopicConfig {
+            replication_factor: Some(2),
+            min_insync_replicas: Some(3),
+            ..TopicConfig::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Invalid {
+                name: "min_insync_replicas",
+                ..
+            })
+        ));
+        assert!(
+            TopicConfig::default()
+                .with_partitions(0)
+                .validate()
+                .is_err()
+        );
+    }
+}

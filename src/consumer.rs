@@ -1,0 +1,254 @@
+//! [`Consumer`]: reads records from subscribed topics.
+//!
+//! A consumer is assigned every partition of the topics it subscribes to
+//! (consumer groups that share partitions among members come with the mesh).
+//! Its position in each partition starts at the group's committed offset, or,
+//! without one, where `auto_offset_reset` says. `poll` is a long poll: it
+//! returns as soon as records are available and otherwise waits, up to its
+//! timeout, for the node to report new appends — never a polling interval.
+//! Consumers read committed records only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::{ConsumerConfig, OffsetReset};
+use crate::error::{Error, Result, StoreError};
+use crate::node::Node;
+use crate::record::ConsumerRecord;
+use crate::store::{WriteOp, WriteOutcome};
+
+/// A topic and partition.
+pub type TopicPartition = (String, u32);
+
+/// Reads records. Not shared between tasks: methods take `&mut self`.
+pub struct Consumer {
+    node: Node,
+    config: ConsumerConfig,
+    /// Subscribed topic names.
+    subscriptions: BTreeSet<String>,
+    /// The partitions this consumer reads, in a fixed order.
+    assignment: Vec<TopicPartition>,
+    /// The next offset to return per partition, once known.
+    positions: BTreeMap<TopicPartition, u64>,
+    /// Positions as last committed, to skip commits that change nothing.
+    last_committed: BTreeMap<TopicPartition, u64>,
+    /// Where the next poll starts in `assignment`, so every partition gets its turn.
+    next_partition: usize,
+    /// Counter the node bumps after appends; a long poll waits on it.
+    appends: watch::Receiver<u64>,
+    /// When auto-commit last ran.
+    last_auto_commit: Instant,
+}
+
+impl Consumer {
+    pub(crate) fn new(node: Node, config: ConsumerConfig) -> Result<Self> {
+        config.validate()?;
+        let appends = node.watch_appends();
+        Ok(Consumer {
+            node,
+            config,
+            subscriptions: BTreeSet::new(),
+            assignment: Vec::new(),
+            positions: BTreeMap::new(),
+            last_committed: BTreeMap::new(),
+            next_partition: 0,
+            appends,
+            last_auto_commit: Instant::now(),
+        })
+    }
+
+    /// Subscribes to `topics`, replacing the previous subscription, and takes
+    /// every partition of them. Unknown topics are `Error::TopicNotFound`.
+    pub fn subscribe(&mut self, topics: &[&str]) -> Result<()> {
+        let mut assignment = Vec::new();
+        for topic in topics {
+            let entry = self.node.store().topic(topic)?;
+            assignment.extend((0..entry.config.partitions).map(|p| (topic.to_string(), p)));
+        }
+        self.subscriptions = topics.iter().map(|t| t.to_string()).collect();
+        self.positions.retain(|tp, _| assignment.contains(tp));
+        self.assignment = assignment;
+        self.next_partition = 0;
+        Ok(())
+    }
+
+    /// The subscribed topics.
+    pub fn subscription(&self) -> Vec<String> {
+        self.subscriptions.iter().cloned().collect()
+    }
+
+    /// The partitions this consumer reads.
+    pub fn assignment(&self) -> &[TopicPartition] {
+        &self.assignment
+    }
+
+    /// Returns the records available now, or waits up to `timeout` for some.
+    /// An empty result means none arrived in time.
+    pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Mark the counter seen before reading, so an append that lands
+            // during the read still wakes the wait below.
+            self.appends.borrow_and_update();
+            let records = self.fetch_available()?;
+            if !records.is_empty() || Instant::now() >= deadline {
+                self.maybe_auto_commit().await?;
+                return Ok(records);
+            }
+            match tokio::time::timeout_at(deadline, self.appends.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_elapsed) => {
+                    self.maybe_auto_commit().await?;
+                    return Ok(Vec::new());
+                }
+            }
+        }
+    }
+
+    /// Reads from each assigned partition in turn, up to `max_poll_records`.
+    fn fetch_available(&mut self) -> Result<Vec<ConsumerRecord>> {
+        let mut out = Vec::new();
+        let n = self.assignment.len();
+        for i in 0..n {
+            if out.len() >= self.config.max_poll_records {
+                break;
+            }
+            let tp = self.assignment[(self.next_partition + i) % n].clone();
+            let mut records = self.fetch_partition(&tp)?;
+            records.truncate(self.config.max_poll_records - out.len());
+            if let Some(last) = records.last() {
+                self.positions.insert(tp, last.offset + 1);
+            }
+            out.append(&mut records);
+        }
+        if n > 0 {
+            self.next_partition = (self.next_partition + 1) % n;
+        }
+        Ok(out)
+    }
+
+    fn fetch_partition(&mut self, tp: &TopicPartition) -> Result<Vec<ConsumerRecord>> {
+        let position = self.position_or_reset(tp)?;
+        let max_bytes = self.config.max_partition_fetch_bytes;
+        match self.node.store().read(&tp.0, tp.1, position, max_bytes) {
+            Ok(read) => Ok(read.records),
+            Err(StoreError::OffsetOutOfRange { start, end, .. }) => {
+                let reset = self.reset_offset(tp, start, end)?;
+                tracing::info!(topic = %tp.0, partition = tp.1, from = position, to = reset, "position out of range; reset");
+                self.positions.insert(tp.clone(), reset);
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The position in `tp`, starting from the committed offset or the reset policy.
+    fn position_or_reset(&mut self, tp: &TopicPartition) -> Result<u64> {
+        if let Some(position) = self.positions.get(tp) {
+            return Ok(*position);
+        }
+        let state = self.node.store().partition_state(&tp.0, tp.1)?;
+        let committed = self.committed(&tp.0, tp.1)?;
+        let position = match committed {
+            Some(offset) if (state.log_start_offset..=state.high_watermark).contains(&offset) => {
+                offset
+            }
+            _ => self.reset_offset(tp, state.log_start_offset, state.high_watermark)?,
+        };
+        self.positions.insert(tp.clone(), position);
+        Ok(position)
+    }
+
+    fn reset_offset(&self, tp: &TopicPartition, start: u64, end: u64) -> Result<u64> {
+        match self.config.auto_offset_reset {
+            OffsetReset::Earliest => Ok(start),
+            OffsetReset::Latest => Ok(end),
+            OffsetReset::None => Err(Error::NoOffset {
+                topic: tp.0.clone(),
+                partition: tp.1,
+            }),
+        }
+    }
+
+    /// Moves the position in an assigned partition; the next poll reads from
+    /// `offset`. An offset outside the log is reset by `auto_offset_reset` then.
+    pub fn seek(&mut self, topic: &str, partition: u32, offset: u64) -> Result<()> {
+        let tp = (topic.to_string(), partition);
+        if !self.assignment.contains(&tp) {
+            return Err(Error::NotAssigned {
+                topic: topic.to_string(),
+                partition,
+            });
+        }
+        self.positions.insert(tp, offset);
+        Ok(())
+    }
+
+    /// The next offset this consumer will return from a partition, once known.
+    pub fn position(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.positions.get(&(topic.to_string(), partition)).copied()
+    }
+
+    /// The group's committed offset for a partition (`None` without a group or commit).
+    pub fn committed(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
+        let Some(group) = &self.config.group_id else {
+            return Ok(None);
+        };
+        Ok(self
+            .node
+            .store()
+            .committed_offset(group, topic, partition)?)
+    }
+
+    /// Commits the current positions for the group: the offsets after the
+    /// records `poll` has returned. Returns once they are stored.
+    pub async fn commit(&mut self) -> Result<()> {
+        let group = self.config.group_id.clone().ok_or(Error::NoGroup)?;
+        let changed: Vec<(String, u32, u64)> = self
+            .positions
+            .iter()
+            .filter(|(tp, pos)| self.last_committed.get(*tp) != Some(*pos))
+            .map(|((t, p), pos)| (t.clone(), *p, *pos))
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        match self
+            .node
+            .write(WriteOp::CommitOffsets {
+                group,
+                offsets: changed.clone(),
+            })
+            .await?
+        {
+            WriteOutcome::OffsetsCommitted => {
+                for (t, p, pos) in changed {
+                    self.last_committed.insert((t, p), pos);
+                }
+                Ok(())
+            }
+            _ => Err(Error::Closed),
+        }
+    }
+
+    async fn maybe_auto_commit(&mut self) -> Result<()> {
+        let due = self.last_auto_commit.elapsed() >= self.config.auto_commit_interval;
+        if self.config.enable_auto_commit && self.config.group_id.is_some() && due {
+            self.last_auto_commit = Instant::now();
+            self.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves: commits the positions first when auto-commit is on.
+    pub async fn close(mut self) -> Result<()> {
+        if self.config.enable_auto_commit && self.config.group_id.is_some() {
+            self.commit().await?;
+        }
+        Ok(())
+    }
+}

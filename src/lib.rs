@@ -1,0 +1,58 @@
+//! meshlog: a brokerless, peer-to-peer, Kafka-like message bus.
+//!
+//! Every node is both producer and consumer. Records live in topics split into
+//! partitions; each record gets an offset and a hash-chained 32-byte blake3 ID
+//! that commits it and every record before it.
+//!
+//! # Layout
+//! - [`chain`]: message IDs, the partition and producer chains, verification.
+//! - [`record`]: [`Record`], [`ConsumerRecord`], [`RecordMetadata`].
+//! - [`wire`]: versioned postcard frames with hard size caps; stored batches.
+//! - [`store`]: the redb log store (batches, segments, retention, producer
+//!   state, committed offsets) with group commit.
+//! - [`config`]: [`NodeConfig`], [`TopicConfig`], [`ProducerConfig`], [`ConsumerConfig`].
+//! - [`node`]: [`Node`], the handle an application embeds; it owns the store's writer.
+//! - [`producer`], [`consumer`]: the client API.
+//! - [`error`]: one error enum per layer and the umbrella [`Error`].
+//!
+//! # Example
+//! ```no_run
+//! use meshlog::{Node, NodeConfig, TopicConfig, ConsumerConfig, OffsetReset};
+//! use std::time::Duration;
+//!
+//! # async fn run() -> meshlog::Result<()> {
+//! let node = Node::open(NodeConfig::default().with_data_dir("/tmp/meshlog-example")).await?;
+//! node.create_topic("test", TopicConfig::default().with_partitions(3)).await?;
+//! let producer = node.producer(Default::default());
+//! let meta = producer.send("test", Some(b"key"), b"hello").await?;
+//! println!("{}/{} @ {} id {}", meta.topic, meta.partition, meta.offset, meta.id);
+//!
+//! let mut consumer = node.consumer(
+//!     ConsumerConfig::default().with_group_id("g").with_auto_offset_reset(OffsetReset::Earliest),
+//! )?;
+//! consumer.subscribe(&["test"])?;
+//! for record in consumer.poll(Duration::from_secs(1)).await? {
+//!     println!("{:?}", record.value());
+//! }
+//! consumer.commit().await?;
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod chain;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod node;
+pub mod producer;
+pub mod record;
+pub mod store;
+pub mod wire;
+
+pub use chain::{MessageId, ProducerId};
+pub use config::{ConsumerConfig, NodeConfig, OffsetReset, ProducerConfig, Retention, TopicConfig};
+pub use consumer::Consumer;
+pub use error::{Error, Result};
+pub use node::{Node, PartitionDescription, TopicDescription};
+pub use producer::{Producer, ProducerRecord};
+pub use record::{ConsumerRecord, Header, Record, RecordMetadata};

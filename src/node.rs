@@ -1,0 +1,436 @@
+//! [`Node`]: the handle an application embeds.
+//!
+//! A node owns one [`Store`] and a writer thread that performs group commit:
+//! write requests (appends, topic changes, offset commits) queue on a bounded
+//! channel, and the writer takes everything queued, up to
+//! `NodeConfig::max_group_commit`, into one transaction. A request is answered
+//! only after that transaction has committed with the configured durability.
+//! After each group that appended records the node bumps a counter that
+//! waiting consumers watch, so a long poll wakes as soon as data lands.
+//!
+//! For now a node serves its own data directory alone; the API is shaped for
+//! the mesh (topics with replication factors, partition descriptions with
+//! epochs and heads).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::chain::MessageId;
+use crate::config::{ConsumerConfig, NodeConfig, ProducerConfig, TopicConfig};
+use crate::consumer::Consumer;
+use crate::error::{Error, Result, StoreError};
+use crate::producer::Producer;
+use crate::store::{Store, TopicEntry, WriteOp, WriteOutcome};
+
+/// Write requests waiting for the writer; senders wait when it is full.
+const WRITE_QUEUE_DEPTH: usize = 8192;
+
+/// A running meshlog node. Cheap to clone; all clones are the same node.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<NodeInner>,
+}
+
+pub(crate) struct NodeInner {
+    /// The log store; reads go to it directly, writes through `writes`.
+    pub(crate) store: Arc<Store>,
+    /// The writer thread's queue.
+    writes: mpsc::Sender<WriterMessage>,
+    /// Bumped after every committed group that appended records.
+    appended: Arc<watch::Sender<u64>>,
+    config: NodeConfig,
+    /// Background work to stop on shutdown; `None` once stopped.
+    tasks: Mutex<Option<NodeTasks>>,
+}
+
+struct NodeTasks {
+    writer: std::thread::JoinHandle<()>,
+    retention: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+enum WriterMessage {
+    Write {
+        op: WriteOp,
+        reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+    },
+    Stop,
+}
+
+/// A topic and the state of each of its partitions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicDescription {
+    /// The topic's name.
+    pub name: String,
+    /// Its settings.
+    pub config: TopicConfig,
+    /// Its partitions, in order.
+    pub partitions: Vec<PartitionDescription>,
+}
+
+/// The state of one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionDescription {
+    /// The partition number.
+    pub partition: u32,
+    /// The leader epoch of its newest records.
+    pub epoch: u64,
+    /// The first offset still stored.
+    pub log_start_offset: u64,
+    /// One past the last committed offset: consumers read below it.
+    pub high_watermark: u64,
+    /// The chain ID of the last committed record (the genesis ID when empty).
+    pub head: MessageId,
+    /// Bytes stored.
+    pub bytes: u64,
+}
+
+/// Milliseconds since the Unix epoch by the system clock.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Node {
+    /// Opens the node's store in `config.data_dir` (creating it) and starts the
+    /// writer. Fails if another process has the data directory open, or if the
+    /// store is corrupt.
+    pub async fn open(config: NodeConfig) -> Result<Node> {
+        config.validate()?;
+        let dir = config.data_dir.clone();
+        let fsync = config.fsync;
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir, fsync))
+            .await
+            .map_err(|_| Error::Closed)??;
+        let store = Arc::new(store);
+        let (writes, queue) = mpsc::channel(WRITE_QUEUE_DEPTH);
+        let appended = Arc::new(watch::channel(0u64).0);
+        let writer = {
+            let (store, appended) = (store.clone(), appended.clone());
+            let max_group = config.max_group_commit;
+            std::thread::Builder::new()
+                .name("meshlog-writer".into())
+                .spawn(move || run_writer(&store, queue, &appended, max_group))
+                .map_err(StoreError::Io)?
+        };
+        let (stop, stopped) = watch::channel(false);
+        let retention = tokio::spawn(run_retention(
+            writes.clone(),
+            config.retention_check_interval,
+            stopped,
+        ));
+        info!(data_dir = %config.data_dir.display(), fsync, "node opened");
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                store,
+                writes,
+                appended,
+                config,
+                tasks: Mutex::new(Some(NodeTasks {
+                    writer,
+                    retention,
+                    stop,
+                })),
+            }),
+        })
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.config.data_dir
+    }
+
+    /// The path of the node's database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.inner.store.path().to_path_buf()
+    }
+
+    /// Creates a topic. Creating one that exists with the same config is a
+    /// no-op; with a different config it is `Error::TopicExists`.
+    pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicDescription> {
+        let op = WriteOp::CreateTopic {
+            name: name.to_string(),
+            config,
+            now_ms: now_ms(),
+        };
+        match self.inner.write(op).await? {
+            WriteOutcome::TopicCreated { topic, created } => {
+                if created {
+                    info!(
+                        topic = name,
+                        partitions = topic.config.partitions,
+                        "topic created"
+                    );
+                }
+                self.describe_entry(&topic)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a topic, its records and the offsets groups committed for it.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        match self
+            .inner
+            .write(WriteOp::DeleteTopic {
+                name: name.to_string(),
+            })
+            .await?
+        {
+            WriteOutcome::TopicDeleted => {
+                info!(topic = name, "topic deleted");
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The names of all topics, sorted.
+    pub async fn list_topics(&self) -> Result<Vec<String>> {
+        Ok(self
+            .inner
+            .store
+            .list_topics()?
+            .into_iter()
+            .map(|t| t.name)
+            .collect())
+    }
+
+    /// A topic's config and the state of each partition.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let entry = self.inner.store.topic(name)?;
+        self.describe_entry(&entry)
+    }
+
+    fn describe_entry(&self, entry: &TopicEntry) -> Result<TopicDescription> {
+        let mut partitions = Vec::with_capacity(entry.config.partitions as usize);
+        for partition in 0..entry.config.partitions {
+            let state = self.inner.store.partition_state(&entry.name, partition)?;
+            partitions.push(PartitionDescription {
+                partition,
+                epoch: state.epoch,
+                log_start_offset: state.log_start_offset,
+                high_watermark: state.high_watermark,
+                head: state.head,
+                bytes: state.bytes,
+            });
+        }
+        Ok(TopicDescription {
+            name: entry.name.clone(),
+            config: entry.config.clone(),
+            partitions,
+        })
+    }
+
+    /// Recomputes the whole hash chain of one partition from its stored records
+    /// and checks it against the head; returns the number of records checked.
+    pub async fn verify_partition(&self, topic: &str, partition: u32) -> Result<u64> {
+        Ok(self.inner.store.verify_partition(topic, partition)?.records)
+    }
+
+    /// Runs retention now instead of waiting for the next periodic check;
+    /// returns the number of segments dropped.
+    pub async fn enforce_retention(&self) -> Result<u64> {
+        match self
+            .inner
+            .write(WriteOp::EnforceRetention { now_ms: now_ms() })
+            .await?
+        {
+            WriteOutcome::RetentionApplied { segments_dropped } => Ok(segments_dropped),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A producer sending through this node.
+    pub fn producer(&self, config: ProducerConfig) -> Producer {
+        Producer::new(self.clone(), config)
+    }
+
+    /// A consumer reading through this node.
+    pub fn consumer(&self, config: ConsumerConfig) -> Result<Consumer> {
+        Consumer::new(self.clone(), config)
+    }
+
+    /// Stops the writer and background tasks after the writes already queued.
+    /// Later requests fail with `Error::Closed`. The database file closes when
+    /// the last clone of the node and of its producers and consumers is dropped.
+    pub async fn shutdown(&self) {
+        let tasks = self.inner.tasks.lock().ok().and_then(|mut t| t.take());
+        let Some(tasks) = tasks else { return };
+        let _ = tasks.stop.send(true);
+        let _ = tasks.retention.await;
+        if self.inner.writes.send(WriterMessage::Stop).await.is_err() {
+            debug!("writer already stopped");
+        }
+        let joined = tokio::task::spawn_blocking(move || tasks.writer.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            warn!("the writer thread ended abnormally");
+        }
+        info!("node shut down");
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn watch_appends(&self) -> watch::Receiver<u64> {
+        self.inner.appended.subscribe()
+    }
+
+    pub(crate) async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
+        self.inner.write(op).await
+    }
+
+    /// Reserves a slot in the write queue. Holding the permit, a caller can
+    /// enqueue without waiting, which lets it keep its requests in order.
+    pub(crate) async fn reserve_write(&self) -> Result<WritePermit<'_>> {
+        let permit = self
+            .inner
+            .writes
+            .reserve()
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(WritePermit { permit })
+    }
+}
+
+/// A reserved slot in the write queue; see [`Node::reserve_write`].
+pub(crate) struct WritePermit<'a> {
+    permit: mpsc::Permit<'a, WriterMessage>,
+}
+
+/// The answer to one queued write, received once its transaction commits.
+pub(crate) type WriteReply = oneshot::Receiver<Result<WriteOutcome, StoreError>>;
+
+impl WritePermit<'_> {
+    /// Enqueues `op`; await the returned receiver for its outcome.
+    pub(crate) fn send(self, op: WriteOp) -> WriteReply {
+        let (reply, answer) = oneshot::channel();
+        self.permit.send(WriterMessage::Write { op, reply });
+        answer
+    }
+}
+
+/// Waits for a queued write's outcome.
+pub(crate) async fn await_reply(answer: WriteReply) -> Result<WriteOutcome> {
+    Ok(answer.await.map_err(|_| Error::Closed)??)
+}
+
+impl NodeInner {
+    async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(WriterMessage::Write { op, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        await_reply(answer).await
+    }
+}
+
+fn unexpected(outcome: WriteOutcome) -> Error {
+    Error::Store(StoreError::CommitFailed(format!(
+        "unexpected outcome {outcome:?}"
+    )))
+}
+
+/// The writer thread: takes every queued request (up to `max_group`) into one
+/// transaction, commits, then answers each request.
+fn run_writer(
+    store: &Store,
+    mut queue: mpsc::Receiver<WriterMessage>,
+    appended: &watch::Sender<u64>,
+    max_group: usize,
+) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut ops = Vec::new();
+        let mut replies = Vec::new();
+        let mut stop = false;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                WriterMessage::Write { op, reply } => {
+                    ops.push(op);
+                    replies.push(reply);
+                }
+                WriterMessage::Stop => {
+                    stop = true;
+                    break;
+                }
+            }
+            if ops.len() < max_group {
+                next = queue.try_recv().ok();
+            }
+        }
+        if !ops.is_empty() {
+            commit_group(store, ops, replies, appended);
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+fn commit_group(
+    store: &Store,
+    ops: Vec<WriteOp>,
+    replies: Vec<oneshot::Sender<Result<WriteOutcome, StoreError>>>,
+    appended: &watch::Sender<u64>,
+) {
+    let has_appends = ops.iter().any(|op| matches!(op, WriteOp::Append(_)));
+    match store.write(ops) {
+        Ok(results) => {
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+            if has_appends {
+                appended.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "write transaction failed");
+            let message = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::CommitFailed(message.clone())));
+            }
+        }
+    }
+}
+
+/// Runs retention every `interval` until told to stop.
+async fn run_retention(
+    writes: mpsc::Sender<WriterMessage>,
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = ticks.tick() => {}
+        }
+        let (reply, answer) = oneshot::channel();
+        let op = WriteOp::EnforceRetention { now_ms: now_ms() };
+        if writes
+            .send(WriterMessage::Write { op, reply })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        match answer.await {
+            Ok(Ok(WriteOutcome::RetentionApplied { segments_dropped })) if segments_dropped > 0 => {
+                info!(segments_dropped, "retention dropped segments");
+            }
+            Ok(Err(e)) => warn!(error = %e, "retention failed"),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Retention: dropping a partition's oldest segments, whole, once they are
+//! older than `retention.time` or not needed to keep `retention.bytes`.
+//!
+//! As in Kafka, segments go oldest first and the scan stops at the first one
+//! that must stay; the active (newest) segment is never dropped. A segment's age
+//! is that of its newest record.
+
+use redb::ReadableTable;
+
+use super::Store;
+use super::tables::{PartitionState, SegmentMeta, TopicEntry};
+use super::write::Tables;
+use crate::error::StoreError;
+
+impl Store {
+    /// Applies retention to every partition; returns the number of segments dropped.
+    pub(super) fn apply_retention(
+        &self,
+        t: &mut Tables<'_>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut topics: Vec<TopicEntry> = Vec::new();
+        for row in t.topics.iter()? {
+            topics.push(self.decode_value("topic", row?.1.value())?);
+        }
+        let mut dropped = 0;
+        for topic in &topics {
+            for partition in 0..topic.config.partitions {
+                dropped += self.retain_partition(t, topic, partition, now_ms)?;
+            }
+        }
+        Ok(dropped)
+    }
+
+    fn retain_partition(
+        &self,
+        t: &mut Tables<'_>,
+        topic: &TopicEntry,
+        partition: u32,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let tid = topic.id;
+        let mut segments: Vec<SegmentMeta> = Vec::new();
+        for row in t
+            .segments
+            .range((tid, partition, 0)..=(tid, partition, u64::MAX))?
+        {
+            segments.push(self.decode_value("segment", row?.1.value())?);
+        }
+        let Some((_active, closed)) = segments.split_last() else {
+            return Ok(0);
+        };
+        let Some(state_bytes) = t
+            .partitions
+            .get((tid, partition))?
+            .map(|v| v.value().to_vec())
+        else {
+            return Ok(0);
+        };
+        let mut state: PartitionState = self.decode_value("partition state", &state_bytes)?;
+        let retention = &topic.config.retention;
+        let ttl_ms = retention
+            .time
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let mut dropped = 0;
+        for segment in closed {
+            let expired =
+                ttl_ms.is_some_and(|ttl| now_ms.saturating_sub(segment.max_timestamp) > ttl);
+            let surplus = retention
+                .bytes
+                .is_some_and(|limit| state.bytes.saturating_sub(segment.bytes) >= limit);
+            if !(expired || surplus) {
+                break;
+            }
+            self.drop_segment(t, tid, partition, segment)?;
+            state.bytes = state.bytes.saturating_sub(segment.bytes);
+            state.log_start_offset = segment.next_offset;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            state.start_prev_id = self.prev_id_at(t, tid, partition, state.log_start_offset)?;
+            t.partitions
+                .insert((tid, partition), self.encode_value(&state)?.as_slice())?;
+        }
+        Ok(dropped)
+    }
+
+    fn drop_segment(
+        &self,
+        t: &mut Tables<'_>,
+        tid: u32,
+        partition: u32,
+        segment: &SegmentMeta,
+    ) -> Result<(), StoreError> {
+        t.batches.retain_in(
+            (tid, partition, segment.base_offset)..(tid, partition, segment.next_offset),
+            |_, _| false,
+        )?;
+        t.segments.remove((tid, partition, segment.base_offset))?;
+        Ok(())
+    }
+
+    /// The chain ID before the batch starting at `offset`.
+    fn prev_id_at(
+        &self,
+        t: &Tables<'_>,
+        tid: u32,
+        partition: u32,
+        offset: u64,
+    ) -> Result<crate::chain::MessageId, StoreError> {
+        let value = t
+            .batches
+            .get((tid, partition, offset))?
+            .ok_or_else(|| self.corrupt(format!("no batch starts at segment boundary {offset}")))?;
+        Ok(self
+            .decode_batch((tid, partition, offset), value.value())?
+            .prev_id)
+    }
+}

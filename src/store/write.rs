@@ -1,0 +1,692 @@
+//! Group commit: many write operations in one redb transaction.
+//!
+//! [`Store::write`] opens one transaction, applies each [`WriteOp`] in order
+//! against a per-transaction cache of the rows it touches, writes the cache back,
+//! and commits with the durability the store was opened with (metadata changes
+//! are always fsync'd). An operation that is refused (unknown topic, a sequence
+//! gap, a record too large, ...) is checked before it changes anything, so it
+//! fails alone; a storage failure fails the whole transaction and every
+//! operation in it, and nothing of it is stored.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use redb::{ReadableTable, Table, WriteTransaction};
+
+use super::Store;
+use super::tables::*;
+use crate::chain::{self, MessageId, ProducerId};
+use crate::config::TopicConfig;
+use crate::error::StoreError;
+use crate::record::Record;
+use crate::wire::{self, ProducerBatch, StoredBatch};
+
+/// Epoch of every batch a single node writes; elections raise it once the mesh replicates.
+const SINGLE_NODE_EPOCH: u64 = 1;
+
+/// A batch to append to one partition.
+#[derive(Clone, Debug)]
+pub struct AppendRequest {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// Set by idempotent producers: who sends, the first sequence, and the
+    /// producer-chain hash before the batch.
+    pub producer: Option<ProducerBatch>,
+    /// The records, in order. Must not be empty.
+    pub records: Vec<Record>,
+}
+
+/// Where an appended batch landed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// The partition-chain ID of each record.
+    pub ids: Vec<MessageId>,
+    /// True when the batch was a retry of one already stored: nothing was
+    /// written and the original offsets and IDs are returned.
+    pub duplicate: bool,
+    /// The producer-chain head after the batch, for idempotent batches.
+    pub producer_head: Option<MessageId>,
+}
+
+/// One operation of a group commit.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    /// Create a topic; a no-op when it exists with the same config.
+    CreateTopic {
+        /// Its name.
+        name: String,
+        /// Its settings (validated here).
+        config: TopicConfig,
+        /// Creation time, ms since the Unix epoch.
+        now_ms: i64,
+    },
+    /// Delete a topic with all its records and committed offsets.
+    DeleteTopic {
+        /// Its name.
+        name: String,
+    },
+    /// Append a batch.
+    Append(AppendRequest),
+    /// Store a group's committed offsets (the next offset to read per partition).
+    CommitOffsets {
+        /// The consumer group.
+        group: String,
+        /// (topic, partition, offset) triples.
+        offsets: Vec<(String, u32, u64)>,
+    },
+    /// Drop expired segments of every partition.
+    EnforceRetention {
+        /// The current time, ms since the Unix epoch.
+        now_ms: i64,
+    },
+}
+
+impl WriteOp {
+    /// Metadata changes are always made durable, whatever the fsync setting.
+    fn is_metadata(&self) -> bool {
+        matches!(
+            self,
+            WriteOp::CreateTopic { .. } | WriteOp::DeleteTopic { .. }
+        )
+    }
+}
+
+/// What one operation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The topic exists now; `created` is false when it already existed.
+    TopicCreated {
+        /// The stored topic.
+        topic: TopicEntry,
+        /// Whether this operation created it.
+        created: bool,
+    },
+    /// The topic is gone.
+    TopicDeleted,
+    /// The batch is stored (or was already).
+    Appended(AppendOutcome),
+    /// The offsets are stored.
+    OffsetsCommitted,
+    /// Retention ran; this many segments were dropped.
+    RetentionApplied {
+        /// Segments dropped.
+        segments_dropped: u64,
+    },
+}
+
+/// The tables one write transaction works on.
+pub(super) struct Tables<'t> {
+    pub meta: Table<'t, &'static str, u64>,
+    pub topics: Table<'t, &'static str, &'static [u8]>,
+    pub partitions: Table<'t, (u32, u32), &'static [u8]>,
+    pub batches: Table<'t, (u32, u32, u64), &'static [u8]>,
+    pub segments: Table<'t, (u32, u32, u64), &'static [u8]>,
+    pub producers: Table<'t, (u32, u32, u64), &'static [u8]>,
+    pub offsets: Table<'t, (&'static str, &'static str, u32), u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            meta: txn.open_table(META)?,
+            topics: txn.open_table(TOPICS)?,
+            partitions: txn.open_table(PARTITIONS)?,
+            batches: txn.open_table(BATCHES)?,
+            segments: txn.open_table(SEGMENTS)?,
+            producers: txn.open_table(PRODUCERS)?,
+            offsets: txn.open_table(GROUP_OFFSETS)?,
+        })
+    }
+}
+
+/// The rows one transaction has read or changed, written back once at the end
+/// so that a group of appends to one partition costs one state update.
+#[derive(Default)]
+pub(super) struct TxnCache {
+    pub topics: BTreeMap<String, TopicEntry>,
+    pub partitions: BTreeMap<(u32, u32), PartitionState>,
+    /// The newest (active) segment of each touched partition.
+    pub active_segments: BTreeMap<(u32, u32), SegmentMeta>,
+    pub producers: BTreeMap<(u32, u32, u64), ProducerState>,
+}
+
+/// Errors that mean the transaction itself failed, not just one operation.
+fn is_fatal(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Io(_)
+            | StoreError::Database(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::Wire(_)
+    )
+}
+
+impl Store {
+    /// Applies `ops` in one transaction and commits it. The outer error means
+    /// the transaction failed and none of the operations was stored; otherwise
+    /// each operation has its own result, in order.
+    pub fn write(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+        let durable = self.fsync || ops.iter().any(WriteOp::is_metadata);
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })?;
+        let mut results = Vec::with_capacity(ops.len());
+        {
+            let mut tables = Tables::open(&txn)?;
+            let mut cache = TxnCache::default();
+            for op in ops {
+                match self.apply(&mut tables, &mut cache, op) {
+                    Err(e) if is_fatal(&e) => return Err(e),
+                    result => results.push(result),
+                }
+            }
+            self.flush_cache(&mut tables, cache)?;
+        }
+        txn.commit()?;
+        Ok(results)
+    }
+
+    /// Appends one batch in its own transaction.
+    pub fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        match self.write(vec![WriteOp::Append(request)])?.pop() {
+            Some(Ok(WriteOutcome::Appended(outcome))) => Ok(outcome),
+            Some(Err(e)) => Err(e),
+            _ => Err(self.corrupt("append returned no outcome")),
+        }
+    }
+
+    /// Creates a topic in its own transaction.
+    pub fn create_topic(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        now_ms: i64,
+    ) -> Result<(TopicEntry, bool), StoreError> {
+        let op = WriteOp::CreateTopic {
+            name: name.to_string(),
+            config,
+            now_ms,
+        };
+        match self.write(vec![op])?.pop() {
+            Some(Ok(WriteOutcome::TopicCreated { topic, created })) => Ok((topic, created)),
+            Some(Err(e)) => Err(e),
+            _ => Err(self.corrupt("create_topic returned no outcome")),
+        }
+    }
+
+    fn apply(
+        &self,
+        t: &mut Tables<'_>,
+        cache: &mut TxnCache,
+        op: WriteOp,
+    ) -> Result<WriteOutcome, StoreError> {
+        match op {
+            WriteOp::CreateTopic {
+                name,
+                config,
+                now_ms,
+            } => self.apply_create_topic(t, cache, name, config, now_ms),
+            WriteOp::DeleteTopic { name } => self.apply_delete_topic(t, cache, &name),
+            WriteOp::Append(request) => self
+                .apply_append(t, cache, request)
+                .map(WriteOutcome::Appended),
+            WriteOp::CommitOffsets { group, offsets } => {
+                for (topic, partition, offset) in &offsets {
+                    t.offsets
+                        .insert((group.as_str(), topic.as_str(), *partition), *offset)?;
+                }
+                Ok(WriteOutcome::OffsetsCommitted)
+            }
+            WriteOp::EnforceRetention { now_ms } => {
+                // Retention reads whole partitions from the tables: write back first.
+                self.flush_cache(t, std::mem::take(cache))?;
+                let segments_dropped = self.apply_retention(t, now_ms)?;
+                Ok(WriteOutcome::RetentionApplied { segments_dropped })
+            }
+        }
+    }
+
+    fn apply_create_topic(
+        &self,
+        t: &mut Tables<'_>,
+        cache: &mut TxnCache,
+        name: String,
+        config: TopicConfig,
+        now_ms: i64,
+    ) -> Result<WriteOutcome, StoreError> {
+        validate_topic_name(&name)?;
+        config.validate()?;
+        if let Some(existing) = self.cached_topic(t, cache, &name)? {
+            if existing.config == config {
+                return Ok(WriteOutcome::TopicCreated {
+                    topic: existing,
+                    created: false,
+                });
+            }
+            return Err(StoreError::TopicExists(name));
+        }
+        let id = t.meta.get("next_topic_id")?.map_or(0, |v| v.value());
+        let id32 = u32::try_from(id).map_err(|_| self.corrupt("topic ids exhausted"))?;
+        t.meta.insert("next_topic_id", id + 1)?;
+        let entry = TopicEntry {
+            id: id32,
+            name: name.clone(),
+            config,
+            created_ms: now_ms,
+        };
+        t.topics
+            .insert(name.as_str(), self.encode_value(&entry)?.as_slice())?;
+        for p in 0..entry.config.partitions {
+            let genesis = chain::partition_genesis(&name, p);
+            let state = PartitionState {
+                epoch: SINGLE_NODE_EPOCH,
+                log_start_offset: 0,
+                log_end_offset: 0,
+                high_watermark: 0,
+                head: genesis,
+                start_prev_id: genesis,
+                bytes: 0,
+            };
+            cache.partitions.insert((id32, p), state);
+        }
+        cache.topics.insert(name, entry.clone());
+        Ok(WriteOutcome::TopicCreated {
+            topic: entry,
+            created: true,
+        })
+    }
+
+    fn apply_delete_topic(
+        &self,
+        t: &mut Tables<'_>,
+        cache: &mut TxnCache,
+        name: &str,
+    ) -> Result<WriteOutcome, StoreError> {
+        let entry = self
+            .cached_topic(t, cache, name)?
+            .ok_or_else(|| StoreError::TopicNotFound(name.to_string()))?;
+        let tid = entry.id;
+        cache.topics.remove(name);
+        cache.partitions.retain(|k, _| k.0 != tid);
+        cache.active_segments.retain(|k, _| k.0 != tid);
+        cache.producers.retain(|k, _| k.0 != tid);
+        t.topics.remove(name)?;
+        t.partitions
+            .retain_in((tid, 0)..=(tid, u32::MAX), |_, _| false)?;
+        t.batches
+            .retain_in((tid, 0, 0)..=(tid, u32::MAX, u64::MAX), |_, _| false)?;
+        t.segments
+            .retain_in((tid, 0, 0)..=(tid, u32::MAX, u64::MAX), |_, _| false)?;
+        t.producers
+            .retain_in((tid, 0, 0)..=(tid, u32::MAX, u64::MAX), |_, _| false)?;
+        t.offsets.retain(|(_, topic, _), _| topic != name)?;
+        Ok(WriteOutcome::TopicDeleted)
+    }
+
+    fn apply_append(
+        &self,
+        t: &mut Tables<'_>,
+        cache: &mut TxnCache,
+        req: AppendRequest,
+    ) -> Result<AppendOutcome, StoreError> {
+        if req.records.is_empty() {
+            return Err(StoreError::EmptyBatch);
+        }
+        let topic = self
+            .cached_topic(t, cache, &req.topic)?
+            .ok_or_else(|| StoreError::TopicNotFound(req.topic.clone()))?;
+        if req.partition >= topic.config.partitions {
+            return Err(StoreError::PartitionNotFound {
+                topic: req.topic,
+                partition: req.partition,
+            });
+        }
+        let max = topic.config.max_message_bytes as usize;
+        if let Some(big) = req.records.iter().find(|r| r.encoded_len() > max) {
+            return Err(StoreError::RecordTooLarge {
+                size: big.encoded_len(),
+                max,
+            });
+        }
+        let key = (topic.id, req.partition);
+        if let Some(pb) = &req.producer
+            && let Some(retry) = self.check_producer(t, cache, key, pb, req.records.len())?
+        {
+            return Ok(retry);
+        }
+        let state = self.cached_partition(t, cache, key)?;
+        let batch = build_batch(&state, req.producer, req.records);
+        let encoded = wire::encode(&batch)?;
+        t.batches
+            .insert((key.0, key.1, batch.base_offset), encoded.as_slice())?;
+        let ids = batch.ids();
+        let producer_head = self.record_producer(cache, key, &batch);
+        self.extend_segment(t, cache, &topic.config, key, &batch, encoded.len() as u64)?;
+        let state = cache.partitions.entry(key).or_insert(state);
+        state.log_end_offset = batch.next_offset();
+        state.high_watermark = state.log_end_offset;
+        state.head = batch.last_id;
+        state.epoch = batch.epoch;
+        state.bytes += encoded.len() as u64;
+        Ok(AppendOutcome {
+            base_offset: batch.base_offset,
+            ids,
+            duplicate: false,
+            producer_head,
+        })
+    }
+
+    /// Checks an idempotent batch against the producer's state: `Ok(Some(_))` is
+    /// a retry already stored (with its original offsets), `Ok(None)` the next
+    /// batch in sequence; gaps, chain mismatches and too-old retries are errors.
+    fn check_producer(
+        &self,
+        t: &mut Tables<'_>,
+        cache: &mut TxnCache,
+        key: (u32, u32),
+        pb: &ProducerBatch,
+        count: usize,
+    ) -> Result<Option<AppendOutcome>, StoreError> {
+        let state = self.cached_producer(t, cache, key, pb.producer)?;
+        let (next_seq, head) = match &state {
+            Some(s) => (s.next_seq, s.head),
+            None => (
+                0,
+                chain::producer_genesis(pb.producer, &self.topic_name(cache, key.0), key.1),
+            ),
+        };
+        if pb.base_seq > next_seq {
+            return Err(StoreError::SequenceGap {
+                producer: pb.producer,
+                expected: next_seq,
+                found: pb.base_seq,
+            });
+        }
+        if pb.base_seq == next_seq {
+            if pb.prev != head {
+                return Err(StoreError::ProducerChainMismatch {
+                    producer: pb.producer,
+                    seq: pb.base_seq,
+                });
+            }
+            return Ok(None);
+        }
+        let remembered = state.as_ref().and_then(|s| {
+            s.recent
+                .iter()
+                .find(|b| b.base_seq == pb.base_seq && b.count as usize == count)
+                .copied()
+        });
+        let Some(original) = remembered else {
+            return Err(StoreError::StaleSequence {
+                producer: pb.producer,
+                seq: pb.base_seq,
+            });
+        };
+        let stored = t
+            .batches
+            .get((key.0, key.1, original.base_offset))?
+            .ok_or_else(|| {
+                self.corrupt(format!(
+                    "producer state points at missing batch {}",
+                    original.base_offset
+                ))
+            })?;
+        let batch = self.decode_batch((key.0, key.1, original.base_offset), stored.value())?;
+        let producer_head = batch_producer_head(&batch);
+        Ok(Some(AppendOutcome {
+            base_offset: original.base_offset,
+            ids: batch.ids(),
+            duplicate: true,
+            producer_head,
+        }))
+    }
+
+    /// Advances the producer's state past `batch`; returns its new chain head.
+    fn record_producer(
+        &self,
+        cache: &mut TxnCache,
+        key: (u32, u32),
+        batch: &StoredBatch,
+    ) -> Option<MessageId> {
+        let pb = batch.producer.as_ref()?;
+        let head = batch_producer_head(batch)?;
+        let state = cache
+            .producers
+            .entry((key.0, key.1, pb.producer.0))
+            .or_insert_with(|| ProducerState {
+                next_seq: 0,
+                head,
+                recent: VecDeque::new(),
+            });
+        state.next_seq = pb.base_seq + batch.records.len() as u64;
+        state.head = head;
+        state.recent.push_back(RecentBatch {
+            base_seq: pb.base_seq,
+            count: batch.records.len() as u32,
+            base_offset: batch.base_offset,
+        });
+        if state.recent.len() > PRODUCER_WINDOW_BATCHES {
+            state.recent.pop_front();
+        }
+        Some(head)
+    }
+
+    /// Adds the batch to the partition's active segment, starting a new segment
+    /// when the active one is full or old.
+    fn extend_segment(
+        &self,
+        t: &mut Tables<'_>,
+        cache: &mut TxnCache,
+        config: &TopicConfig,
+        key: (u32, u32),
+        batch: &StoredBatch,
+        bytes: u64,
+    ) -> Result<(), StoreError> {
+        let min_ts = batch.records.iter().map(|r| r.timestamp).min().unwrap_or(0);
+        let max_ts = batch.records.iter().map(|r| r.timestamp).max().unwrap_or(0);
+        let active = match cache.active_segments.remove(&key) {
+            Some(segment) => Some(segment),
+            None => self.load_active_segment(t, key)?,
+        };
+        let segment_ms = i64::try_from(config.segment_time.as_millis()).unwrap_or(i64::MAX);
+        let segment = match active {
+            Some(mut s)
+                if s.bytes < config.segment_bytes
+                    && max_ts.saturating_sub(s.min_timestamp) < segment_ms =>
+            {
+                s.next_offset = batch.next_offset();
+                s.bytes += bytes;
+                s.min_timestamp = s.min_timestamp.min(min_ts);
+                s.max_timestamp = s.max_timestamp.max(max_ts);
+                s
+            }
+            Some(full) => {
+                t.segments.insert(
+                    (key.0, key.1, full.base_offset),
+                    self.encode_value(&full)?.as_slice(),
+                )?;
+                new_segment(batch, bytes, min_ts, max_ts)
+            }
+            None => new_segment(batch, bytes, min_ts, max_ts),
+        };
+        cache.active_segments.insert(key, segment);
+        Ok(())
+    }
+
+    fn load_active_segment(
+        &self,
+        t: &Tables<'_>,
+        key: (u32, u32),
+    ) -> Result<Option<SegmentMeta>, StoreError> {
+        let last = t
+            .segments
+            .range((key.0, key.1, 0)..=(key.0, key.1, u64::MAX))?
+            .next_back();
+        match last {
+            Some(row) => Ok(Some(self.decode_value("segment", row?.1.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn topic_name(&self, cache: &TxnCache, tid: u32) -> String {
+        cache
+            .topics
+            .values()
+            .find(|e| e.id == tid)
+            .map(|e| e.name.clone())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn cached_topic(
+        &self,
+        t: &Tables<'_>,
+        cache: &mut TxnCache,
+        name: &str,
+    ) -> Result<Option<TopicEntry>, StoreError> {
+        if let Some(entry) = cache.topics.get(name) {
+            return Ok(Some(entry.clone()));
+        }
+        let Some(value) = t.topics.get(name)? else {
+            return Ok(None);
+        };
+        let entry: TopicEntry = self.decode_value("topic", value.value())?;
+        cache.topics.insert(name.to_string(), entry.clone());
+        Ok(Some(entry))
+    }
+
+    fn cached_partition(
+        &self,
+        t: &Tables<'_>,
+        cache: &mut TxnCache,
+        key: (u32, u32),
+    ) -> Result<PartitionState, StoreError> {
+        if let Some(state) = cache.partitions.get(&key) {
+            return Ok(state.clone());
+        }
+        let value = t
+            .partitions
+            .get(key)?
+            .ok_or_else(|| self.corrupt(format!("partition {key:?} has no state")))?;
+        let state: PartitionState = self.decode_value("partition state", value.value())?;
+        cache.partitions.insert(key, state.clone());
+        Ok(state)
+    }
+
+    fn cached_producer(
+        &self,
+        t: &Tables<'_>,
+        cache: &mut TxnCache,
+        key: (u32, u32),
+        producer: ProducerId,
+    ) -> Result<Option<ProducerState>, StoreError> {
+        let pkey = (key.0, key.1, producer.0);
+        if let Some(state) = cache.producers.get(&pkey) {
+            return Ok(Some(state.clone()));
+        }
+        match t.producers.get(pkey)? {
+            Some(value) => {
+                let state: ProducerState = self.decode_value("producer state", value.value())?;
+                cache.producers.insert(pkey, state.clone());
+                Ok(Some(state))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn flush_cache(
+        &self,
+        t: &mut Tables<'_>,
+        cache: TxnCache,
+    ) -> Result<(), StoreError> {
+        for (key, state) in &cache.partitions {
+            t.partitions
+                .insert(*key, self.encode_value(state)?.as_slice())?;
+        }
+        for (key, segment) in &cache.active_segments {
+            t.segments.insert(
+                (key.0, key.1, segment.base_offset),
+                self.encode_value(segment)?.as_slice(),
+            )?;
+        }
+        for (key, state) in &cache.producers {
+            t.producers
+                .insert(*key, self.encode_value(state)?.as_slice())?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn encode_value<T: serde::Serialize>(
+        &self,
+        value: &T,
+    ) -> Result<Vec<u8>, StoreError> {
+        Ok(wire::encode(value)?)
+    }
+}
+
+/// The stored form of a batch appended after `state`, with its chain IDs computed.
+fn build_batch(
+    state: &PartitionState,
+    producer: Option<ProducerBatch>,
+    records: Vec<Record>,
+) -> StoredBatch {
+    let mut batch = StoredBatch {
+        epoch: SINGLE_NODE_EPOCH,
+        base_offset: state.log_end_offset,
+        prev_id: state.head,
+        last_id: state.head,
+        producer,
+        records,
+    };
+    let mut head = state.head;
+    for entry in batch.chain_entries() {
+        head = chain::partition_link(&head, entry.epoch, entry.offset, entry.stamp, entry.record);
+    }
+    batch.last_id = head;
+    batch
+}
+
+/// The producer-chain hash after the batch's last record.
+fn batch_producer_head(batch: &StoredBatch) -> Option<MessageId> {
+    let pb = batch.producer.as_ref()?;
+    let mut head = pb.prev;
+    for (i, record) in batch.records.iter().enumerate() {
+        head = chain::producer_link(&head, pb.producer, pb.base_seq + i as u64, record);
+    }
+    Some(head)
+}
+
+fn new_segment(batch: &StoredBatch, bytes: u64, min_ts: i64, max_ts: i64) -> SegmentMeta {
+    SegmentMeta {
+        base_offset: batch.base_offset,
+        next_offset: batch.next_offset(),
+        bytes,
+        min_timestamp: min_ts,
+        max_timestamp: max_ts,
+    }
+}
+
+/// Topic names follow Kafka's rule: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub(crate) fn validate_topic_name(name: &str) -> Result<(), StoreError> {
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty() || name.len() > 249 || !valid_chars || name == "." || name == ".." {
+        return Err(StoreError::Config(crate::error::ConfigError::Invalid {
+            name: "topic",
+            reason: format!(
+                "'{name}' is not a valid topic name: use 1 to 249 of a-z A-Z 0-9 . _ -"
+            ),
+        }));
+    }
+    Ok(())
+}
