@@ -65,7 +65,7 @@ impl Consumer {
     pub fn subscribe(&mut self, topics: &[&str]) -> Result<()> {
         let mut assignment = Vec::new();
         for topic in topics {
-            let entry = self.node.store().topic(topic)?;
+            let entry = self.node.store()?.topic(topic)?;
             assignment.extend((0..entry.config.partitions).map(|p| (topic.to_string(), p)));
         }
         self.subscriptions = topics.iter().map(|t| t.to_string()).collect();
@@ -134,7 +134,7 @@ impl Consumer {
     fn fetch_partition(&mut self, tp: &TopicPartition) -> Result<Vec<ConsumerRecord>> {
         let position = self.position_or_reset(tp)?;
         let max_bytes = self.config.max_partition_fetch_bytes;
-        match self.node.store().read(&tp.0, tp.1, position, max_bytes) {
+        match self.node.store()?.read(&tp.0, tp.1, position, max_bytes) {
             Ok(read) => Ok(read.records),
             Err(StoreError::OffsetOutOfRange { start, end, .. }) => {
                 let reset = self.reset_offset(tp, start, end)?;
@@ -151,7 +151,7 @@ impl Consumer {
         if let Some(position) = self.positions.get(tp) {
             return Ok(*position);
         }
-        let state = self.node.store().partition_state(&tp.0, tp.1)?;
+        let state = self.node.store()?.partition_state(&tp.0, tp.1)?;
         let committed = self.committed(&tp.0, tp.1)?;
         let position = match committed {
             Some(offset) if (state.log_start_offset..=state.high_watermark).contains(&offset) => {
@@ -200,7 +200,7 @@ impl Consumer {
         };
         Ok(self
             .node
-            .store()
+            .store()?
             .committed_offset(group, topic, partition)?)
     }
 

@@ -37,7 +37,10 @@ pub struct Node {
 
 pub(crate) struct NodeInner {
     /// The log store; reads go to it directly, writes through `writes`.
-    pub(crate) store: Arc<Store>,
+    /// Taken out on shutdown so the database file closes.
+    store: std::sync::RwLock<Option<Arc<Store>>>,
+    /// The database file, for messages.
+    database_path: PathBuf,
     /// The writer thread's queue.
     writes: mpsc::Sender<WriterMessage>,
     /// Bumped after every committed group that appended records.
@@ -129,7 +132,8 @@ impl Node {
         info!(data_dir = %config.data_dir.display(), fsync, "node opened");
         Ok(Node {
             inner: Arc::new(NodeInner {
-                store,
+                database_path: store.path().to_path_buf(),
+                store: std::sync::RwLock::new(Some(store)),
                 writes,
                 appended,
                 config,
@@ -149,7 +153,7 @@ impl Node {
 
     /// The path of the node's database file.
     pub fn database_path(&self) -> PathBuf {
-        self.inner.store.path().to_path_buf()
+        self.inner.database_path.clone()
     }
 
     /// Creates a topic. Creating one that exists with the same config is a
@@ -195,8 +199,7 @@ impl Node {
     /// The names of all topics, sorted.
     pub async fn list_topics(&self) -> Result<Vec<String>> {
         Ok(self
-            .inner
-            .store
+            .store()?
             .list_topics()?
             .into_iter()
             .map(|t| t.name)
@@ -205,14 +208,15 @@ impl Node {
 
     /// A topic's config and the state of each partition.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        let entry = self.inner.store.topic(name)?;
+        let entry = self.store()?.topic(name)?;
         self.describe_entry(&entry)
     }
 
     fn describe_entry(&self, entry: &TopicEntry) -> Result<TopicDescription> {
+        let store = self.store()?;
         let mut partitions = Vec::with_capacity(entry.config.partitions as usize);
         for partition in 0..entry.config.partitions {
-            let state = self.inner.store.partition_state(&entry.name, partition)?;
+            let state = store.partition_state(&entry.name, partition)?;
             partitions.push(PartitionDescription {
                 partition,
                 epoch: state.epoch,
@@ -232,7 +236,7 @@ impl Node {
     /// Recomputes the whole hash chain of one partition from its stored records
     /// and checks it against the head; returns the number of records checked.
     pub async fn verify_partition(&self, topic: &str, partition: u32) -> Result<u64> {
-        Ok(self.inner.store.verify_partition(topic, partition)?.records)
+        Ok(self.store()?.verify_partition(topic, partition)?.records)
     }
 
     /// Runs retention now instead of waiting for the next periodic check;
@@ -258,9 +262,10 @@ impl Node {
         Consumer::new(self.clone(), config)
     }
 
-    /// Stops the writer and background tasks after the writes already queued.
-    /// Later requests fail with `Error::Closed`. The database file closes when
-    /// the last clone of the node and of its producers and consumers is dropped.
+    /// Stops the writer and background tasks after the writes already queued,
+    /// and closes the database file (once reads in progress finish). Later
+    /// requests, from this node or its producers and consumers, fail with
+    /// `Error::Closed`.
     pub async fn shutdown(&self) {
         let tasks = self.inner.tasks.lock().ok().and_then(|mut t| t.take());
         let Some(tasks) = tasks else { return };
@@ -273,11 +278,18 @@ impl Node {
         if !matches!(joined, Ok(Ok(()))) {
             warn!("the writer thread ended abnormally");
         }
+        if let Ok(mut store) = self.inner.store.write() {
+            store.take();
+        }
         info!("node shut down");
     }
 
-    pub(crate) fn store(&self) -> &Store {
-        &self.inner.store
+    /// The store, until the node shuts down.
+    pub(crate) fn store(&self) -> Result<Arc<Store>> {
+        match self.inner.store.read() {
+            Ok(guard) => guard.clone().ok_or(Error::Closed),
+            Err(_) => Err(Error::Closed),
+        }
     }
 
     pub(crate) fn watch_appends(&self) -> watch::Receiver<u64> {

@@ -237,7 +237,7 @@ impl Producer {
         partition: u32,
         records: Vec<Record>,
     ) -> Result<WriteReply> {
-        let max = self.node.store().topic(topic)?.config.max_message_bytes as usize;
+        let max = self.node.store()?.topic(topic)?.config.max_message_bytes as usize;
         if let Some(big) = records.iter().find(|r| r.encoded_len() > max) {
             return Err(Error::RecordTooLarge {
                 size: big.encoded_len(),
@@ -288,7 +288,7 @@ impl Producer {
     ) -> Result<(u64, MessageId)> {
         let state = self
             .node
-            .store()
+            .store()?
             .producer_state(topic, partition, producer)?;
         Ok(state.map_or_else(
             || (0, chain::producer_genesis(producer, topic, partition)),
@@ -312,7 +312,7 @@ impl Producer {
         if let Some(n) = self.lock()?.partition_counts.get(topic) {
             return Ok(*n);
         }
-        let n = self.node.store().topic(topic)?.config.partitions;
+        let n = self.node.store()?.topic(topic)?.config.partitions;
         self.lock()?.partition_counts.insert(topic.to_string(), n);
         Ok(n)
     }

@@ -1,1 +1,113 @@
-fn main() {}
+//! The `meshlog` command line: topics, produce, consume, benchmarks and the demo.
+//!
+//! Every command works on a local data directory (`--data-dir`, or
+//! `$MESHLOG_DATA_DIR`, or the platform data directory). Errors print as one
+//! line on stderr with a non-zero exit code.
+
+mod bench;
+mod consume;
+mod demo;
+mod produce;
+mod topic;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshlog::{Node, NodeConfig};
+
+/// meshlog: a brokerless, Kafka-like message bus with hash-chained records.
+#[derive(Parser, Debug)]
+#[command(name = "meshlog", version, about)]
+struct Cli {
+    /// The node's data directory [default: $MESHLOG_DATA_DIR, else ~/.local/share/meshlog]
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Acknowledge writes without fsync: faster, but a crash may lose the last records.
+    #[arg(long, global = true)]
+    no_fsync: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Send one record per line of standard input.
+    Produce(produce::ProduceArgs),
+    /// Print records of a topic, one per line.
+    Consume(consume::ConsumeArgs),
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Play the quick-start on a throwaway node: create a topic, send, read back, verify.
+    Demo,
+}
+
+impl Cli {
+    fn node_config(&self) -> NodeConfig {
+        let config = NodeConfig::default().with_fsync(!self.no_fsync);
+        match &self.data_dir {
+            Some(dir) => config.with_data_dir(dir),
+            None => config,
+        }
+    }
+}
+
+/// What commands return: any error, shown as one line.
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> CliResult {
+    match &cli.command {
+        Command::Topic(command) => with_node(&cli, |node| topic::run(node, command)).await,
+        Command::Produce(args) => with_node(&cli, |node| produce::run(node, args)).await,
+        Command::Consume(args) => with_node(&cli, |node| consume::run(node, args)).await,
+        Command::Bench(command) => bench::run(command),
+        Command::Demo => demo::run().await,
+    }
+}
+
+/// Opens the node, runs `f`, and shuts the node down whatever `f` returned.
+async fn with_node<F, Fut>(cli: &Cli, f: F) -> CliResult
+where
+    F: FnOnce(Node) -> Fut,
+    Fut: std::future::Future<Output = CliResult>,
+{
+    let node = Node::open(cli.node_config()).await?;
+    let result = f(node.clone()).await;
+    node.shutdown().await;
+    result
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,140 @@
+//! `meshlog bench storage`: append throughput and latency of the log store.
+//!
+//! Appends batches of 100-byte records straight to a [`Store`] in a fresh
+//! directory, one transaction per batch, for batch sizes 1 to 10,000, with fsync
+//! on and off. The machine's raw fsync rate is measured in the same directory
+//! first: with fsync on, one batch costs at least one fsync, so
+//! `fsync rate × batch size` is the ceiling to compare against.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+use meshlog::store::{AppendRequest, Store};
+use meshlog::{Record, TopicConfig};
+
+use crate::CliResult;
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Append throughput and latency of the redb log store, fsync on and off.
+    Storage(StorageArgs),
+}
+
+/// Options of `bench storage`.
+#[derive(Args, Debug)]
+pub struct StorageArgs {
+    /// Where to create the scratch directory (on the disk to measure) [default: .]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Time spent on each (fsync, batch size) case.
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// Most records appended in one case.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub max_records: u64,
+    /// Value size of each record in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub record_size: usize,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100, 1000, 10000])]
+    pub batches: Vec<usize>,
+}
+
+/// What one case measured.
+struct CaseResult {
+    records: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+/// Runs a benchmark.
+pub fn run(command: &BenchCommand) -> CliResult {
+    match command {
+        BenchCommand::Storage(args) => storage(args),
+    }
+}
+
+fn storage(args: &StorageArgs) -> CliResult {
+    let parent = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let scratch = tempfile::Builder::new().prefix("meshlog-bench-").tempdir_in(&parent)?;
+    let budget = Duration::from_secs_f64(args.seconds.max(0.1));
+    let fsync_rate = measure_fsync_rate(scratch.path(), budget)?;
+    println!("meshlog storage benchmark: {}-byte records, {:.1} s per case, in {}", args.record_size, budget.as_secs_f64(), parent.display());
+    println!("raw fsync rate: {fsync_rate:.0}/s (4 KiB pwrite + fdatasync, same disk)\n");
+    println!(
+        "{:>5} {:>6} {:>10} {:>12} {:>8} {:>9} {:>9} {:>9} {:>14}",
+        "fsync", "batch", "records", "records/s", "MB/s", "p50 us", "p99 us", "p99.9 us", "vs fsync*batch"
+    );
+    for fsync in [true, false] {
+        let store = Store::open(&scratch.path().join(if fsync { "fsync" } else { "no-fsync" }), fsync)?;
+        for &batch in &args.batches {
+            let result = run_case(&store, batch.max(1), args, budget)?;
+            print_row(fsync, batch, &result, args.record_size, fsync_rate);
+        }
+    }
+    println!("\nvs fsync*batch: records/s divided by (raw fsync rate x batch size), the most one fsync per batch allows.");
+    Ok(())
+}
+
+fn run_case(store: &Store, batch: usize, args: &StorageArgs, budget: Duration) -> Result<CaseResult, Box<dyn std::error::Error>> {
+    let topic = format!("bench-{batch}");
+    store.create_topic(&topic, TopicConfig::default(), 0)?;
+    let template: Vec<Record> = (0..batch)
+        .map(|i| Record::new(vec![(i % 251) as u8; args.record_size], i as i64))
+        .collect();
+    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut records = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < budget && records < args.max_records {
+        let request = AppendRequest { topic: topic.clone(), partition: 0, producer: None, records: template.clone() };
+        let sent = Instant::now();
+        store.append(request)?;
+        latency_us.saturating_record(sent.elapsed().as_micros().max(1) as u64);
+        records += batch as u64;
+    }
+    Ok(CaseResult { records, elapsed: start.elapsed(), latency_us })
+}
+
+fn print_row(fsync: bool, batch: usize, r: &CaseResult, record_size: usize, fsync_rate: f64) {
+    let secs = r.elapsed.as_secs_f64();
+    let rate = r.records as f64 / secs;
+    let mb = rate * record_size as f64 / 1e6;
+    let vs = if fsync { format!("{:.2}", rate / (fsync_rate * batch as f64)) } else { "-".to_string() };
+    println!(
+        "{:>5} {:>6} {:>10} {:>12.0} {:>8.1} {:>9} {:>9} {:>9} {:>14}",
+        if fsync { "on" } else { "off" },
+        batch,
+        r.records,
+        rate,
+        mb,
+        r.latency_us.value_at_quantile(0.5),
+        r.latency_us.value_at_quantile(0.99),
+        r.latency_us.value_at_quantile(0.999),
+        vs
+    );
+}
+
+/// Rewrites one 4 KiB block and fdatasyncs it, as often as it can in `budget`.
+fn measure_fsync_rate(dir: &Path, budget: Duration) -> std::io::Result<f64> {
+    let path = dir.join("fsync-probe");
+    let mut file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path)?;
+    let block = vec![0xA5u8; 4096];
+    file.write_all(&block)?;
+    file.sync_all()?;
+    let start = Instant::now();
+    let mut syncs = 0u64;
+    while start.elapsed() < budget {
+        file.write_at(&block, 0)?;
+        file.sync_data()?;
+        syncs += 1;
+    }
+    let rate = syncs as f64 / start.elapsed().as_secs_f64();
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}

@@ -1,0 +1,89 @@
+//! `meshlog consume TOPIC`: print records, one per line.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Args;
+use meshlog::{ConsumerConfig, ConsumerRecord, Node, OffsetReset};
+
+use crate::CliResult;
+
+/// Options of `consume`, following `kafka-console-consumer.sh`.
+#[derive(Args, Debug)]
+pub struct ConsumeArgs {
+    /// The topic to read.
+    pub topic: String,
+    /// Consumer group: where the position is committed, so the next run continues.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Start at the oldest record when the group has no committed offset
+    /// (otherwise only new records are printed).
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Exit after this many records.
+    #[arg(long)]
+    pub max_messages: Option<u64>,
+    /// Exit when no record arrives for this many milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Print the key before the value, separated by a tab.
+    #[arg(long)]
+    pub print_key: bool,
+    /// Print partition, offset and ID before each record, separated by tabs.
+    #[arg(long)]
+    pub print_metadata: bool,
+}
+
+/// Polls until `--max-messages`, `--timeout-ms` or Ctrl-C, committing after each batch.
+pub async fn run(node: Node, args: &ConsumeArgs) -> CliResult {
+    let reset = if args.from_beginning { OffsetReset::Earliest } else { OffsetReset::Latest };
+    let mut config = ConsumerConfig::default().with_auto_offset_reset(reset).with_auto_commit(false);
+    config.group_id = args.group.clone();
+    let mut consumer = node.consumer(config)?;
+    consumer.subscribe(&[args.topic.as_str()])?;
+    let limit = args.max_messages.unwrap_or(u64::MAX);
+    let idle = args.timeout_ms.map_or(Duration::from_secs(3600), Duration::from_millis);
+    let mut printed = 0u64;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    while printed < limit {
+        let records = tokio::select! {
+            _ = &mut ctrl_c => break,
+            polled = consumer.poll(idle) => polled?,
+        };
+        if records.is_empty() && args.timeout_ms.is_some() {
+            break;
+        }
+        let take = records.len().min((limit - printed) as usize);
+        print_records(args, &records[..take])?;
+        printed += take as u64;
+        // Records past the limit were not printed: move back before them.
+        let mut rewound = std::collections::BTreeSet::new();
+        for r in &records[take..] {
+            if rewound.insert((&r.topic, r.partition)) {
+                consumer.seek(&r.topic, r.partition, r.offset)?;
+            }
+        }
+        if args.group.is_some() {
+            consumer.commit().await?;
+        }
+    }
+    eprintln!("Processed a total of {printed} messages");
+    Ok(())
+}
+
+fn print_records(args: &ConsumeArgs, records: &[ConsumerRecord]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for r in records {
+        if args.print_metadata {
+            write!(out, "{}\t{}\t{}\t", r.partition, r.offset, r.id)?;
+        }
+        if args.print_key {
+            let key = r.key().map(String::from_utf8_lossy).unwrap_or_default();
+            write!(out, "{key}\t")?;
+        }
+        out.write_all(r.value())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
