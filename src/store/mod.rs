@@ -466,7 +466,13 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::InUse {
             path: path.to_path_buf(),
         }),
-        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => Err(StoreError::Io(e)),
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                Err(corrupt(e.to_string()))
+            } else {
+                Err(StoreError::Io(e))
+            }
+        }
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)))) => {
             Err(corrupt(detail))
         }

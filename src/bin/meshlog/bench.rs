@@ -62,27 +62,54 @@ pub fn run(command: &BenchCommand) -> CliResult {
 
 fn storage(args: &StorageArgs) -> CliResult {
     let parent = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
-    let scratch = tempfile::Builder::new().prefix("meshlog-bench-").tempdir_in(&parent)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("meshlog-bench-")
+        .tempdir_in(&parent)?;
     let budget = Duration::from_secs_f64(args.seconds.max(0.1));
     let fsync_rate = measure_fsync_rate(scratch.path(), budget)?;
-    println!("meshlog storage benchmark: {}-byte records, {:.1} s per case, in {}", args.record_size, budget.as_secs_f64(), parent.display());
+    println!(
+        "meshlog storage benchmark: {}-byte records, {:.1} s per case, in {}",
+        args.record_size,
+        budget.as_secs_f64(),
+        parent.display()
+    );
     println!("raw fsync rate: {fsync_rate:.0}/s (4 KiB pwrite + fdatasync, same disk)\n");
     println!(
         "{:>5} {:>6} {:>10} {:>12} {:>8} {:>9} {:>9} {:>9} {:>14}",
-        "fsync", "batch", "records", "records/s", "MB/s", "p50 us", "p99 us", "p99.9 us", "vs fsync*batch"
+        "fsync",
+        "batch",
+        "records",
+        "records/s",
+        "MB/s",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "vs fsync*batch"
     );
     for fsync in [true, false] {
-        let store = Store::open(&scratch.path().join(if fsync { "fsync" } else { "no-fsync" }), fsync)?;
+        let store = Store::open(
+            &scratch
+                .path()
+                .join(if fsync { "fsync" } else { "no-fsync" }),
+            fsync,
+        )?;
         for &batch in &args.batches {
             let result = run_case(&store, batch.max(1), args, budget)?;
             print_row(fsync, batch, &result, args.record_size, fsync_rate);
         }
     }
-    println!("\nvs fsync*batch: records/s divided by (raw fsync rate x batch size), the most one fsync per batch allows.");
+    println!(
+        "\nvs fsync*batch: records/s divided by (raw fsync rate x batch size), the most one fsync per batch allows."
+    );
     Ok(())
 }
 
-fn run_case(store: &Store, batch: usize, args: &StorageArgs, budget: Duration) -> Result<CaseResult, Box<dyn std::error::Error>> {
+fn run_case(
+    store: &Store,
+    batch: usize,
+    args: &StorageArgs,
+    budget: Duration,
+) -> Result<CaseResult, Box<dyn std::error::Error>> {
     let topic = format!("bench-{batch}");
     store.create_topic(&topic, TopicConfig::default(), 0)?;
     let template: Vec<Record> = (0..batch)
@@ -92,20 +119,33 @@ fn run_case(store: &Store, batch: usize, args: &StorageArgs, budget: Duration) -
     let mut records = 0u64;
     let start = Instant::now();
     while start.elapsed() < budget && records < args.max_records {
-        let request = AppendRequest { topic: topic.clone(), partition: 0, producer: None, records: template.clone() };
+        let request = AppendRequest {
+            topic: topic.clone(),
+            partition: 0,
+            producer: None,
+            records: template.clone(),
+        };
         let sent = Instant::now();
         store.append(request)?;
         latency_us.saturating_record(sent.elapsed().as_micros().max(1) as u64);
         records += batch as u64;
     }
-    Ok(CaseResult { records, elapsed: start.elapsed(), latency_us })
+    Ok(CaseResult {
+        records,
+        elapsed: start.elapsed(),
+        latency_us,
+    })
 }
 
 fn print_row(fsync: bool, batch: usize, r: &CaseResult, record_size: usize, fsync_rate: f64) {
     let secs = r.elapsed.as_secs_f64();
     let rate = r.records as f64 / secs;
     let mb = rate * record_size as f64 / 1e6;
-    let vs = if fsync { format!("{:.2}", rate / (fsync_rate * batch as f64)) } else { "-".to_string() };
+    let vs = if fsync {
+        format!("{:.2}", rate / (fsync_rate * batch as f64))
+    } else {
+        "-".to_string()
+    };
     println!(
         "{:>5} {:>6} {:>10} {:>12.0} {:>8.1} {:>9} {:>9} {:>9} {:>14}",
         if fsync { "on" } else { "off" },
@@ -123,7 +163,12 @@ fn print_row(fsync: bool, batch: usize, r: &CaseResult, record_size: usize, fsyn
 /// Rewrites one 4 KiB block and fdatasyncs it, as often as it can in `budget`.
 fn measure_fsync_rate(dir: &Path, budget: Duration) -> std::io::Result<f64> {
     let path = dir.join("fsync-probe");
-    let mut file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
     let block = vec![0xA5u8; 4096];
     file.write_all(&block)?;
     file.sync_all()?;

@@ -36,13 +36,21 @@ pub struct ConsumeArgs {
 
 /// Polls until `--max-messages`, `--timeout-ms` or Ctrl-C, committing after each batch.
 pub async fn run(node: Node, args: &ConsumeArgs) -> CliResult {
-    let reset = if args.from_beginning { OffsetReset::Earliest } else { OffsetReset::Latest };
-    let mut config = ConsumerConfig::default().with_auto_offset_reset(reset).with_auto_commit(false);
+    let reset = if args.from_beginning {
+        OffsetReset::Earliest
+    } else {
+        OffsetReset::Latest
+    };
+    let mut config = ConsumerConfig::default()
+        .with_auto_offset_reset(reset)
+        .with_auto_commit(false);
     config.group_id = args.group.clone();
     let mut consumer = node.consumer(config)?;
     consumer.subscribe(&[args.topic.as_str()])?;
     let limit = args.max_messages.unwrap_or(u64::MAX);
-    let idle = args.timeout_ms.map_or(Duration::from_secs(3600), Duration::from_millis);
+    let idle = args
+        .timeout_ms
+        .map_or(Duration::from_secs(3600), Duration::from_millis);
     let mut printed = 0u64;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);

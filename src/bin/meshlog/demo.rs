@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use meshlog::{ConsumerConfig, MessageId, Node, NodeConfig, OffsetReset, ProducerConfig, TopicConfig};
+use meshlog::{
+    ConsumerConfig, MessageId, Node, NodeConfig, OffsetReset, ProducerConfig, TopicConfig,
+};
 
 use crate::CliResult;
 
@@ -19,20 +21,32 @@ const RECORDS: usize = 100;
 /// Runs the demo in a temporary directory that is removed at the end.
 pub async fn run() -> CliResult {
     let dir = tempfile::Builder::new().prefix("meshlog-demo-").tempdir()?;
-    println!("== meshlog demo: one node, data in {}\n", dir.path().display());
+    println!(
+        "== meshlog demo: one node, data in {}\n",
+        dir.path().display()
+    );
     let config = NodeConfig::default().with_data_dir(dir.path());
 
     let node = Node::open(config.clone()).await?;
-    node.create_topic(TOPIC, TopicConfig::default().with_partitions(PARTITIONS)).await?;
+    node.create_topic(TOPIC, TopicConfig::default().with_partitions(PARTITIONS))
+        .await?;
     println!("Created topic '{TOPIC}' with {PARTITIONS} partitions.\n");
 
     println!("Sending {RECORDS} records keyed message_i (each acknowledged after fsync):");
-    println!("  {:<8} {:<10} {:>9} {:>7}  id", "topic", "key", "partition", "offset");
+    println!(
+        "  {:<8} {:<10} {:>9} {:>7}  id",
+        "topic", "key", "partition", "offset"
+    );
     let producer = node.producer(ProducerConfig::default());
     for i in 0..RECORDS {
         let key = format!("message_{i}");
-        let m = producer.send(TOPIC, Some(key.as_bytes()), format!("hello {i}").as_bytes()).await?;
-        println!("  {:<8} {:<10} {:>9} {:>7}  {}", m.topic, key, m.partition, m.offset, m.id);
+        let m = producer
+            .send(TOPIC, Some(key.as_bytes()), format!("hello {i}").as_bytes())
+            .await?;
+        println!(
+            "  {:<8} {:<10} {:>9} {:>7}  {}",
+            m.topic, key, m.partition, m.offset, m.id
+        );
     }
 
     let per_partition = consume_all(&node).await?;
@@ -41,7 +55,10 @@ pub async fn run() -> CliResult {
         println!("  partition {partition}: {count} records");
     }
     let read: usize = per_partition.values().sum();
-    check(read == RECORDS, format!("read {read} records, expected {RECORDS}"))?;
+    check(
+        read == RECORDS,
+        format!("read {read} records, expected {RECORDS}"),
+    )?;
 
     let heads_before = verify_heads(&node).await?;
     node.shutdown().await;
@@ -50,7 +67,10 @@ pub async fn run() -> CliResult {
     println!("\nRestarting the node from its files...");
     let node = Node::open(config).await?;
     let heads_after = verify_heads(&node).await?;
-    check(heads_before == heads_after, "chain heads changed across the restart".to_string())?;
+    check(
+        heads_before == heads_after,
+        "chain heads changed across the restart".to_string(),
+    )?;
     println!("Every partition reopened with the same chain head.");
     node.shutdown().await;
 
@@ -92,7 +112,10 @@ async fn verify_heads(node: &Node) -> Result<Vec<MessageId>, Box<dyn std::error:
     let mut heads = Vec::new();
     for p in &description.partitions {
         let checked = node.verify_partition(TOPIC, p.partition).await?;
-        println!("  partition {}: {checked} records, chain verified, head {}", p.partition, p.head);
+        println!(
+            "  partition {}: {checked} records, chain verified, head {}",
+            p.partition, p.head
+        );
         heads.push(p.head);
     }
     Ok(heads)

@@ -35,7 +35,9 @@ pub async fn run(node: Node, args: &ProduceArgs) -> CliResult {
     let mut sent = 0u64;
     loop {
         // Wait for one line, then take what else is already buffered.
-        let Some(line) = lines.next_line().await? else { break };
+        let Some(line) = lines.next_line().await? else {
+            break;
+        };
         batch.push(to_record(args, line));
         while batch.len() < args.batch_size.max(1) && lines.get_ref().buffer().contains(&b'\n') {
             match lines.next_line().await? {
@@ -73,7 +75,14 @@ async fn send(
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         for m in &sent {
-            writeln!(out, "{}\t{}\t{}\t{}", m.topic, m.partition, m.offset, m.id.to_hex())?;
+            writeln!(
+                out,
+                "{}\t{}\t{}\t{}",
+                m.topic,
+                m.partition,
+                m.offset,
+                m.id.to_hex()
+            )?;
         }
         out.flush()?;
     }
