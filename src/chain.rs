@@ -3,19 +3,21 @@
 //! Every record gets a 32-byte blake3 ID that commits it and everything before it:
 //!
 //! - **Partition chain** (written by the partition's leader):
-//!   `id[n] = blake3(id[n-1] ‖ epoch ‖ offset ‖ producer ‖ seq ‖ record)`, starting
+//!   `id[n] = blake3(id[n-1] ‖ epoch ‖ offset ‖ producer ‖ seq ‖ digest(record))`, starting
 //!   from a fixed genesis per (topic, partition). Equal IDs at offset `n` mean equal
 //!   logs up to `n`, so replicas agree by comparing heads and find where they diverge
 //!   by binary search ([`first_divergence`]).
 //! - **Producer chain** (written by an idempotent producer, per partition):
-//!   `p[s] = blake3(p[s-1] ‖ producer ‖ seq ‖ record)`. The log rejects a batch whose
+//!   `p[s] = blake3(p[s-1] ‖ producer ‖ seq ‖ digest(record))`. The log rejects a batch whose
 //!   previous producer hash is not the one it holds, and a consumer can check that it
 //!   saw a producer's stream whole and in order ([`ProducerChainVerifier`]).
 //!
-//! The record part of both hashes covers the timestamp, key, value and headers
-//! (DESIGN.md lists key and value; headers are hashed too, so they cannot be
-//! altered unnoticed). Variable-length fields are length-prefixed so that no two
-//! different records hash the same input.
+//! `digest(record) = blake3(timestamp ‖ key ‖ value ‖ headers)` ([`record_digest`])
+//! covers the whole record, headers included, so none of it can be altered
+//! unnoticed; variable-length fields are length-prefixed so that no two different
+//! records hash the same input. Hashing a digest rather than the record itself
+//! keeps each chain link to two blake3 blocks, and lets the digests be computed in
+//! parallel, off the writer's path, before the chain order is known.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -103,14 +105,19 @@ pub fn producer_genesis(producer: ProducerId, topic: &str, partition: u32) -> Me
     })
 }
 
+/// The digest of one record: what both chains hash in place of the record.
+pub fn record_digest(record: &Record) -> MessageId {
+    hash_link(|buf| put_record(buf, record))
+}
+
 /// One link of the partition chain: the ID of the record at `offset`, given the ID
-/// of the record before it.
+/// of the record before it and the record's [`record_digest`].
 pub fn partition_link(
     prev: &MessageId,
     epoch: u64,
     offset: u64,
     stamp: ProducerStamp,
-    record: &Record,
+    digest: &MessageId,
 ) -> MessageId {
     hash_link(|buf| {
         buf.extend_from_slice(&prev.0);
@@ -124,23 +131,23 @@ pub fn partition_link(
             }
             None => buf.push(0),
         }
-        put_record(buf, record);
+        buf.extend_from_slice(&digest.0);
     })
 }
 
 /// One link of a producer chain: the producer hash after record `seq`, given the
-/// hash after the record before it.
+/// hash after the record before it and the record's [`record_digest`].
 pub fn producer_link(
     prev: &MessageId,
     producer: ProducerId,
     seq: u64,
-    record: &Record,
+    digest: &MessageId,
 ) -> MessageId {
     hash_link(|buf| {
         buf.extend_from_slice(&prev.0);
         buf.extend_from_slice(&producer.0.to_le_bytes());
         buf.extend_from_slice(&seq.to_le_bytes());
-        put_record(buf, record);
+        buf.extend_from_slice(&digest.0);
     })
 }
 
@@ -220,7 +227,8 @@ pub fn verify_run<'a>(
                 found: entry.offset,
             });
         }
-        head = partition_link(&head, entry.epoch, entry.offset, entry.stamp, entry.record);
+        let digest = record_digest(entry.record);
+        head = partition_link(&head, entry.epoch, entry.offset, entry.stamp, &digest);
         next_offset += 1;
     }
     if head != *expected_head {
@@ -299,7 +307,7 @@ impl ProducerChainVerifier {
                 found: seq,
             });
         }
-        *head = producer_link(head, producer, seq, record);
+        *head = producer_link(head, producer, seq, &record_digest(record));
         *expected += 1;
         Ok(())
     }
@@ -330,7 +338,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                prev = partition_link(&prev, 1, i as u64, None, r);
+                prev = partition_link(&prev, 1, i as u64, None, &record_digest(r));
                 prev
             })
             .collect()
@@ -374,11 +382,15 @@ mod tests {
     fn epoch_and_stamp_are_part_of_the_id() {
         let r = Record::new(b"v".to_vec(), 0);
         let g = partition_genesis("t", 0);
-        let base = partition_link(&g, 1, 0, None, &r);
-        assert_ne!(base, partition_link(&g, 2, 0, None, &r));
-        assert_ne!(base, partition_link(&g, 1, 0, Some((ProducerId(0), 0)), &r));
+        let d = record_digest(&r);
+        let base = partition_link(&g, 1, 0, None, &d);
+        assert_ne!(base, partition_link(&g, 2, 0, None, &d));
+        assert_ne!(base, partition_link(&g, 1, 0, Some((ProducerId(0), 0)), &d));
         let with_header = r.clone().with_header("h", b"x".to_vec());
-        assert_ne!(base, partition_link(&g, 1, 0, None, &with_header));
+        assert_ne!(
+            base,
+            partition_link(&g, 1, 0, None, &record_digest(&with_header))
+        );
     }
 
     #[test]
@@ -417,10 +429,10 @@ mod tests {
         ));
         v.observe("t", 0, Some((p, 1)), &recs[1]).unwrap();
         let expected = producer_link(
-            &producer_link(&producer_genesis(p, "t", 0), p, 0, &recs[0]),
+            &producer_link(&producer_genesis(p, "t", 0), p, 0, &record_digest(&recs[0])),
             p,
             1,
-            &recs[1],
+            &record_digest(&recs[1]),
         );
         assert_eq!(v.head(p), Some((2, expected)));
     }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::node::{Node, WritePermit, WriteReply, await_reply, now_ms};
 use crate::record::{Header, Record, RecordMetadata};
 use crate::store::{AppendRequest, WriteOp, WriteOutcome};
-use crate::wire::ProducerBatch;
+use crate::wire::{self, PreparedRecords, ProducerBatch};
 
 /// The partition a key maps to among `partitions`: the first 8 bytes of the
 /// key's blake3 hash, modulo the partition count. Stable across versions and
@@ -161,9 +161,16 @@ impl Producer {
         let total = records.len();
         let groups = self.route(topic, records)?;
         let mut pending = Vec::with_capacity(groups.len());
+        let max = self.node.store()?.topic(topic)?.config.max_message_bytes as usize;
         for (partition, (indexes, batch)) in groups {
+            // Digest and encode here, on the sender's task, not on the writer's.
+            let prepared = PreparedRecords::new(&batch).map_err(crate::error::StoreError::Wire)?;
+            if prepared.largest_record() > max {
+                let size = prepared.largest_record();
+                return Err(Error::RecordTooLarge { size, max });
+            }
             let permit = self.node.reserve_write().await?;
-            let answer = self.enqueue(permit, topic, partition, batch)?;
+            let answer = self.enqueue(permit, topic, partition, prepared)?;
             pending.push((partition, indexes, answer));
         }
         let mut out: Vec<Option<RecordMetadata>> = vec![None; total];
@@ -235,15 +242,8 @@ impl Producer {
         permit: WritePermit<'_>,
         topic: &str,
         partition: u32,
-        records: Vec<Record>,
+        records: PreparedRecords,
     ) -> Result<WriteReply> {
-        let max = self.node.store()?.topic(topic)?.config.max_message_bytes as usize;
-        if let Some(big) = records.iter().find(|r| r.encoded_len() > max) {
-            return Err(Error::RecordTooLarge {
-                size: big.encoded_len(),
-                max,
-            });
-        }
         let mut session = self.lock()?;
         let Some(producer) = session.id else {
             let request = AppendRequest {
@@ -259,21 +259,21 @@ impl Producer {
             Some(known) => *known,
             None => self.stored_chain(topic, partition, producer)?,
         };
-        let mut head = prev;
-        for (i, record) in records.iter().enumerate() {
-            head = chain::producer_link(&head, producer, base_seq + i as u64, record);
+        let batch = ProducerBatch {
+            producer,
+            base_seq,
+            prev,
+        };
+        let mut after = batch.clone();
+        for chunk in records.chunks() {
+            after.prev = wire::producer_head(&after, chunk.digests());
+            after.base_seq += chunk.len() as u64;
         }
-        session
-            .chains
-            .insert(key, (base_seq + records.len() as u64, head));
+        session.chains.insert(key, (after.base_seq, after.prev));
         let request = AppendRequest {
             topic: topic.to_string(),
             partition,
-            producer: Some(ProducerBatch {
-                producer,
-                base_seq,
-                prev,
-            }),
+            producer: Some(batch),
             records,
         };
         Ok(permit.send(WriteOp::Append(request)))

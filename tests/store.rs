@@ -6,7 +6,7 @@ use std::time::Duration;
 use meshlog::chain::{self, MessageId, ProducerId};
 use meshlog::error::StoreError;
 use meshlog::store::{AppendRequest, Store, WriteOp, WriteOutcome};
-use meshlog::wire::ProducerBatch;
+use meshlog::wire::{PreparedRecords, ProducerBatch};
 use meshlog::{Record, Retention, TopicConfig};
 use redb::ReadableTable;
 
@@ -22,12 +22,16 @@ fn records(n: usize, timestamp: i64, tag: &str) -> Vec<Record> {
         .collect()
 }
 
+fn prepared(records: &[Record]) -> PreparedRecords {
+    PreparedRecords::new(records).expect("prepare records")
+}
+
 fn plain(topic: &str, partition: u32, records: Vec<Record>) -> AppendRequest {
     AppendRequest {
         topic: topic.into(),
         partition,
         producer: None,
-        records,
+        records: prepared(&records),
     }
 }
 
@@ -46,7 +50,7 @@ fn idempotent(
             base_seq,
             prev,
         }),
-        records,
+        records: prepared(&records),
     }
 }
 
@@ -58,7 +62,7 @@ fn producer_head(
     records: &[Record],
 ) -> MessageId {
     records.iter().enumerate().fold(prev, |h, (i, r)| {
-        chain::producer_link(&h, producer, base_seq + i as u64, r)
+        chain::producer_link(&h, producer, base_seq + i as u64, &chain::record_digest(r))
     })
 }
 
@@ -491,4 +495,38 @@ fn a_second_opener_is_told_the_store_is_in_use() {
         Store::open(dir.path(), true),
         Err(StoreError::InUse { .. })
     ));
+}
+
+#[test]
+fn a_large_append_is_stored_in_chunks_and_retried_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store.create_topic("t", TopicConfig::default(), 0).unwrap();
+    let p = ProducerId(3);
+    let genesis = chain::producer_genesis(p, "t", 0);
+    let big: Vec<Record> = (0..300)
+        .map(|i| Record::new(vec![i as u8; 2000], i))
+        .collect();
+    let appended = store
+        .append(idempotent("t", p, 0, genesis, big.clone()))
+        .unwrap();
+    assert_eq!(appended.ids.len(), 300);
+    assert_eq!(
+        appended.producer_head,
+        Some(producer_head(genesis, p, 0, &big))
+    );
+    let read = store.read("t", 0, 0, usize::MAX).unwrap().records;
+    assert_eq!(
+        read.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        (0..300).collect::<Vec<_>>()
+    );
+    assert_eq!(read.iter().map(|r| r.id).collect::<Vec<_>>(), appended.ids);
+    assert_eq!(store.verify_partition("t", 0).unwrap().records, 300);
+    let retry = store.append(idempotent("t", p, 0, genesis, big)).unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(
+        (retry.ids, retry.producer_head),
+        (appended.ids, appended.producer_head)
+    );
+    assert_eq!(store.partition_state("t", 0).unwrap().high_watermark, 300);
 }

@@ -139,10 +139,10 @@ impl Store {
     fn decode_batch(&self, key: (u32, u32, u64), bytes: &[u8]) -> Result<StoredBatch, StoreError> {
         let batch =
             wire::decode_batch(bytes).map_err(|e| self.corrupt(format!("batch {key:?}: {e}")))?;
-        if batch.base_offset != key.2 {
+        if batch.header.base_offset != key.2 {
             return Err(self.corrupt(format!(
                 "batch {key:?} claims base offset {}",
-                batch.base_offset
+                batch.header.base_offset
             )));
         }
         Ok(batch)
@@ -192,16 +192,16 @@ impl Store {
             )));
         }
         chain::verify_run(
-            batch.prev_id,
-            batch.base_offset,
+            batch.header.prev_id,
+            batch.header.base_offset,
             batch.chain_entries(),
-            &batch.last_id,
+            &batch.header.last_id,
         )
         .map_err(|e| self.corrupt(format!("partition {tid}/{p}: last batch: {e}")))?;
-        if batch.last_id != state.head {
+        if batch.header.last_id != state.head {
             return Err(self.corrupt(format!(
                 "partition {tid}/{p}: head {} does not match the last batch's {}",
-                state.head, batch.last_id
+                state.head, batch.header.last_id
             )));
         }
         Ok(())
@@ -399,15 +399,15 @@ impl Store {
         for row in batches.range((tid, partition, 0)..=(tid, partition, u64::MAX))? {
             let (key, value) = row?;
             let batch = self.decode_batch(key.value(), value.value())?;
-            if batch.prev_id != head {
+            if batch.header.prev_id != head {
                 return Err(self.corrupt(format!(
                     "{topic}/{partition}: batch at {} does not follow the one before it",
-                    batch.base_offset
+                    batch.header.base_offset
                 )));
             }
-            chain::verify_run(head, next, batch.chain_entries(), &batch.last_id)
+            chain::verify_run(head, next, batch.chain_entries(), &batch.header.last_id)
                 .map_err(|e| self.corrupt(format!("{topic}/{partition}: {e}")))?;
-            head = batch.last_id;
+            head = batch.header.last_id;
             next = batch.next_offset();
         }
         if next != state.log_end_offset || head != state.head {
@@ -434,7 +434,7 @@ fn push_records(
 ) {
     let ids = batch.ids();
     let stamps: Vec<_> = (0..batch.records.len()).map(|i| batch.stamp(i)).collect();
-    let base = batch.base_offset;
+    let base = batch.header.base_offset;
     for (i, (record, id)) in batch.records.into_iter().zip(ids).enumerate() {
         let offset = base + i as u64;
         if offset < from || offset >= end {

@@ -114,6 +114,7 @@ impl Store {
             .ok_or_else(|| self.corrupt(format!("no batch starts at segment boundary {offset}")))?;
         Ok(self
             .decode_batch((tid, partition, offset), value.value())?
+            .header
             .prev_id)
     }
 }

@@ -17,8 +17,7 @@ use super::tables::*;
 use crate::chain::{self, MessageId, ProducerId};
 use crate::config::TopicConfig;
 use crate::error::StoreError;
-use crate::record::Record;
-use crate::wire::{self, ProducerBatch, StoredBatch};
+use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch};
 
 /// Epoch of every batch a single node writes; elections raise it once the mesh replicates.
 const SINGLE_NODE_EPOCH: u64 = 1;
@@ -33,8 +32,8 @@ pub struct AppendRequest {
     /// Set by idempotent producers: who sends, the first sequence, and the
     /// producer-chain hash before the batch.
     pub producer: Option<ProducerBatch>,
-    /// The records, in order. Must not be empty.
-    pub records: Vec<Record>,
+    /// The records, digested and encoded by the sender. Must not be empty.
+    pub records: PreparedRecords,
 }
 
 /// Where an appended batch landed.
@@ -351,34 +350,68 @@ impl Store {
             });
         }
         let max = topic.config.max_message_bytes as usize;
-        if let Some(big) = req.records.iter().find(|r| r.encoded_len() > max) {
-            return Err(StoreError::RecordTooLarge {
-                size: big.encoded_len(),
-                max,
-            });
+        if req.records.largest_record() > max {
+            let size = req.records.largest_record();
+            return Err(StoreError::RecordTooLarge { size, max });
         }
         let key = (topic.id, req.partition);
         if let Some(pb) = &req.producer
-            && let Some(retry) = self.check_producer(t, cache, key, pb, req.records.len())?
+            && let Some(retry) =
+                self.check_producer(t, cache, &topic.name, key, pb, req.records.len())?
         {
             return Ok(retry);
         }
-        let state = self.cached_partition(t, cache, key)?;
-        let batch = build_batch(&state, req.producer, req.records);
-        let encoded = wire::encode(&batch)?;
-        t.batches
-            .insert((key.0, key.1, batch.base_offset), encoded.as_slice())?;
-        let ids = batch.ids();
-        let producer_head = self.record_producer(cache, key, &batch);
-        self.extend_segment(t, cache, &topic.config, key, &batch, encoded.len() as u64)?;
-        let state = cache.partitions.entry(key).or_insert(state);
-        state.log_end_offset = batch.next_offset();
+        let mut state = self.cached_partition(t, cache, key)?;
+        let base_offset = state.log_end_offset;
+        let mut ids = Vec::with_capacity(req.records.len());
+        let mut producer = req.producer.clone();
+        for chunk in req.records.chunks() {
+            let header = BatchHeader {
+                epoch: SINGLE_NODE_EPOCH,
+                base_offset: state.log_end_offset,
+                prev_id: state.head,
+                last_id: state.head,
+                producer: producer.clone(),
+            };
+            let chunk_ids = wire::chain_ids(&header, chunk.digests());
+            let header = BatchHeader {
+                last_id: chunk_ids.last().copied().unwrap_or(state.head),
+                ..header
+            };
+            let value = wire::encode_prepared(&header, chunk)?;
+            t.batches
+                .insert((key.0, key.1, header.base_offset), value.as_slice())?;
+            let next_offset = header.base_offset + chunk.len() as u64;
+            self.extend_segment(
+                t,
+                cache,
+                &topic.config,
+                key,
+                (header.base_offset, next_offset),
+                value.len() as u64,
+                chunk.timestamps(),
+            )?;
+            if let Some(pb) = producer.as_mut() {
+                pb.prev = wire::producer_head(pb, chunk.digests());
+                pb.base_seq += chunk.len() as u64;
+            }
+            state.log_end_offset = next_offset;
+            state.head = header.last_id;
+            state.bytes += value.len() as u64;
+            ids.extend(chunk_ids);
+        }
         state.high_watermark = state.log_end_offset;
-        state.head = batch.last_id;
-        state.epoch = batch.epoch;
-        state.bytes += encoded.len() as u64;
+        state.epoch = SINGLE_NODE_EPOCH;
+        cache.partitions.insert(key, state);
+        let producer_head = match (&req.producer, &producer) {
+            (Some(first), Some(after)) => {
+                self.record_producer(cache, key, first, after, base_offset, req.records.len());
+                Some(after.prev)
+            }
+            _ => None,
+        };
         Ok(AppendOutcome {
-            base_offset: batch.base_offset,
+            base_offset,
             ids,
             duplicate: false,
             producer_head,
@@ -392,6 +425,7 @@ impl Store {
         &self,
         t: &mut Tables<'_>,
         cache: &mut TxnCache,
+        topic: &str,
         key: (u32, u32),
         pb: &ProducerBatch,
         count: usize,
@@ -399,10 +433,7 @@ impl Store {
         let state = self.cached_producer(t, cache, key, pb.producer)?;
         let (next_seq, head) = match &state {
             Some(s) => (s.next_seq, s.head),
-            None => (
-                0,
-                chain::producer_genesis(pb.producer, &self.topic_name(cache, key.0), key.1),
-            ),
+            None => (0, chain::producer_genesis(pb.producer, topic, key.1)),
         };
         if pb.base_seq > next_seq {
             return Err(StoreError::SequenceGap {
@@ -432,79 +463,107 @@ impl Store {
                 seq: pb.base_seq,
             });
         };
-        let stored = t
-            .batches
-            .get((key.0, key.1, original.base_offset))?
-            .ok_or_else(|| {
-                self.corrupt(format!(
-                    "producer state points at missing batch {}",
-                    original.base_offset
-                ))
-            })?;
-        let batch = self.decode_batch((key.0, key.1, original.base_offset), stored.value())?;
-        let producer_head = batch_producer_head(&batch);
-        Ok(Some(AppendOutcome {
-            base_offset: original.base_offset,
-            ids: batch.ids(),
-            duplicate: true,
-            producer_head,
-        }))
+        self.stored_outcome(t, key, original).map(Some)
     }
 
-    /// Advances the producer's state past `batch`; returns its new chain head.
+    /// The outcome of an append already stored: its IDs and producer head, read
+    /// back from the batches it was stored as.
+    fn stored_outcome(
+        &self,
+        t: &Tables<'_>,
+        key: (u32, u32),
+        original: RecentBatch,
+    ) -> Result<AppendOutcome, StoreError> {
+        let end = original.base_offset + u64::from(original.count);
+        let mut ids = Vec::with_capacity(original.count as usize);
+        let mut producer_head = None;
+        for row in t
+            .batches
+            .range((key.0, key.1, original.base_offset)..(key.0, key.1, end))?
+        {
+            let (k, v) = row?;
+            let batch = self.decode_batch(k.value(), v.value())?;
+            ids.extend(batch.ids());
+            producer_head = batch.producer_head();
+        }
+        if ids.len() != original.count as usize {
+            return Err(self.corrupt(format!(
+                "producer state points at {} records from {}, {} are stored",
+                original.count,
+                original.base_offset,
+                ids.len()
+            )));
+        }
+        Ok(AppendOutcome {
+            base_offset: original.base_offset,
+            ids,
+            duplicate: true,
+            producer_head,
+        })
+    }
+
+    /// Advances the producer's state past an append that started as `first`
+    /// and ended with the producer chain at `after`.
     fn record_producer(
         &self,
         cache: &mut TxnCache,
         key: (u32, u32),
-        batch: &StoredBatch,
-    ) -> Option<MessageId> {
-        let pb = batch.producer.as_ref()?;
-        let head = batch_producer_head(batch)?;
+        first: &ProducerBatch,
+        after: &ProducerBatch,
+        base_offset: u64,
+        count: usize,
+    ) {
         let state = cache
             .producers
-            .entry((key.0, key.1, pb.producer.0))
+            .entry((key.0, key.1, first.producer.0))
             .or_insert_with(|| ProducerState {
                 next_seq: 0,
-                head,
+                head: after.prev,
                 recent: VecDeque::new(),
             });
-        state.next_seq = pb.base_seq + batch.records.len() as u64;
-        state.head = head;
+        state.next_seq = after.base_seq;
+        state.head = after.prev;
         state.recent.push_back(RecentBatch {
-            base_seq: pb.base_seq,
-            count: batch.records.len() as u32,
-            base_offset: batch.base_offset,
+            base_seq: first.base_seq,
+            count: count as u32,
+            base_offset,
         });
         if state.recent.len() > PRODUCER_WINDOW_BATCHES {
             state.recent.pop_front();
         }
-        Some(head)
     }
 
-    /// Adds the batch to the partition's active segment, starting a new segment
-    /// when the active one is full or old.
+    /// Adds a stored batch covering `offsets` to the partition's active segment,
+    /// starting a new segment when the active one is full or old.
+    #[allow(clippy::too_many_arguments)]
     fn extend_segment(
         &self,
         t: &mut Tables<'_>,
         cache: &mut TxnCache,
         config: &TopicConfig,
         key: (u32, u32),
-        batch: &StoredBatch,
+        offsets: (u64, u64),
         bytes: u64,
+        (min_ts, max_ts): (i64, i64),
     ) -> Result<(), StoreError> {
-        let min_ts = batch.records.iter().map(|r| r.timestamp).min().unwrap_or(0);
-        let max_ts = batch.records.iter().map(|r| r.timestamp).max().unwrap_or(0);
         let active = match cache.active_segments.remove(&key) {
             Some(segment) => Some(segment),
             None => self.load_active_segment(t, key)?,
         };
         let segment_ms = i64::try_from(config.segment_time.as_millis()).unwrap_or(i64::MAX);
+        let fresh = SegmentMeta {
+            base_offset: offsets.0,
+            next_offset: offsets.1,
+            bytes,
+            min_timestamp: min_ts,
+            max_timestamp: max_ts,
+        };
         let segment = match active {
             Some(mut s)
                 if s.bytes < config.segment_bytes
                     && max_ts.saturating_sub(s.min_timestamp) < segment_ms =>
             {
-                s.next_offset = batch.next_offset();
+                s.next_offset = offsets.1;
                 s.bytes += bytes;
                 s.min_timestamp = s.min_timestamp.min(min_ts);
                 s.max_timestamp = s.max_timestamp.max(max_ts);
@@ -515,9 +574,9 @@ impl Store {
                     (key.0, key.1, full.base_offset),
                     self.encode_value(&full)?.as_slice(),
                 )?;
-                new_segment(batch, bytes, min_ts, max_ts)
+                fresh
             }
-            None => new_segment(batch, bytes, min_ts, max_ts),
+            None => fresh,
         };
         cache.active_segments.insert(key, segment);
         Ok(())
@@ -536,15 +595,6 @@ impl Store {
             Some(row) => Ok(Some(self.decode_value("segment", row?.1.value())?)),
             None => Ok(None),
         }
-    }
-
-    fn topic_name(&self, cache: &TxnCache, tid: u32) -> String {
-        cache
-            .topics
-            .values()
-            .find(|e| e.id == tid)
-            .map(|e| e.name.clone())
-            .unwrap_or_default()
     }
 
     pub(super) fn cached_topic(
@@ -630,48 +680,6 @@ impl Store {
         value: &T,
     ) -> Result<Vec<u8>, StoreError> {
         Ok(wire::encode(value)?)
-    }
-}
-
-/// The stored form of a batch appended after `state`, with its chain IDs computed.
-fn build_batch(
-    state: &PartitionState,
-    producer: Option<ProducerBatch>,
-    records: Vec<Record>,
-) -> StoredBatch {
-    let mut batch = StoredBatch {
-        epoch: SINGLE_NODE_EPOCH,
-        base_offset: state.log_end_offset,
-        prev_id: state.head,
-        last_id: state.head,
-        producer,
-        records,
-    };
-    let mut head = state.head;
-    for entry in batch.chain_entries() {
-        head = chain::partition_link(&head, entry.epoch, entry.offset, entry.stamp, entry.record);
-    }
-    batch.last_id = head;
-    batch
-}
-
-/// The producer-chain hash after the batch's last record.
-fn batch_producer_head(batch: &StoredBatch) -> Option<MessageId> {
-    let pb = batch.producer.as_ref()?;
-    let mut head = pb.prev;
-    for (i, record) in batch.records.iter().enumerate() {
-        head = chain::producer_link(&head, pb.producer, pb.base_seq + i as u64, record);
-    }
-    Some(head)
-}
-
-fn new_segment(batch: &StoredBatch, bytes: u64, min_ts: i64, max_ts: i64) -> SegmentMeta {
-    SegmentMeta {
-        base_offset: batch.base_offset,
-        next_offset: batch.next_offset(),
-        bytes,
-        min_timestamp: min_ts,
-        max_timestamp: max_ts,
     }
 }
 
