@@ -42,6 +42,7 @@
 pub mod chain;
 pub mod config;
 pub mod consumer;
+pub mod core;
 pub mod error;
 pub mod node;
 pub mod producer;

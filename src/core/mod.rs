@@ -1,0 +1,14 @@
+//! The protocol core: pure state machines, no I/O, no clock, no randomness of
+//! their own.
+//!
+//! Each machine takes events (a message from a peer, `tick(now)`) and returns
+//! actions (send this, report that). Time is passed in as a `Duration` since
+//! an origin the driver picks; randomness comes from a seeded [`rng::Rng`].
+//! Two drivers run the same machines: the real node (tokio + libp2p + redb,
+//! in `net` and `node`) and the deterministic simulation in `simulation/`.
+//!
+//! - [`membership`]: who is in the mesh and alive (gossip heartbeats with
+//!   SWIM-style suspicion and refutation).
+
+pub mod membership;
+pub mod rng;
