@@ -44,6 +44,7 @@ pub mod config;
 pub mod consumer;
 pub mod core;
 pub mod error;
+pub mod net;
 pub mod node;
 pub mod producer;
 pub mod record;

@@ -197,6 +197,14 @@ pub enum Action<P> {
         /// The message.
         message: GossipMessage<P>,
     },
+    /// Answer the message being handled with `message` (as the response to
+    /// it, so that a light client that cannot be dialled still gets it).
+    Reply {
+        /// The sender of the message being answered.
+        to: P,
+        /// The reply.
+        message: GossipMessage<P>,
+    },
     /// Report an event (log it, update routing).
     Event(MembershipEvent<P>),
 }
@@ -437,7 +445,7 @@ impl<P: PeerKey> Membership<P> {
         }
         if message.want_reply {
             let reply = self.message(true, false);
-            actions.push(Action::Send { to: from, message: reply });
+            actions.push(Action::Reply { to: from, message: reply });
         }
         actions
     }
@@ -581,7 +589,7 @@ mod tests {
         while let Some((from, action)) = pending.pop() {
             match action {
                 Action::Event(e) => events.push((from, e)),
-                Action::Send { to, message } => {
+                Action::Send { to, message } | Action::Reply { to, message } => {
                     if down.contains(&to) || down.contains(&from) {
                         continue;
                     }
