@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::net::MeshConfig;
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -42,6 +43,10 @@ pub struct NodeConfig {
     pub max_group_commit: usize,
     /// How often retention runs (Kafka's `log.retention.check.interval.ms`). Default 5 min.
     pub retention_check_interval: Duration,
+    /// How the node joins the mesh: listen and bootstrap addresses, mDNS, role.
+    /// Default: a storage node on every interface with mDNS on. `None` keeps
+    /// the node off the network (a local log only).
+    pub network: Option<MeshConfig>,
 }
 
 impl Default for NodeConfig {
@@ -51,11 +56,24 @@ impl Default for NodeConfig {
             fsync: true,
             max_group_commit: 4096,
             retention_check_interval: Duration::from_secs(300),
+            network: Some(MeshConfig::default()),
         }
     }
 }
 
 impl NodeConfig {
+    /// Keeps the node off the network.
+    pub fn without_network(mut self) -> Self {
+        self.network = None;
+        self
+    }
+
+    /// Joins the mesh as `mesh` says.
+    pub fn with_network(mut self, mesh: MeshConfig) -> Self {
+        self.network = Some(mesh);
+        self
+    }
+
     /// A default config with the given data directory.
     pub fn with_data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = dir.into();
@@ -75,6 +93,9 @@ impl NodeConfig {
         }
         if self.retention_check_interval.is_zero() {
             return Err(invalid("retention_check_interval", "must be positive"));
+        }
+        if let Some(mesh) = &self.network {
+            mesh.membership.validate()?;
         }
         Ok(())
     }

@@ -248,6 +248,9 @@ pub enum Error {
     /// The log store failed.
     #[error(transparent)]
     Store(StoreError),
+    /// The network layer failed.
+    #[error(transparent)]
+    Net(crate::net::NetError),
 }
 
 impl From<StoreError> for Error {

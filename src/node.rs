@@ -23,6 +23,7 @@ use crate::chain::MessageId;
 use crate::config::{ConsumerConfig, NodeConfig, ProducerConfig, TopicConfig};
 use crate::consumer::Consumer;
 use crate::error::{Error, Result, StoreError};
+use crate::net::{Mesh, PeerId, identity};
 use crate::producer::Producer;
 use crate::store::{Store, TopicEntry, WriteOp, WriteOutcome};
 
@@ -46,6 +47,8 @@ pub(crate) struct NodeInner {
     /// Bumped after every committed group that appended records.
     appended: Arc<watch::Sender<u64>>,
     config: NodeConfig,
+    /// The node's place in the mesh, when it is on the network.
+    mesh: Option<Mesh>,
     /// Background work to stop on shutdown; `None` once stopped.
     tasks: Mutex<Option<NodeTasks>>,
 }
@@ -129,6 +132,17 @@ impl Node {
             config.retention_check_interval,
             stopped,
         ));
+        let mesh = match &config.network {
+            Some(mesh_config) => {
+                let keypair = identity::load_or_create(&config.data_dir).map_err(Error::Net)?;
+                let mesh = Mesh::start(keypair, mesh_config.clone(), Some(config.data_dir.clone()))
+                    .await
+                    .map_err(Error::Net)?;
+                info!(peer_id = %mesh.peer_id(), "joined the network");
+                Some(mesh)
+            }
+            None => None,
+        };
         info!(data_dir = %config.data_dir.display(), fsync, "node opened");
         Ok(Node {
             inner: Arc::new(NodeInner {
@@ -137,6 +151,7 @@ impl Node {
                 writes,
                 appended,
                 config,
+                mesh,
                 tasks: Mutex::new(Some(NodeTasks {
                     writer,
                     retention,
@@ -149,6 +164,17 @@ impl Node {
     /// The node's data directory.
     pub fn data_dir(&self) -> &Path {
         &self.inner.config.data_dir
+    }
+
+    /// The node's peer id, when it is on the network.
+    pub fn peer_id(&self) -> Option<PeerId> {
+        self.inner.mesh.as_ref().map(Mesh::peer_id)
+    }
+
+    /// The node's place in the mesh (members, listen addresses, events), when
+    /// it is on the network.
+    pub fn mesh(&self) -> Option<&Mesh> {
+        self.inner.mesh.as_ref()
     }
 
     /// The path of the node's database file.
@@ -269,6 +295,9 @@ impl Node {
     pub async fn shutdown(&self) {
         let tasks = self.inner.tasks.lock().ok().and_then(|mut t| t.take());
         let Some(tasks) = tasks else { return };
+        if let Some(mesh) = &self.inner.mesh {
+            mesh.shutdown().await;
+        }
         let _ = tasks.stop.send(true);
         let _ = tasks.retention.await;
         if self.inner.writes.send(WriterMessage::Stop).await.is_err() {

@@ -11,9 +11,13 @@ use meshlog::{
 };
 
 async fn node(dir: &tempfile::TempDir) -> Node {
-    Node::open(NodeConfig::default().with_data_dir(dir.path()))
-        .await
-        .expect("open node")
+    Node::open(
+        NodeConfig::default()
+            .with_data_dir(dir.path())
+            .without_network(),
+    )
+    .await
+    .expect("open node")
 }
 
 fn earliest(group: &str) -> ConsumerConfig {

@@ -46,7 +46,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// What identifies a peer in the core: the real node uses libp2p peer ids, the
 /// simulation small integers.
-pub trait PeerKey: Clone + Ord + Debug + Serialize + DeserializeOwned + Send + Sync + 'static {}
+pub trait PeerKey:
+    Clone + Ord + Debug + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+}
 impl<T: Clone + Ord + Debug + Serialize + DeserializeOwned + Send + Sync + 'static> PeerKey for T {}
 
 /// What a member does in the mesh.
@@ -147,6 +150,42 @@ impl Default for MembershipConfig {
 }
 
 impl MembershipConfig {
+    /// Checks the timings.
+    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        let invalid = |name: &'static str, reason: &str| crate::error::ConfigError::Invalid {
+            name,
+            reason: reason.to_string(),
+        };
+        if self.gossip_interval.is_zero() {
+            return Err(invalid("gossip_interval", "must be positive"));
+        }
+        if self.fanout == 0 {
+            return Err(invalid("fanout", "must be at least 1"));
+        }
+        if self.suspect_after < self.gossip_interval * 2 {
+            return Err(invalid(
+                "suspect_after",
+                "must be at least two gossip intervals",
+            ));
+        }
+        if self.suspicion_timeout < self.gossip_interval {
+            return Err(invalid(
+                "suspicion_timeout",
+                "must be at least one gossip interval",
+            ));
+        }
+        if self.dead_retention < self.suspect_after + self.suspicion_timeout {
+            return Err(invalid(
+                "dead_retention",
+                "must exceed suspect_after + suspicion_timeout",
+            ));
+        }
+        if self.max_entries_per_message == 0 {
+            return Err(invalid("max_entries_per_message", "must be at least 1"));
+        }
+        Ok(())
+    }
+
     /// The longest time from a member's last heartbeat to its death being
     /// declared by a peer that heard it directly: `suspect_after +
     /// suspicion_timeout`, plus one gossip interval of detection granularity.
@@ -257,7 +296,13 @@ impl<P: PeerKey> Membership<P> {
     /// A membership for `me` with its metadata. `incarnation` must be higher
     /// than any earlier run of the same peer used (the driver passes the start
     /// time in ms); `seed` fixes the random choices.
-    pub fn new(me: P, my_meta: MemberMeta, incarnation: u64, config: MembershipConfig, seed: u64) -> Self {
+    pub fn new(
+        me: P,
+        my_meta: MemberMeta,
+        incarnation: u64,
+        config: MembershipConfig,
+        seed: u64,
+    ) -> Self {
         Membership {
             me,
             config,
@@ -323,7 +368,10 @@ impl<P: PeerKey> Membership<P> {
     /// A peer was found (bootstrap address, mDNS, Kademlia): gossip with it
     /// until it becomes a member.
     pub fn add_seed(&mut self, peer: P) {
-        let live = self.members.get(&peer).is_some_and(|m| m.status != Status::Dead);
+        let live = self
+            .members
+            .get(&peer)
+            .is_some_and(|m| m.status != Status::Dead);
         if peer != self.me && !live && !self.refused.contains(&peer) {
             self.seeds.insert(peer);
         }
@@ -347,7 +395,9 @@ impl<P: PeerKey> Membership<P> {
                 Status::Alive if quiet >= self.config.suspect_after => {
                     m.status = Status::Suspect;
                     m.since = now;
-                    actions.push(Action::Event(MembershipEvent::Suspected { peer: peer.clone() }));
+                    actions.push(Action::Event(MembershipEvent::Suspected {
+                        peer: peer.clone(),
+                    }));
                 }
                 Status::Suspect if quiet >= self.config.suspicion_timeout => {
                     m.status = Status::Dead;
@@ -371,18 +421,27 @@ impl<P: PeerKey> Membership<P> {
         let mut live: Vec<P> = self.live_members().cloned().collect();
         let targets: Vec<P> = self.rng.choose(&mut live, self.config.fanout).to_vec();
         let mut seeds: Vec<P> = self.seeds.iter().cloned().collect();
-        let seed_targets: Vec<P> = self.rng.choose(&mut seeds, self.config.seed_fanout).to_vec();
+        let seed_targets: Vec<P> = self
+            .rng
+            .choose(&mut seeds, self.config.seed_fanout)
+            .to_vec();
         let is_client = self.my_meta.role == Role::LightClient;
         if !targets.is_empty() {
             let message = self.message(false, is_client);
             for to in targets {
-                actions.push(Action::Send { to, message: message.clone() });
+                actions.push(Action::Send {
+                    to,
+                    message: message.clone(),
+                });
             }
         }
         if !seed_targets.is_empty() {
             let message = self.message(false, true);
             for to in seed_targets {
-                actions.push(Action::Send { to, message: message.clone() });
+                actions.push(Action::Send {
+                    to,
+                    message: message.clone(),
+                });
             }
         }
     }
@@ -390,7 +449,11 @@ impl<P: PeerKey> Membership<P> {
     /// A gossip message: our own entry (unless a light client), then other
     /// entries up to the cap (all of them, with metadata, when `full`).
     fn message(&mut self, full: bool, want_reply: bool) -> GossipMessage<P> {
-        let cap = if full { usize::MAX } else { self.config.max_entries_per_message };
+        let cap = if full {
+            usize::MAX
+        } else {
+            self.config.max_entries_per_message
+        };
         let mut entries = Vec::new();
         if self.my_meta.role == Role::Storage {
             entries.push(self.own_entry());
@@ -407,7 +470,11 @@ impl<P: PeerKey> Membership<P> {
                 peer: peer.clone(),
                 incarnation: m.incarnation,
                 heartbeat: m.heartbeat,
-                status: if m.status == Status::Dead { Status::Dead } else { Status::Alive },
+                status: if m.status == Status::Dead {
+                    Status::Dead
+                } else {
+                    Status::Alive
+                },
                 meta: if fresh { m.meta.clone() } else { None },
             });
         }
@@ -429,7 +496,12 @@ impl<P: PeerKey> Membership<P> {
     }
 
     /// Handles a gossip message from `from`.
-    pub fn handle_message(&mut self, from: P, message: GossipMessage<P>, now: Duration) -> Vec<Action<P>> {
+    pub fn handle_message(
+        &mut self,
+        from: P,
+        message: GossipMessage<P>,
+        now: Duration,
+    ) -> Vec<Action<P>> {
         let mut actions = Vec::new();
         if message.protocol_version != PROTOCOL_VERSION {
             self.refuse(from, message.protocol_version, &mut actions);
@@ -440,12 +512,19 @@ impl<P: PeerKey> Membership<P> {
         }
         // A peer we hear from needs no more knocking, unless we hold it dead:
         // then it must still learn that, to re-join.
-        if self.members.get(&from).is_none_or(|m| m.status != Status::Dead) {
+        if self
+            .members
+            .get(&from)
+            .is_none_or(|m| m.status != Status::Dead)
+        {
             self.seeds.remove(&from);
         }
         if message.want_reply {
             let reply = self.message(true, false);
-            actions.push(Action::Reply { to: from, message: reply });
+            actions.push(Action::Reply {
+                to: from,
+                message: reply,
+            });
         }
         actions
     }
@@ -509,11 +588,19 @@ impl<P: PeerKey> Membership<P> {
                 m.meta = entry.meta;
                 m.meta_fresh_until = fresh_until;
             }
-            m.status = if entry.status == Status::Dead { Status::Dead } else { Status::Alive };
+            m.status = if entry.status == Status::Dead {
+                Status::Dead
+            } else {
+                Status::Alive
+            };
             let event = match (was, m.status) {
                 (Status::Dead, Status::Alive) => Some(MembershipEvent::Joined { peer: entry.peer }),
-                (Status::Suspect, Status::Alive) => Some(MembershipEvent::Recovered { peer: entry.peer }),
-                (Status::Alive | Status::Suspect, Status::Dead) => Some(MembershipEvent::Died { peer: entry.peer }),
+                (Status::Suspect, Status::Alive) => {
+                    Some(MembershipEvent::Recovered { peer: entry.peer })
+                }
+                (Status::Alive | Status::Suspect, Status::Dead) => {
+                    Some(MembershipEvent::Died { peer: entry.peer })
+                }
                 _ => None,
             };
             actions.extend(event.map(Action::Event));
@@ -540,7 +627,9 @@ impl<P: PeerKey> Membership<P> {
             m.since = now;
             if m.status == Status::Suspect {
                 m.status = Status::Alive;
-                actions.push(Action::Event(MembershipEvent::Recovered { peer: entry.peer }));
+                actions.push(Action::Event(MembershipEvent::Recovered {
+                    peer: entry.peer,
+                }));
             }
         }
     }
@@ -594,7 +683,11 @@ mod tests {
                         continue;
                     }
                     if let Some(n) = nodes.get_mut(&to) {
-                        pending.extend(n.handle_message(from, message, now).into_iter().map(|a| (to, a)));
+                        pending.extend(
+                            n.handle_message(from, message, now)
+                                .into_iter()
+                                .map(|a| (to, a)),
+                        );
                     }
                 }
             }
@@ -618,7 +711,11 @@ mod tests {
                     pending.extend(n.tick(now).into_iter().map(|a| (*id, a)));
                 }
             }
-            all.extend(deliver(nodes, pending, now, down).into_iter().map(|(n, e)| (now, n, e)));
+            all.extend(
+                deliver(nodes, pending, now, down)
+                    .into_iter()
+                    .map(|(n, e)| (now, n, e)),
+            );
             t += 100;
         }
         all
@@ -637,10 +734,18 @@ mod tests {
         let mut nodes = chain_of(8);
         run(&mut nodes, 0, 3000, &BTreeSet::new());
         for (id, n) in &nodes {
-            let alive: Vec<u32> = n.members().iter().filter(|m| m.status == Status::Alive).map(|m| m.peer).collect();
+            let alive: Vec<u32> = n
+                .members()
+                .iter()
+                .filter(|m| m.status == Status::Alive)
+                .map(|m| m.peer)
+                .collect();
             let expected: Vec<u32> = (0..8).filter(|i| i != id).collect();
             assert_eq!(alive, expected, "node {id}");
-            assert!(n.members().iter().all(|m| m.meta.is_some()), "node {id} lacks metadata");
+            assert!(
+                n.members().iter().all(|m| m.meta.is_some()),
+                "node {id} lacks metadata"
+            );
         }
     }
 
@@ -652,12 +757,22 @@ mod tests {
         let events = run(&mut nodes, 2100, 5000, &down);
         for observer in 0..3 {
             let at = |want: fn(&MembershipEvent<u32>) -> bool| {
-                events.iter().find(|(_, n, e)| *n == observer && want(e)).map(|(t, _, _)| *t)
+                events
+                    .iter()
+                    .find(|(_, n, e)| *n == observer && want(e))
+                    .map(|(t, _, _)| *t)
             };
-            let suspected = at(|e| matches!(e, MembershipEvent::Suspected { peer: 3 })).expect("suspected");
+            let suspected =
+                at(|e| matches!(e, MembershipEvent::Suspected { peer: 3 })).expect("suspected");
             let died = at(|e| matches!(e, MembershipEvent::Died { peer: 3 })).expect("died");
-            assert!(died - suspected >= config().suspicion_timeout, "observer {observer} declared death early");
-            assert!(died <= ms(2000) + config().failure_detection_time() + ms(200), "observer {observer} too slow: {died:?}");
+            assert!(
+                died - suspected >= config().suspicion_timeout,
+                "observer {observer} declared death early"
+            );
+            assert!(
+                died <= ms(2000) + config().failure_detection_time() + ms(200),
+                "observer {observer} too slow: {died:?}"
+            );
         }
     }
 
@@ -671,10 +786,17 @@ mod tests {
         assert_eq!(nodes[&0].status(&2), Some(Status::Dead));
         let before = nodes[&2].incarnation();
         let events = run(&mut nodes, 4100, 6000, &BTreeSet::new());
-        assert!(nodes[&2].incarnation() > before, "node 2 must refute its death");
+        assert!(
+            nodes[&2].incarnation() > before,
+            "node 2 must refute its death"
+        );
         assert_eq!(nodes[&0].status(&2), Some(Status::Alive));
         assert_eq!(nodes[&2].status(&0), Some(Status::Alive));
-        assert!(events.iter().any(|(_, n, e)| *n == 0 && *e == MembershipEvent::Joined { peer: 2 }));
+        assert!(
+            events
+                .iter()
+                .any(|(_, n, e)| *n == 0 && *e == MembershipEvent::Joined { peer: 2 })
+        );
     }
 
     #[test]
@@ -684,27 +806,48 @@ mod tests {
         stranger.protocol_version = PROTOCOL_VERSION + 1;
         let message = GossipMessage {
             protocol_version: PROTOCOL_VERSION + 1,
-            entries: vec![Entry { peer: 9, incarnation: 1, heartbeat: 1, status: Status::Alive, meta: Some(stranger) }],
+            entries: vec![Entry {
+                peer: 9,
+                incarnation: 1,
+                heartbeat: 1,
+                status: Status::Alive,
+                meta: Some(stranger),
+            }],
             want_reply: true,
         };
         let first = a.handle_message(9, message.clone(), ms(0));
-        assert_eq!(first, vec![Action::Event(MembershipEvent::Refused { peer: 9, version: PROTOCOL_VERSION + 1 })]);
+        assert_eq!(
+            first,
+            vec![Action::Event(MembershipEvent::Refused {
+                peer: 9,
+                version: PROTOCOL_VERSION + 1
+            })]
+        );
         assert!(a.handle_message(9, message, ms(1)).is_empty());
         assert!(a.members().is_empty());
         a.add_seed(9);
-        assert!(a.tick(ms(100)).is_empty(), "a refused peer is not gossiped to");
+        assert!(
+            a.tick(ms(100)).is_empty(),
+            "a refused peer is not gossiped to"
+        );
     }
 
     #[test]
     fn light_clients_learn_everyone_but_are_never_members() {
         let mut nodes = chain_of(3);
-        nodes.insert(10, Membership::new(10, meta(Role::LightClient), 1, config(), 10));
+        nodes.insert(
+            10,
+            Membership::new(10, meta(Role::LightClient), 1, config(), 10),
+        );
         nodes.get_mut(&10).unwrap().add_seed(0);
         run(&mut nodes, 0, 1500, &BTreeSet::new());
         let seen: Vec<u32> = nodes[&10].members().iter().map(|m| m.peer).collect();
         assert_eq!(seen, vec![0, 1, 2]);
         for id in 0..3 {
-            assert!(nodes[&id].status(&10).is_none(), "node {id} lists the light client");
+            assert!(
+                nodes[&id].status(&10).is_none(),
+                "node {id} lists the light client"
+            );
         }
     }
 }

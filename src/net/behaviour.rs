@@ -46,8 +46,13 @@ impl Behaviour {
         );
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
-        let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
-        kad.set_mode(Some(if config.role_is_storage() { kad::Mode::Server } else { kad::Mode::Client }));
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        kad.set_mode(Some(if config.role_is_storage() {
+            kad::Mode::Server
+        } else {
+            kad::Mode::Client
+        }));
         let mdns = if config.mdns {
             let mdns_config = mdns::Config {
                 query_interval: Duration::from_secs(5),

@@ -51,9 +51,13 @@ where
     T: AsyncWrite + Unpin + Send,
     M: serde::Serialize,
 {
-    let bytes = crate::wire::encode(message).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let bytes =
+        crate::wire::encode(message).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if bytes.len() > MAX_GOSSIP_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "gossip frame too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "gossip frame too large",
+        ));
     }
     io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
     io.write_all(&bytes).await?;
@@ -72,21 +76,35 @@ impl request_response::Codec for GossipCodec {
         read_frame(io).await
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<GossipResponse>
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<GossipResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
         read_frame(io).await
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: GossipRequest) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: GossipRequest,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, &req).await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: GossipResponse) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: GossipResponse,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {

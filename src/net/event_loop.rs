@@ -54,10 +54,12 @@ impl EventLoop {
         let peer_id = keypair.public().to_peer_id();
         let mut swarm = build_swarm(keypair, &config)?;
         for address in &config.listen {
-            swarm.listen_on(address.clone()).map_err(|e| NetError::Address {
-                address: address.to_string(),
-                reason: e.to_string(),
-            })?;
+            swarm
+                .listen_on(address.clone())
+                .map_err(|e| NetError::Address {
+                    address: address.to_string(),
+                    reason: e.to_string(),
+                })?;
         }
         let meta = MemberMeta {
             role: config.role,
@@ -89,7 +91,10 @@ impl EventLoop {
                 continue;
             }
             swarm.add_peer_address(peer, address.clone());
-            swarm.behaviour_mut().kad.add_address(&peer, address.clone());
+            swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, address.clone());
             membership.add_seed(NodeId(peer));
         }
         if !config.bootstrap.is_empty() {
@@ -191,14 +196,23 @@ impl EventLoop {
                 ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
                 for address in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, address);
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, address);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, ..
+            })) => {
                 self.membership.add_seed(NodeId(peer));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip_event(event),
-            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
                 debug!(%peer, %error, "cannot connect");
             }
             _ => {}
@@ -221,10 +235,15 @@ impl EventLoop {
         self.swarm.behaviour_mut().kad.add_address(&peer, address);
     }
 
-    fn on_gossip_event(&mut self, event: request_response::Event<super::codec::GossipRequest, super::codec::GossipResponse>) {
+    fn on_gossip_event(
+        &mut self,
+        event: request_response::Event<super::codec::GossipRequest, super::codec::GossipResponse>,
+    ) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                Message::Request { request, channel, .. } => {
+                Message::Request {
+                    request, channel, ..
+                } => {
                     let now = self.now();
                     let actions = self.membership.handle_message(NodeId(peer), request, now);
                     let (reply, others): (Vec<_>, Vec<_>) = actions
@@ -237,10 +256,17 @@ impl EventLoop {
                     if let Some(message) = &reply {
                         self.count_sent(message);
                     }
-                    let _ = self.swarm.behaviour_mut().gossip.send_response(channel, reply);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .gossip
+                        .send_response(channel, reply);
                     self.apply(others);
                 }
-                Message::Response { response: Some(message), .. } => {
+                Message::Response {
+                    response: Some(message),
+                    ..
+                } => {
                     let now = self.now();
                     let actions = self.membership.handle_message(NodeId(peer), message, now);
                     self.apply(actions);
@@ -269,7 +295,10 @@ impl EventLoop {
                 Action::Send { to, message } | Action::Reply { to, message } => {
                     self.count_sent(&message);
                     self.ensure_addresses(&to);
-                    self.swarm.behaviour_mut().gossip.send_request(&to.0, message);
+                    self.swarm
+                        .behaviour_mut()
+                        .gossip
+                        .send_request(&to.0, message);
                 }
                 Action::Event(event) => self.on_membership_event(event),
             }
@@ -299,8 +328,12 @@ impl EventLoop {
     fn on_membership_event(&mut self, event: MembershipEvent<NodeId>) {
         match &event {
             MembershipEvent::Joined { peer } => {
-                let role = self.role_of(peer);
-                info!(%peer, ?role, "peer joined");
+                let role = match self.role_of(peer) {
+                    Some(Role::Storage) => "storage",
+                    Some(Role::LightClient) => "light client",
+                    None => "unknown yet",
+                };
+                info!(%peer, role, "peer joined");
             }
             MembershipEvent::Suspected { peer } => warn!(%peer, "peer suspected"),
             MembershipEvent::Recovered { peer } => info!(%peer, "peer recovered"),
@@ -335,7 +368,8 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
         .map_err(|e| transport_error(&e))?
         .with_quic()
         .with_behaviour(|key| {
-            Behaviour::new(key, config).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            Behaviour::new(key, config)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| transport_error(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))

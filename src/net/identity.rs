@@ -21,10 +21,12 @@ pub fn load_or_create(dir: &Path) -> Result<Keypair, NetError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir)?;
             let keypair = Keypair::generate_ed25519();
-            let bytes = keypair.to_protobuf_encoding().map_err(|e| NetError::Identity {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            let bytes = keypair
+                .to_protobuf_encoding()
+                .map_err(|e| NetError::Identity {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             write_private(&path, &bytes)?;
             Ok(keypair)
         }
@@ -58,6 +60,9 @@ mod tests {
         let again = load_or_create(dir.path()).unwrap();
         assert_eq!(first.public().to_peer_id(), again.public().to_peer_id());
         std::fs::write(dir.path().join(IDENTITY_FILE), b"garbage").unwrap();
-        assert!(matches!(load_or_create(dir.path()), Err(NetError::Identity { .. })));
+        assert!(matches!(
+            load_or_create(dir.path()),
+            Err(NetError::Identity { .. })
+        ));
     }
 }

@@ -24,8 +24,8 @@ use thiserror::Error;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use libp2p::identity::Keypair;
-pub use libp2p::{Multiaddr, PeerId};
 use libp2p::multiaddr::Protocol;
+pub use libp2p::{Multiaddr, PeerId};
 
 use crate::core::membership::{MemberView, MembershipConfig, MembershipEvent, Role};
 
@@ -114,7 +114,10 @@ pub struct MeshConfig {
 impl Default for MeshConfig {
     fn default() -> Self {
         MeshConfig {
-            listen: vec![tcp_address(Ipv4Addr::UNSPECIFIED), quic_address(Ipv4Addr::UNSPECIFIED)],
+            listen: vec![
+                tcp_address(Ipv4Addr::UNSPECIFIED),
+                quic_address(Ipv4Addr::UNSPECIFIED),
+            ],
             bootstrap: Vec::new(),
             mdns: true,
             role: Role::Storage,
@@ -178,7 +181,11 @@ pub struct Mesh {
 impl Mesh {
     /// Builds the swarm, starts listening and bootstrapping, and spawns the
     /// event loop. `data_dir` is where free disk space is measured, if any.
-    pub async fn start(keypair: Keypair, config: MeshConfig, data_dir: Option<PathBuf>) -> Result<Mesh, NetError> {
+    pub async fn start(
+        keypair: Keypair,
+        config: MeshConfig,
+        data_dir: Option<PathBuf>,
+    ) -> Result<Mesh, NetError> {
         let peer_id = keypair.public().to_peer_id();
         let (commands, receiver) = mpsc::channel(64);
         let (events, _) = broadcast::channel(1024);
@@ -217,7 +224,8 @@ impl Mesh {
     /// `timeout`; returns the addresses (empty if none came in time).
     pub async fn wait_listening(&self, timeout: Duration) -> Result<Vec<Multiaddr>, NetError> {
         let mut listening = self.listening.clone();
-        let ready = tokio::time::timeout(timeout, listening.wait_for(|addrs| !addrs.is_empty())).await;
+        let ready =
+            tokio::time::timeout(timeout, listening.wait_for(|addrs| !addrs.is_empty())).await;
         match ready {
             Ok(Ok(addrs)) => Ok(addrs.clone()),
             Ok(Err(_)) => Err(NetError::Closed),
@@ -240,16 +248,24 @@ impl Mesh {
         let _ = self.ask(Command::Shutdown).await;
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(make(reply)).await.map_err(|_| NetError::Closed)?;
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| NetError::Closed)?;
         answer.await.map_err(|_| NetError::Closed)
     }
 }
 
 /// `/ip4/IP/tcp/0`: an ephemeral TCP port.
 pub fn tcp_address(ip: Ipv4Addr) -> Multiaddr {
-    Multiaddr::empty().with(Protocol::Ip4(ip)).with(Protocol::Tcp(0))
+    Multiaddr::empty()
+        .with(Protocol::Ip4(ip))
+        .with(Protocol::Tcp(0))
 }
 
 /// `/ip4/IP/udp/0/quic-v1`: an ephemeral QUIC port.

@@ -25,7 +25,10 @@ pub async fn run() -> CliResult {
         "== meshlog demo: one node, data in {}\n",
         dir.path().display()
     );
-    let config = NodeConfig::default().with_data_dir(dir.path());
+    // One node alone for now; the demo grows into a local mesh with replication.
+    let config = NodeConfig::default()
+        .with_data_dir(dir.path())
+        .without_network();
 
     let node = Node::open(config.clone()).await?;
     node.create_topic(TOPIC, TopicConfig::default().with_partitions(PARTITIONS))

@@ -7,6 +7,7 @@
 mod bench;
 mod consume;
 mod demo;
+mod mesh;
 mod produce;
 mod topic;
 
@@ -46,11 +47,18 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Play the quick-start on a throwaway node: create a topic, send, read back, verify.
     Demo,
+    /// Run a storage node in the mesh until Ctrl-C or SIGTERM.
+    Node(mesh::NodeArgs),
+    /// Join as a light client and list the mesh's members.
+    Peers(mesh::PeersArgs),
 }
 
 impl Cli {
     fn node_config(&self) -> NodeConfig {
-        let config = NodeConfig::default().with_fsync(!self.no_fsync);
+        // These commands work on the local data directory; they do not join the mesh.
+        let config = NodeConfig::default()
+            .with_fsync(!self.no_fsync)
+            .without_network();
         match &self.data_dir {
             Some(dir) => config.with_data_dir(dir),
             None => config,
@@ -63,7 +71,12 @@ type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // A node's joins and deaths are its output; other commands log only warnings.
+    init_logging(if matches!(cli.command, Command::Node(_)) {
+        "info,libp2p_swarm=warn,libp2p_kad=error"
+    } else {
+        "warn"
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,6 +103,8 @@ async fn run(cli: Cli) -> CliResult {
         Command::Consume(args) => with_node(&cli, |node| consume::run(node, args)).await,
         Command::Bench(command) => bench::run(command),
         Command::Demo => demo::run().await,
+        Command::Node(args) => mesh::run_node(cli.data_dir.clone(), !cli.no_fsync, args).await,
+        Command::Peers(args) => mesh::run_peers(args).await,
     }
 }
 
@@ -105,12 +120,15 @@ where
     result
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only).
-fn init_logging() {
+/// Logs go to stderr, filtered by `RUST_LOG` (default: `default_level`),
+/// coloured only on a terminal.
+fn init_logging(default_level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
