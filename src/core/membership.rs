@@ -14,11 +14,13 @@
 //!
 //! Merging an entry received by gossip (SWIM's rules, with heartbeats as the
 //! liveness signal):
-//! - a higher incarnation replaces everything (a restarted or refuting peer);
-//! - at equal incarnation Dead is final; otherwise a higher heartbeat is
-//!   progress and clears a local suspicion;
-//! - suspicion is never adopted from others: each member suspects on its own
-//!   evidence, so one slow link does not make a peer Suspect everywhere;
+//! - a higher incarnation is progress (a restarted or refuting peer);
+//! - at equal incarnation a higher heartbeat is progress and clears a local
+//!   suspicion; a locally Dead member stays dead for that incarnation;
+//! - suspicion and death are never adopted from others: each member judges on
+//!   its own evidence and timers, so one slow link does not make a peer Suspect
+//!   everywhere, and no member declares a death before its own suspicion
+//!   timeout; Dead entries are gossiped so that the dead peer itself learns it;
 //! - an entry about oneself that says Suspect or Dead is refuted by raising
 //!   one's own incarnation above it: a false death is undone by the re-join.
 //!
@@ -212,7 +214,7 @@ pub enum MembershipEvent<P> {
         /// Who.
         peer: P,
     },
-    /// A member was declared dead (here, or by gossip).
+    /// A member was declared dead here (after `suspicion_timeout` as Suspect).
     Died {
         /// Who.
         peer: P,
@@ -580,40 +582,29 @@ impl<P: PeerKey> Membership<P> {
             return;
         };
         if entry.incarnation > m.incarnation {
+            // A restarted or refuting member: progress, whatever the sender
+            // thinks of it; our own timers judge it from here.
             let was = m.status;
             m.incarnation = entry.incarnation;
             m.heartbeat = entry.heartbeat;
             m.since = now;
+            m.status = Status::Alive;
             if entry.meta.is_some() {
                 m.meta = entry.meta;
                 m.meta_fresh_until = fresh_until;
             }
-            m.status = if entry.status == Status::Dead {
-                Status::Dead
-            } else {
-                Status::Alive
-            };
-            let event = match (was, m.status) {
-                (Status::Dead, Status::Alive) => Some(MembershipEvent::Joined { peer: entry.peer }),
-                (Status::Suspect, Status::Alive) => {
-                    Some(MembershipEvent::Recovered { peer: entry.peer })
-                }
-                (Status::Alive | Status::Suspect, Status::Dead) => {
-                    Some(MembershipEvent::Died { peer: entry.peer })
-                }
-                _ => None,
+            let event = match was {
+                Status::Dead => Some(MembershipEvent::Joined { peer: entry.peer }),
+                Status::Suspect => Some(MembershipEvent::Recovered { peer: entry.peer }),
+                Status::Alive => None,
             };
             actions.extend(event.map(Action::Event));
             return;
         }
-        if entry.incarnation < m.incarnation || m.status == Status::Dead {
-            return;
-        }
-        if entry.status == Status::Dead {
-            m.status = Status::Dead;
-            m.since = now;
-            self.seeds.insert(entry.peer.clone());
-            actions.push(Action::Event(MembershipEvent::Died { peer: entry.peer }));
+        if entry.incarnation < m.incarnation
+            || m.status == Status::Dead
+            || entry.status == Status::Dead
+        {
             return;
         }
         if let Some(meta) = entry.meta

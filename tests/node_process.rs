@@ -1,0 +1,190 @@
+//! Real `meshlog node` processes on 127.0.0.1: failure detection after a
+//! SIGKILL (suspect, then dead, never before the suspicion timeout), and a
+//! restart from the same data directory that keeps the peer id and re-joins.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const GOSSIP_MS: u64 = 200;
+const SUSPECT_AFTER_MS: u64 = 1500;
+const SUSPICION_TIMEOUT_MS: u64 = 2000;
+/// Margin for log lines to cross a pipe and for timer granularity.
+const SLACK: Duration = Duration::from_millis(150);
+
+/// One log or output line of a node process, stamped when the test read it.
+struct Line {
+    node: usize,
+    at: Instant,
+    text: String,
+}
+
+/// A running `meshlog node` whose output lines arrive on the shared channel.
+struct NodeProcess {
+    child: Child,
+    peer_id: String,
+    address: String,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_node(
+    index: usize,
+    data_dir: &Path,
+    bootstrap: Option<&str>,
+    lines: &mpsc::Sender<Line>,
+) -> NodeProcess {
+    let mut cmd = common::meshlog(data_dir);
+    cmd.args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+        .args(["--gossip-interval-ms", &GOSSIP_MS.to_string()])
+        .args(["--suspect-after-ms", &SUSPECT_AFTER_MS.to_string()])
+        .args(["--suspicion-timeout-ms", &SUSPICION_TIMEOUT_MS.to_string()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(address) = bootstrap {
+        cmd.args(["--bootstrap", address]);
+    }
+    let mut child = cmd.spawn().expect("spawn meshlog node");
+    forward(index, child.stderr.take().expect("stderr"), lines.clone());
+    let (own_tx, own_rx) = mpsc::channel();
+    forward(index, child.stdout.take().expect("stdout"), own_tx);
+    let (mut peer_id, mut address) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while peer_id.is_none() || address.is_none() {
+        let line = own_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("node printed its peer id and address in time");
+        if let Some(id) = line.text.strip_prefix("peer id: ") {
+            peer_id = Some(id.to_string());
+        }
+        if let Some(a) = line.text.strip_prefix("listening on ") {
+            address = Some(a.to_string());
+        }
+    }
+    NodeProcess {
+        child,
+        peer_id: peer_id.unwrap_or_default(),
+        address: address.unwrap_or_default(),
+    }
+}
+
+fn forward(node: usize, stream: impl std::io::Read + Send + 'static, lines: mpsc::Sender<Line>) {
+    std::thread::spawn(move || {
+        for text in BufReader::new(stream).lines().map_while(Result::ok) {
+            if lines
+                .send(Line {
+                    node,
+                    at: Instant::now(),
+                    text,
+                })
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+}
+
+fn says(line: &Line, node: usize, event: &str, peer: &str) -> bool {
+    line.node == node && line.text.contains(event) && line.text.contains(&format!("peer={peer}"))
+}
+
+#[test]
+fn a_killed_node_is_suspected_then_declared_dead_and_rejoins_with_its_identity() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (tx, lines) = mpsc::channel();
+    let first = spawn_node(0, dirs[0].path(), None, &tx);
+    let second = spawn_node(1, dirs[1].path(), Some(&first.address), &tx);
+    let third = spawn_node(2, dirs[2].path(), Some(&first.address), &tx);
+    let ids = [
+        first.peer_id.clone(),
+        second.peer_id.clone(),
+        third.peer_id.clone(),
+    ];
+
+    // Everyone sees everyone.
+    let mut pending: Vec<(usize, usize)> = (0..3)
+        .flat_map(|a| (0..3).filter(move |b| *b != a).map(move |b| (a, b)))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pending.is_empty() {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("full membership in 30 s");
+        pending.retain(|(a, b)| !says(&line, *a, "peer joined", &ids[*b]));
+    }
+
+    // SIGKILL the third node.
+    let mut third = third;
+    third.child.kill().expect("SIGKILL");
+    let killed_at = Instant::now();
+    third.child.wait().unwrap();
+
+    let detection = Duration::from_millis(SUSPECT_AFTER_MS + SUSPICION_TIMEOUT_MS + 2 * GOSSIP_MS)
+        + Duration::from_secs(2);
+    let mut suspected = [None, None];
+    let mut died = [None, None];
+    let deadline = Instant::now() + detection;
+    while died.iter().any(Option::is_none) {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("not declared dead within {detection:?} (suspected {suspected:?}, dead {died:?})"));
+        for observer in 0..2 {
+            if says(&line, observer, "peer suspected", &ids[2]) {
+                suspected[observer].get_or_insert(line.at);
+            }
+            if says(&line, observer, "peer dead", &ids[2]) {
+                died[observer].get_or_insert(line.at);
+            }
+        }
+    }
+    let suspicion_timeout = Duration::from_millis(SUSPICION_TIMEOUT_MS);
+    for observer in 0..2 {
+        let (Some(s), Some(d)) = (suspected[observer], died[observer]) else {
+            panic!("observer {observer} declared death without suspecting first");
+        };
+        assert!(
+            d.duration_since(s) + SLACK >= suspicion_timeout,
+            "observer {observer}: dead {:?} after suspect",
+            d.duration_since(s)
+        );
+        let earliest = Duration::from_millis(SUSPECT_AFTER_MS + SUSPICION_TIMEOUT_MS - GOSSIP_MS);
+        assert!(
+            d.duration_since(killed_at) + SLACK >= earliest,
+            "observer {observer}: dead too soon"
+        );
+        println!(
+            "observer {observer}: suspected after {:?}, dead after {:?}",
+            s.duration_since(killed_at),
+            d.duration_since(killed_at)
+        );
+    }
+
+    // Restart from the same data directory: same peer id, and the others see it join again.
+    let restarted = spawn_node(2, dirs[2].path(), Some(&first.address), &tx);
+    assert_eq!(
+        restarted.peer_id, ids[2],
+        "the identity is kept in the data directory"
+    );
+    let mut rejoined = [false, false];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rejoined.iter().all(|r| *r) {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("re-join not seen by both within 20 s: {rejoined:?}"));
+        for (observer, seen) in rejoined.iter_mut().enumerate() {
+            *seen |= says(&line, observer, "peer joined", &ids[2]);
+        }
+    }
+    drop((first, second, restarted));
+}
