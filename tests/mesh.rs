@@ -64,10 +64,52 @@ async fn wait_for_full_membership(meshes: &[Mesh], deadline: Duration) -> Durati
         if all {
             return started.elapsed();
         }
-        assert!(
-            started.elapsed() < deadline,
-            "no full membership after {deadline:?}"
-        );
+        if std::env::var_os("MESHLOG_TEST_PROGRESS").is_some() {
+            let mut worst = (usize::MAX, usize::MAX, usize::MAX);
+            for mesh in meshes {
+                let members = mesh.members().await.expect("members");
+                let alive = members.iter().filter(|m| m.status == Status::Alive).count();
+                let with_meta = members.iter().filter(|m| m.meta.is_some()).count();
+                worst = (
+                    worst.0.min(members.len()),
+                    worst.1.min(alive),
+                    worst.2.min(with_meta),
+                );
+            }
+            println!(
+                "{:?}: fewest known/alive/with meta: {worst:?}",
+                started.elapsed()
+            );
+        }
+        if started.elapsed() >= deadline {
+            let mut seen = Vec::new();
+            for mesh in meshes {
+                let members = mesh.members().await.expect("members");
+                let alive = members.iter().filter(|m| m.status == Status::Alive).count();
+                let with_meta = members.iter().filter(|m| m.meta.is_some()).count();
+                seen.push((members.len(), alive, with_meta));
+                for m in members.iter().filter(|m| m.meta.is_none()) {
+                    let owner = meshes
+                        .iter()
+                        .find(|x| x.peer_id() == m.peer.0)
+                        .expect("member of the test");
+                    let view = owner.members().await.expect("members");
+                    let back = view.iter().find(|v| v.peer.0 == mesh.peer_id());
+                    println!(
+                        "{} lacks meta of {} (inc {} hb {}); that node sees it as {:?}, stats {:?}",
+                        mesh.peer_id(),
+                        m.peer,
+                        m.incarnation,
+                        m.heartbeat,
+                        back.map(|b| (b.status, b.heartbeat, b.meta.is_some())),
+                        owner.gossip_stats().await
+                    );
+                }
+            }
+            panic!(
+                "no full membership after {deadline:?}: (known, alive, with meta) per node: {seen:?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -128,4 +170,57 @@ async fn a_light_client_lists_the_members_without_becoming_one() {
             .iter()
             .all(|m| m.peer.0 != client.peer_id())
     );
+}
+
+/// 50 nodes in one process, each bootstrapping from one random earlier node.
+/// Prints the time to full membership and the gossip bytes per node per
+/// second at steady state (the figures in the mesh issue's closing note).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_nodes_converge_to_full_membership() {
+    const NODES: usize = 50;
+    let mut meshes = vec![start(None, Role::Storage).await];
+    let mut addresses = vec![address_of(&meshes[0]).await];
+    let mut pick = meshlog::core::rng::Rng::new(50);
+    let started = Instant::now();
+    for _ in 1..NODES {
+        let bootstrap = addresses[pick.below(addresses.len())].clone();
+        let mesh = start(Some(&bootstrap), Role::Storage).await;
+        addresses.push(address_of(&mesh).await);
+        meshes.push(mesh);
+    }
+    let took = wait_for_full_membership(&meshes, Duration::from_secs(90)).await;
+    println!(
+        "{NODES} nodes: full membership {took:?} after the last start ({:?} after the first)",
+        started.elapsed()
+    );
+
+    // Steady state: gossip bytes over a window of 20 rounds.
+    let window = test_timings().gossip_interval * 20;
+    let mut before = Vec::new();
+    for mesh in &meshes {
+        before.push(mesh.gossip_stats().await.unwrap());
+    }
+    let measured = Instant::now();
+    tokio::time::sleep(window).await;
+    let secs = measured.elapsed().as_secs_f64();
+    let mut bytes = 0u64;
+    let mut messages = 0u64;
+    for (mesh, b) in meshes.iter().zip(&before) {
+        let after = mesh.gossip_stats().await.unwrap();
+        bytes += after.bytes_sent - b.bytes_sent;
+        messages += after.messages_sent - b.messages_sent;
+    }
+    let per_node = bytes as f64 / NODES as f64 / secs;
+    println!(
+        "{NODES} nodes, gossip every {:?}: {:.0} B/s and {:.1} messages/s sent per node at steady state",
+        test_timings().gossip_interval,
+        per_node,
+        messages as f64 / NODES as f64 / secs
+    );
+    assert!(per_node > 0.0, "steady-state gossip must flow");
+    // Still everyone sees everyone.
+    wait_for_full_membership(&meshes, Duration::from_secs(5)).await;
+    for mesh in &meshes {
+        mesh.shutdown().await;
+    }
 }

@@ -113,6 +113,10 @@ pub struct GossipMessage<P> {
     pub entries: Vec<Entry<P>>,
     /// The sender wants the receiver's whole view back (it is new or a light client).
     pub want_reply: bool,
+    /// Peers the sender knows of but lacks metadata for; the receiver replies
+    /// with the metadata it has (pull, so that metadata reaches everyone even
+    /// when the member itself rarely gossips to them directly).
+    pub need_meta: Vec<P>,
 }
 
 /// Timings and sizes of the protocol.
@@ -134,6 +138,8 @@ pub struct MembershipConfig {
     pub max_entries_per_message: usize,
     /// Rounds during which changed metadata is forwarded by others. Default 8.
     pub meta_spread_rounds: u64,
+    /// Most peers asked for in one message's `need_meta`. Default 32.
+    pub max_meta_requests: usize,
 }
 
 impl Default for MembershipConfig {
@@ -147,6 +153,7 @@ impl Default for MembershipConfig {
             dead_retention: Duration::from_secs(60),
             max_entries_per_message: 128,
             meta_spread_rounds: 8,
+            max_meta_requests: 32,
         }
     }
 }
@@ -480,11 +487,50 @@ impl<P: PeerKey> Membership<P> {
                 meta: if fresh { m.meta.clone() } else { None },
             });
         }
+        let need_meta = if want_reply {
+            Vec::new()
+        } else {
+            self.members
+                .iter()
+                .filter(|(_, m)| m.meta.is_none() && m.status != Status::Dead)
+                .map(|(p, _)| p.clone())
+                .take(self.config.max_meta_requests)
+                .collect()
+        };
         GossipMessage {
             protocol_version: PROTOCOL_VERSION,
             entries,
             want_reply,
+            need_meta,
         }
+    }
+
+    /// The entries, with metadata, of the requested peers we have metadata for.
+    fn meta_reply(&self, wanted: &[P]) -> Option<GossipMessage<P>> {
+        let entries: Vec<Entry<P>> = wanted
+            .iter()
+            .take(self.config.max_meta_requests)
+            .filter_map(|peer| {
+                let m = self.members.get(peer)?;
+                Some(Entry {
+                    peer: peer.clone(),
+                    incarnation: m.incarnation,
+                    heartbeat: m.heartbeat,
+                    status: if m.status == Status::Dead {
+                        Status::Dead
+                    } else {
+                        Status::Alive
+                    },
+                    meta: Some(m.meta.clone()?),
+                })
+            })
+            .collect();
+        (!entries.is_empty()).then_some(GossipMessage {
+            protocol_version: PROTOCOL_VERSION,
+            entries,
+            want_reply: false,
+            need_meta: Vec::new(),
+        })
     }
 
     fn own_entry(&self) -> Entry<P> {
@@ -805,6 +851,7 @@ mod tests {
                 meta: Some(stranger),
             }],
             want_reply: true,
+            need_meta: vec![],
         };
         let first = a.handle_message(9, message.clone(), ms(0));
         assert_eq!(
