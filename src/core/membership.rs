@@ -573,6 +573,11 @@ impl<P: PeerKey> Membership<P> {
                 to: from,
                 message: reply,
             });
+        } else if let Some(reply) = self.meta_reply(&message.need_meta) {
+            actions.push(Action::Reply {
+                to: from,
+                message: reply,
+            });
         }
         actions
     }
@@ -834,6 +839,47 @@ mod tests {
                 .iter()
                 .any(|(_, n, e)| *n == 0 && *e == MembershipEvent::Joined { peer: 2 })
         );
+    }
+
+    #[test]
+    fn missing_metadata_is_pulled_from_whoever_has_it() {
+        let mut a = node(0);
+        let mut b = node(1);
+        // `a` hears of peer 7 without metadata; `b` has it.
+        let seven = Entry {
+            peer: 7,
+            incarnation: 1,
+            heartbeat: 1,
+            status: Status::Alive,
+            meta: None,
+        };
+        let with_meta = Entry {
+            meta: Some(meta(Role::Storage)),
+            ..seven.clone()
+        };
+        let hearsay = |entry| GossipMessage {
+            protocol_version: PROTOCOL_VERSION,
+            entries: vec![entry],
+            want_reply: false,
+            need_meta: vec![],
+        };
+        a.handle_message(2, hearsay(seven), ms(0));
+        b.handle_message(2, hearsay(with_meta), ms(0));
+        let sends = a.tick(ms(100));
+        let Some(Action::Send { message, .. }) =
+            sends.iter().find(|a| matches!(a, Action::Send { .. }))
+        else {
+            panic!("a gossips: {sends:?}")
+        };
+        assert_eq!(message.need_meta, vec![7]);
+        let replies = b.handle_message(0, message.clone(), ms(100));
+        let Some(Action::Reply { message: reply, .. }) =
+            replies.iter().find(|a| matches!(a, Action::Reply { .. }))
+        else {
+            panic!("b answers: {replies:?}")
+        };
+        a.handle_message(1, reply.clone(), ms(100));
+        assert!(a.members().iter().any(|m| m.peer == 7 && m.meta.is_some()));
     }
 
     #[test]
