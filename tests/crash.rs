@@ -104,6 +104,7 @@ fn sigkill_mid_stream_loses_no_acknowledged_record() {
     killed.store(true, Ordering::Relaxed);
     // Acks that were already in the pipe are acknowledged too.
     // A line cut short by the kill was never a complete acknowledgement.
+    line.clear();
     while out.read_line(&mut line).unwrap_or(0) > 0 && line.ends_with('\n') {
         acks.push(parse_ack(line.trim_end()));
         line.clear();
