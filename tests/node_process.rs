@@ -124,6 +124,33 @@ fn a_killed_node_is_suspected_then_declared_dead_and_rejoins_with_its_identity()
         pending.retain(|(a, b)| !says(&line, *a, "peer joined", &ids[*b]));
     }
 
+    // A light client lists all three as live storage members.
+    let peers = common::meshlog(dirs[0].path())
+        .args([
+            "peers",
+            "--no-mdns",
+            "--gossip-interval-ms",
+            "200",
+            "--bootstrap",
+            &first.address,
+        ])
+        .output()
+        .expect("run meshlog peers");
+    assert!(
+        peers.status.success(),
+        "{}",
+        String::from_utf8_lossy(&peers.stderr)
+    );
+    let listed = String::from_utf8_lossy(&peers.stdout);
+    for id in &ids {
+        assert!(
+            listed.lines().any(|l| l.starts_with(id.as_str())
+                && l.contains("alive")
+                && l.contains("storage")),
+            "{id} missing from:\n{listed}"
+        );
+    }
+
     // SIGKILL the third node.
     let mut third = third;
     third.child.kill().expect("SIGKILL");
@@ -186,5 +213,32 @@ fn a_killed_node_is_suspected_then_declared_dead_and_rejoins_with_its_identity()
             *seen |= says(&line, observer, "peer joined", &ids[2]);
         }
     }
-    drop((first, second, restarted));
+    // SIGTERM: a clean shutdown and a zero exit code.
+    let mut second = second;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &second.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let exit = wait_exit(&mut second.child, Duration::from_secs(10));
+    assert!(
+        exit.success(),
+        "SIGTERM must end the node cleanly, got {exit}"
+    );
+    drop((first, restarted));
+}
+
+/// Waits for a child to exit, up to `within`.
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the node") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
