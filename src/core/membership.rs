@@ -140,6 +140,18 @@ pub struct MembershipConfig {
     pub meta_spread_rounds: u64,
     /// Most peers asked for in one message's `need_meta`. Default 32.
     pub max_meta_requests: usize,
+    /// A deliberate bug, for proving that the simulation's checkers catch one.
+    #[cfg(feature = "fault-injection")]
+    pub injected_fault: Option<InjectedFault>,
+}
+
+/// Deliberate protocol bugs the simulation can switch on (feature
+/// `fault-injection` only; never in a normal build).
+#[cfg(feature = "fault-injection")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// Declare a member dead as soon as it is suspected, skipping the suspicion timeout.
+    SkipSuspicion,
 }
 
 impl Default for MembershipConfig {
@@ -154,6 +166,8 @@ impl Default for MembershipConfig {
             max_entries_per_message: 128,
             meta_spread_rounds: 8,
             max_meta_requests: 32,
+            #[cfg(feature = "fault-injection")]
+            injected_fault: None,
         }
     }
 }
@@ -398,6 +412,7 @@ impl<P: PeerKey> Membership<P> {
 
     fn detect_failures(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
         let mut forgotten = Vec::new();
+        let suspicion_timeout = self.suspicion_timeout();
         for (peer, m) in self.members.iter_mut() {
             let quiet = now.saturating_sub(m.since);
             match m.status {
@@ -408,7 +423,7 @@ impl<P: PeerKey> Membership<P> {
                         peer: peer.clone(),
                     }));
                 }
-                Status::Suspect if quiet >= self.config.suspicion_timeout => {
+                Status::Suspect if quiet >= suspicion_timeout => {
                     m.status = Status::Dead;
                     m.since = now;
                     // Keep knocking: after a partition heals, each side must
@@ -424,6 +439,15 @@ impl<P: PeerKey> Membership<P> {
             self.members.remove(&peer);
             self.seeds.remove(&peer);
         }
+    }
+
+    /// The suspicion timeout in force (zero under the injected fault).
+    fn suspicion_timeout(&self) -> Duration {
+        #[cfg(feature = "fault-injection")]
+        if self.config.injected_fault == Some(InjectedFault::SkipSuspicion) {
+            return Duration::ZERO;
+        }
+        self.config.suspicion_timeout
     }
 
     fn gossip_round(&mut self, actions: &mut Vec<Action<P>>) {

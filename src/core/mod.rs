@@ -9,6 +9,8 @@
 //!
 //! - [`membership`]: who is in the mesh and alive (gossip heartbeats with
 //!   SWIM-style suspicion and refutation).
+//! - [`placement`]: target replica sets by rendezvous hashing.
 
 pub mod membership;
+pub mod placement;
 pub mod rng;

@@ -1,0 +1,18 @@
+//! meshlog-sim: a deterministic simulation of meshlog's protocol core.
+//!
+//! It runs the very state machines the real node runs (`meshlog::core`) under
+//! a virtual clock, a simulated network (latency, loss, duplication,
+//! reordering, partitions including one-way cuts) and node faults (crash,
+//! restart, late joins, clock skew), all drawn from one `u64` seed. Checkers
+//! watch every event; a liveness phase heals all faults and demands
+//! convergence within a bound. A failing seed prints the one-line command
+//! that replays it exactly (same trace hash).
+//!
+//! What it covers grows with the core: today, membership (and placement in
+//! scale mode). Replication, ownership and producers join as they land.
+
+pub mod check;
+pub mod net;
+pub mod scale;
+pub mod scenario;
+pub mod world;

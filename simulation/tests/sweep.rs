@@ -1,0 +1,66 @@
+//! The simulation as part of the test suite: a bounded sweep, determinism,
+//! and proof that the checkers catch a deliberate bug.
+
+use meshlog::core::membership::InjectedFault;
+use meshlog_sim::scale;
+use meshlog_sim::scenario::{self, Options};
+
+#[test]
+fn a_bounded_sweep_of_seeds_passes() {
+    for seed in 0..100 {
+        let report = scenario::run(seed, &Options::default());
+        if let Some(v) = &report.violation {
+            panic!("seed {seed}: {v}\nreplay: cargo run -p meshlog-sim --release -- --seed {seed}");
+        }
+        assert!(report.convergence.is_some(), "seed {seed} did not converge");
+    }
+}
+
+#[test]
+fn the_same_seed_replays_the_same_trace() {
+    for seed in [3, 17, 99] {
+        let a = scenario::run(seed, &Options::default());
+        let b = scenario::run(seed, &Options::default());
+        assert_eq!(
+            (a.trace_hash.clone(), a.events),
+            (b.trace_hash, b.events),
+            "seed {seed}"
+        );
+    }
+    let a = scenario::run(1, &Options::default());
+    let b = scenario::run(2, &Options::default());
+    assert_ne!(a.trace_hash, b.trace_hash);
+}
+
+#[test]
+fn the_checkers_catch_an_injected_bug_within_a_few_seeds() {
+    let options = Options {
+        inject: Some(InjectedFault::SkipSuspicion),
+    };
+    let caught =
+        (0..10).find_map(|seed| scenario::run(seed, &options).violation.map(|v| (seed, v)));
+    let (seed, violation) =
+        caught.expect("a core that skips suspicion must be caught within 10 seeds");
+    assert!(
+        violation.invariant.contains("suspicion"),
+        "seed {seed}: {violation}"
+    );
+}
+
+#[test]
+fn placement_moves_the_least_possible() {
+    let figures = scale::placement(50, 2000);
+    assert_eq!(
+        figures.moved_on_death, figures.min_on_death,
+        "a death moves exactly the dead node's replicas"
+    );
+    // A join moves only what the new node takes: near its fair share.
+    assert!(
+        figures.moved_on_join <= figures.min_on_join * 2,
+        "{figures:?}"
+    );
+    assert!(
+        figures.max_replicas as f64 <= figures.mean_replicas * 2.0,
+        "{figures:?}"
+    );
+}
