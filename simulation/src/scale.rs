@@ -25,7 +25,8 @@ pub struct MembershipFigures {
     pub events_per_sec: f64,
 }
 
-/// All nodes start at once, each knowing one random other; runs until full
+/// All nodes start within one round, each knowing one random node numbered
+/// before it (so the bootstrap graph is connected); runs until full
 /// membership (or `limit`), then measures steady-state gossip for 10 s.
 pub fn membership(nodes: u32, seed: u64, limit: Duration) -> MembershipFigures {
     let mut rng = Rng::new(seed);
@@ -40,15 +41,13 @@ pub fn membership(nodes: u32, seed: u64, limit: Duration) -> MembershipFigures {
     let mut world = World::new(rng.next_u64(), SimNet::new(net), config);
     for node in 0..nodes {
         world.add_node(node, 0);
-        let seed_peer = (node + 1 + rng.below(nodes as usize - 1) as u32) % nodes;
+        let seeds = if node == 0 {
+            vec![]
+        } else {
+            vec![rng.below(node as usize) as u32]
+        };
         let at = Duration::from_millis(rng.below(interval.as_millis() as usize) as u64);
-        world.schedule(
-            at,
-            Event::Fault(Fault::Start {
-                node,
-                seeds: vec![seed_peer],
-            }),
-        );
+        world.schedule(at, Event::Fault(Fault::Start { node, seeds }));
     }
     let wall = Instant::now();
     let mut converged_after = None;
@@ -56,6 +55,12 @@ pub fn membership(nodes: u32, seed: u64, limit: Duration) -> MembershipFigures {
     while t <= limit {
         t += interval;
         world.run_until(t);
+        if std::env::var_os("MESHLOG_SIM_PROGRESS").is_some() && (t.as_millis() % 10_000) == 0 {
+            eprintln!(
+                "{t:?}: (fewest known, fewest alive with meta, suspect pairs, dead pairs) = {:?}",
+                world.view_summary()
+            );
+        }
         if world.converged() {
             converged_after = Some(t);
             break;

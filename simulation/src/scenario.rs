@@ -113,7 +113,7 @@ fn pick_seeds(rng: &mut Rng, node: u32, nodes: u32) -> Vec<u32> {
     rng.choose(&mut others, 2).to_vec()
 }
 
-/// Node 0 starts at once, the others within the first 10 s, each knowing two peers.
+/// Node 0 starts at once, the others within the first 10 s, each knowing up to two earlier nodes.
 fn schedule_joins(world: &mut World, rng: &mut Rng, nodes: u32) {
     for node in 0..nodes {
         let at = if node == 0 {
@@ -121,7 +121,9 @@ fn schedule_joins(world: &mut World, rng: &mut Rng, nodes: u32) {
         } else {
             Duration::from_millis(rng.below(10_000) as u64)
         };
-        let seeds = pick_seeds(rng, node, nodes);
+        // Bootstrap peers numbered below the node keep the bootstrap graph connected.
+        let mut earlier: Vec<u32> = (0..node).collect();
+        let seeds = rng.choose(&mut earlier, 2).to_vec();
         world.schedule(at, Event::Fault(Fault::Start { node, seeds }));
     }
 }

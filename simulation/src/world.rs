@@ -293,17 +293,38 @@ impl World {
             .filter_map(|(id, n)| Some((*id, n.membership.as_ref()?)))
             .all(|(id, m)| {
                 let members = m.members();
-                let sees_running = running.iter().filter(|p| **p != id).all(|p| {
-                    members
-                        .iter()
-                        .any(|v| v.peer == *p && v.status == Status::Alive && v.meta.is_some())
-                });
+                let seen_alive: BTreeSet<u32> = members
+                    .iter()
+                    .filter(|v| v.status == Status::Alive && v.meta.is_some())
+                    .map(|v| v.peer)
+                    .collect();
+                let sees_running = running.iter().all(|p| *p == id || seen_alive.contains(p));
                 let stopped_not_live = members
                     .iter()
-                    .filter(|v| !running.contains(&v.peer))
-                    .all(|v| v.status == Status::Dead);
-                sees_running && stopped_not_live && members.iter().all(|v| v.peer != id)
+                    .all(|v| running.contains(&v.peer) || v.status == Status::Dead);
+                sees_running && stopped_not_live && !members.iter().any(|v| v.peer == id)
             })
+    }
+
+    /// Across running nodes: the fewest members known, the fewest seen Alive
+    /// with metadata, and the (observer, peer) pairs currently Suspect and Dead.
+    pub fn view_summary(&self) -> (usize, usize, usize, usize) {
+        let mut summary = (usize::MAX, usize::MAX, 0, 0);
+        for m in self.nodes.values().filter_map(|n| n.membership.as_ref()) {
+            let members = m.members();
+            let alive = members
+                .iter()
+                .filter(|v| v.status == Status::Alive && v.meta.is_some())
+                .count();
+            summary.0 = summary.0.min(members.len());
+            summary.1 = summary.1.min(alive);
+            summary.2 += members
+                .iter()
+                .filter(|v| v.status == Status::Suspect)
+                .count();
+            summary.3 += members.iter().filter(|v| v.status == Status::Dead).count();
+        }
+        summary
     }
 
     /// Records `violation` unless one is already recorded.
@@ -311,14 +332,5 @@ impl World {
         if self.violation.is_none() {
             self.violation = Some(violation);
         }
-    }
-
-    /// Members seen per running node (for scale figures).
-    pub fn member_counts(&self) -> Vec<usize> {
-        self.nodes
-            .values()
-            .filter_map(|n| n.membership.as_ref())
-            .map(|m| m.members().len())
-            .collect()
     }
 }

@@ -5,7 +5,8 @@
 //! meta)`. Each gossip interval a member
 //! 1. increments its own heartbeat;
 //! 2. checks every other member: one whose heartbeat has not advanced for
-//!    `suspect_after` becomes **Suspect**; one that stays Suspect for
+//!    `suspect_after` (stretched in large meshes, see
+//!    [`MembershipConfig::suspect_after_for`]) becomes **Suspect**; one that stays Suspect for
 //!    `suspicion_timeout` becomes **Dead**; a Dead entry is forgotten after
 //!    `dead_retention` (long enough that stale gossip cannot resurrect it);
 //! 3. sends its view to `fanout` random live members, and to a few *seeds*
@@ -215,6 +216,21 @@ impl MembershipConfig {
     pub fn failure_detection_time(&self) -> Duration {
         self.suspect_after + self.suspicion_timeout + self.gossip_interval
     }
+
+    /// The heartbeat silence that makes a member Suspect in a mesh of
+    /// `members` peers: `suspect_after`, or more when the mesh is so large that
+    /// a heartbeat needs longer to spread. A heartbeat reaches everyone in
+    /// about `log(members) / log(1 + fanout × share)` rounds, where `share` is
+    /// the part of the view one message carries; allowing twice that plus two
+    /// rounds keeps false suspicions rare (as memberlist scales its timeouts
+    /// with log N).
+    pub fn suspect_after_for(&self, members: usize) -> Duration {
+        let n = members.max(2) as f64;
+        let share = (self.max_entries_per_message as f64 / n).min(1.0);
+        let spread = 1.0 + self.fanout as f64 * share;
+        let rounds = 2.0 * (n.ln() / spread.ln()).ceil() + 2.0;
+        self.suspect_after.max(self.gossip_interval.mul_f64(rounds))
+    }
 }
 
 /// What the membership tells its driver about.
@@ -413,10 +429,11 @@ impl<P: PeerKey> Membership<P> {
     fn detect_failures(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
         let mut forgotten = Vec::new();
         let suspicion_timeout = self.suspicion_timeout();
+        let suspect_after = self.config.suspect_after_for(self.members.len() + 1);
         for (peer, m) in self.members.iter_mut() {
             let quiet = now.saturating_sub(m.since);
             match m.status {
-                Status::Alive if quiet >= self.config.suspect_after => {
+                Status::Alive if quiet >= suspect_after => {
                     m.status = Status::Suspect;
                     m.since = now;
                     actions.push(Action::Event(MembershipEvent::Suspected {
