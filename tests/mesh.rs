@@ -218,8 +218,9 @@ async fn fifty_nodes_converge_to_full_membership() {
         messages as f64 / NODES as f64 / secs
     );
     assert!(per_node > 0.0, "steady-state gossip must flow");
-    // Still everyone sees everyone.
-    wait_for_full_membership(&meshes, Duration::from_secs(5)).await;
+    // Still everyone sees everyone (a suspicion under a loaded CI machine
+    // must clear by itself: the deadline leaves room for it).
+    wait_for_full_membership(&meshes, Duration::from_secs(60)).await;
     for mesh in &meshes {
         mesh.shutdown().await;
     }
