@@ -261,10 +261,10 @@ pub struct ConsumerConfig {
     pub group_id: Option<String>,
     /// Where to start without a committed offset. Default `Latest`, as in Kafka.
     pub auto_offset_reset: OffsetReset,
-    /// Commit what the application has been given, every `auto_commit_interval`,
-    /// during `poll` and on `close` (`enable.auto.commit`). Default `true`.
-    /// Unlike Kafka's Java client, which commits the previous poll's offsets,
-    /// meshlog commits the positions after the records `poll` has returned.
+    /// Commit, every `auto_commit_interval` at the start of `poll` and on
+    /// `close`, the positions after the records earlier polls returned
+    /// (`enable.auto.commit`), as Kafka's client does: a batch is committed
+    /// only once the application came back for more. Default `true`.
     pub enable_auto_commit: bool,
     /// Default 5 s (`auto.commit.interval.ms`).
     pub auto_commit_interval: Duration,

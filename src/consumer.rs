@@ -87,31 +87,40 @@ impl Consumer {
 
     /// Returns the records available now, or waits up to `timeout` for some.
     /// An empty result means none arrived in time.
+    ///
+    /// With auto-commit, a poll first commits the positions after the records
+    /// earlier polls returned (as Kafka does), so a crash while handling a
+    /// batch re-delivers it. If the poll fails, no position moves past a
+    /// record it did not return.
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
+        self.maybe_auto_commit().await?;
         let deadline = Instant::now() + timeout;
         loop {
             // Mark the counter seen before reading, so an append that lands
             // during the read still wakes the wait below.
             self.appends.borrow_and_update();
-            let records = self.fetch_available()?;
-            if !records.is_empty() || Instant::now() >= deadline {
-                self.maybe_auto_commit().await?;
+            let (records, advanced) = self.fetch_available()?;
+            if !records.is_empty() {
+                self.positions.extend(advanced);
                 return Ok(records);
+            }
+            if Instant::now() >= deadline {
+                return Ok(Vec::new());
             }
             match tokio::time::timeout_at(deadline, self.appends.changed()).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(_)) => return Err(Error::Closed),
-                Err(_elapsed) => {
-                    self.maybe_auto_commit().await?;
-                    return Ok(Vec::new());
-                }
+                Err(_elapsed) => return Ok(Vec::new()),
             }
         }
     }
 
     /// Reads from each assigned partition in turn, up to `max_poll_records`.
-    fn fetch_available(&mut self) -> Result<Vec<ConsumerRecord>> {
+    /// Returns the records and the positions after them, which the caller
+    /// applies only once the whole poll has succeeded.
+    fn fetch_available(&mut self) -> Result<(Vec<ConsumerRecord>, Vec<(TopicPartition, u64)>)> {
         let mut out = Vec::new();
+        let mut advanced = Vec::new();
         let n = self.assignment.len();
         for i in 0..n {
             if out.len() >= self.config.max_poll_records {
@@ -121,14 +130,14 @@ impl Consumer {
             let mut records = self.fetch_partition(&tp)?;
             records.truncate(self.config.max_poll_records - out.len());
             if let Some(last) = records.last() {
-                self.positions.insert(tp, last.offset + 1);
+                advanced.push((tp, last.offset + 1));
             }
             out.append(&mut records);
         }
         if n > 0 {
             self.next_partition = (self.next_partition + 1) % n;
         }
-        Ok(out)
+        Ok((out, advanced))
     }
 
     fn fetch_partition(&mut self, tp: &TopicPartition) -> Result<Vec<ConsumerRecord>> {

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::node::{Node, WritePermit, WriteReply, await_reply, now_ms};
 use crate::record::{Header, Record, RecordMetadata};
 use crate::store::{AppendRequest, WriteOp, WriteOutcome};
-use crate::wire::{self, PreparedRecords, ProducerBatch};
+use crate::wire::{PreparedRecords, ProducerBatch};
 
 /// The partition a key maps to among `partitions`: the first 8 bytes of the
 /// key's blake3 hash, modulo the partition count. Stable across versions and
@@ -104,6 +104,11 @@ struct Session {
     partition_counts: HashMap<String, u32>,
     /// Where the next keyless record goes.
     round_robin: u32,
+    /// Idempotent batches queued per (topic, partition) and not yet answered.
+    in_flight: HashMap<(String, u32), u32>,
+    /// Partitions where a batch failed: their chain state is re-read from the
+    /// log once nothing is in flight there any more.
+    stale: std::collections::HashSet<(String, u32)>,
 }
 
 impl Producer {
@@ -116,6 +121,8 @@ impl Producer {
                 chains: HashMap::new(),
                 partition_counts: HashMap::new(),
                 round_robin: 0,
+                in_flight: HashMap::new(),
+                stale: Default::default(),
             })),
         }
     }
@@ -176,7 +183,9 @@ impl Producer {
         let mut out: Vec<Option<RecordMetadata>> = vec![None; total];
         let mut first_error = None;
         for (partition, indexes, answer) in pending {
-            match await_reply(answer).await {
+            let reply = await_reply(answer).await;
+            self.settle(topic, partition, reply.as_ref().err());
+            match reply {
                 Ok(WriteOutcome::Appended(outcome)) => {
                     for (i, (index, id)) in indexes.into_iter().zip(outcome.ids).enumerate() {
                         out[index] = Some(RecordMetadata {
@@ -188,10 +197,7 @@ impl Producer {
                     }
                 }
                 Ok(_) => first_error = first_error.or(Some(Error::Closed)),
-                Err(e) => {
-                    self.forget(topic, partition, &e);
-                    first_error = first_error.or(Some(e));
-                }
+                Err(e) => first_error = first_error.or(Some(e)),
             }
         }
         if let Some(e) = first_error {
@@ -264,11 +270,8 @@ impl Producer {
             base_seq,
             prev,
         };
-        let mut after = batch.clone();
-        for chunk in records.chunks() {
-            after.prev = wire::producer_head(&after, chunk.digests());
-            after.base_seq += chunk.len() as u64;
-        }
+        let after = records.producer_after(&batch);
+        *session.in_flight.entry(key.clone()).or_default() += 1;
         session.chains.insert(key, (after.base_seq, after.prev));
         let request = AppendRequest {
             topic: topic.to_string(),
@@ -296,15 +299,36 @@ impl Producer {
         ))
     }
 
-    /// After a failed append the sequence state may be ahead of the log: drop
-    /// it so the next send re-reads where the log stands.
-    fn forget(&self, topic: &str, partition: u32, error: &Error) {
-        tracing::debug!(topic, partition, %error, "send failed; producer re-reads its chain state");
-        if let Ok(mut session) = self.lock() {
-            session.chains.remove(&(topic.to_string(), partition));
-            if matches!(error, Error::TopicNotFound(_)) {
+    /// A batch to `partition` was answered. After a failure the sequence state
+    /// may be ahead of the log; once no batch is in flight there any more
+    /// (later ones fail too, with a gap), it is dropped so that the next send
+    /// re-reads where the log stands. Re-reading earlier could miss batches
+    /// still queued.
+    fn settle(&self, topic: &str, partition: u32, error: Option<&Error>) {
+        let Ok(mut session) = self.lock() else { return };
+        let key = (topic.to_string(), partition);
+        if let Some(error) = error {
+            tracing::debug!(topic, partition, %error, "send failed; producer will re-read its chain state");
+            session.stale.insert(key.clone());
+            if matches!(
+                error,
+                Error::TopicNotFound(_)
+                    | Error::Store(crate::error::StoreError::PartitionNotFound { .. })
+            ) {
                 session.partition_counts.remove(topic);
             }
+        }
+        let left = session
+            .in_flight
+            .get(&key)
+            .map_or(0, |n| n.saturating_sub(1));
+        if left == 0 {
+            session.in_flight.remove(&key);
+            if session.stale.remove(&key) {
+                session.chains.remove(&key);
+            }
+        } else {
+            session.in_flight.insert(key, left);
         }
     }
 

@@ -210,6 +210,17 @@ impl PreparedRecords {
     pub fn chunks(&self) -> &[PreparedChunk] {
         &self.chunks
     }
+
+    /// Where a producer's chain stands after these records, if they are sent
+    /// as `first`: the next sequence and the producer-chain head.
+    pub fn producer_after(&self, first: &ProducerBatch) -> ProducerBatch {
+        let mut after = first.clone();
+        for chunk in &self.chunks {
+            after.prev = producer_head(&after, chunk.digests());
+            after.base_seq += chunk.len() as u64;
+        }
+        after
+    }
 }
 
 impl fmt::Debug for PreparedRecords {
@@ -325,6 +336,17 @@ pub fn decode_batch(bytes: &[u8]) -> Result<StoredBatch, WireError> {
             batch.records.len()
         )));
     }
+    // Offsets and sequences past the batch must exist, so arithmetic on them
+    // cannot overflow further on.
+    let len = batch.records.len() as u64;
+    let seq_overflows = batch
+        .header
+        .producer
+        .as_ref()
+        .is_some_and(|p| p.base_seq.checked_add(len).is_none());
+    if batch.header.base_offset.checked_add(len).is_none() || seq_overflows {
+        return Err(WireError::Malformed("offsets or sequences overflow".into()));
+    }
     Ok(batch)
 }
 
@@ -399,6 +421,16 @@ mod tests {
             1,
             "one record larger than a chunk stays whole"
         );
+    }
+
+    #[test]
+    fn overflowing_offsets_are_malformed() {
+        let mut batch = sample_batch();
+        batch.header.base_offset = u64::MAX;
+        assert!(matches!(
+            decode_batch(&encode(&batch).unwrap()),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[test]

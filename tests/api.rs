@@ -284,3 +284,48 @@ async fn oversized_records_and_closed_nodes_give_typed_errors() {
     ));
     assert!(matches!(node.list_topics().await, Err(Error::Closed)));
 }
+
+#[tokio::test]
+async fn auto_commit_commits_what_earlier_polls_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(&dir).await;
+    node.create_topic("t", TopicConfig::default())
+        .await
+        .unwrap();
+    let producer = node.producer(ProducerConfig::default());
+    for i in 0..3 {
+        producer
+            .send("t", None, format!("{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let mut config = earliest("auto");
+    config.auto_commit_interval = Duration::from_nanos(1);
+    config.max_poll_records = 2;
+    let mut consumer = node.consumer(config).unwrap();
+    consumer.subscribe(&["t"]).unwrap();
+    assert_eq!(
+        consumer.poll(Duration::from_secs(5)).await.unwrap().len(),
+        2
+    );
+    // Nothing was handed out before this poll, so nothing is committed yet:
+    // a crash now would re-deliver offsets 0 and 1.
+    assert_eq!(consumer.committed("t", 0).unwrap(), None);
+    assert_eq!(
+        consumer.poll(Duration::from_secs(5)).await.unwrap().len(),
+        1
+    );
+    assert_eq!(consumer.committed("t", 0).unwrap(), Some(2));
+    consumer.close().await.unwrap();
+    let mut again = node.consumer(earliest("auto")).unwrap();
+    again.subscribe(&["t"]).unwrap();
+    assert!(
+        again
+            .poll(Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty(),
+        "close committed the last batch"
+    );
+    node.shutdown().await;
+}

@@ -238,7 +238,7 @@ fn retention_by_bytes_drops_only_whole_old_segments() {
 }
 
 #[test]
-fn retention_by_time_drops_expired_segments_and_keeps_the_active_one() {
+fn retention_by_time_drops_expired_segments_even_the_active_one_when_quiet() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let config = TopicConfig {
@@ -275,7 +275,9 @@ fn retention_by_time_drops_expired_segments_and_keeps_the_active_one() {
     let state = store.partition_state("t", 0).unwrap();
     assert_eq!((state.log_start_offset, state.high_watermark), (10, 15));
 
-    // Much later, the only segment left is the active one: it stays.
+    // Much later even the active segment has expired: the partition empties,
+    // and its chain goes on from the same head.
+    let head = store.partition_state("t", 0).unwrap().head;
     let results = store
         .write(vec![WriteOp::EnforceRetention {
             now_ms: now + 365 * DAY_MS,
@@ -284,10 +286,28 @@ fn retention_by_time_drops_expired_segments_and_keeps_the_active_one() {
     assert!(matches!(
         results[0],
         Ok(WriteOutcome::RetentionApplied {
-            segments_dropped: 0
+            segments_dropped: 1
         })
     ));
-    assert_eq!(store.read("t", 0, 10, usize::MAX).unwrap().records.len(), 5);
+    let state = store.partition_state("t", 0).unwrap();
+    assert_eq!(
+        (state.log_start_offset, state.high_watermark, state.bytes),
+        (15, 15, 0)
+    );
+    assert!(
+        store
+            .read("t", 0, 15, usize::MAX)
+            .unwrap()
+            .records
+            .is_empty()
+    );
+    store
+        .append(plain("t", 0, records(2, now, "after")))
+        .unwrap();
+    let read = store.read("t", 0, 15, usize::MAX).unwrap().records;
+    assert_eq!(read.len(), 2);
+    assert_eq!(store.verify_partition("t", 0).unwrap().records, 2);
+    assert_ne!(read[1].id, head);
 }
 
 #[test]
@@ -529,4 +549,66 @@ fn a_large_append_is_stored_in_chunks_and_retried_whole() {
         (appended.ids, appended.producer_head)
     );
     assert_eq!(store.partition_state("t", 0).unwrap().high_watermark, 300);
+}
+
+#[test]
+fn a_retry_with_other_records_is_refused_not_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store.create_topic("t", TopicConfig::default(), 0).unwrap();
+    let p = ProducerId(5);
+    let genesis = chain::producer_genesis(p, "t", 0);
+    store
+        .append(idempotent("t", p, 0, genesis, records(2, 1, "real")))
+        .unwrap();
+    // Same producer, sequence and count, other content: not a retry.
+    let forged = store
+        .append(idempotent("t", p, 0, genesis, records(2, 1, "other")))
+        .unwrap_err();
+    assert!(
+        matches!(forged, StoreError::ProducerChainMismatch { seq: 0, .. }),
+        "{forged}"
+    );
+    assert_eq!(store.partition_state("t", 0).unwrap().high_watermark, 2);
+}
+
+#[test]
+fn a_retry_of_a_batch_retention_dropped_is_stale_and_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let config = TopicConfig::default()
+        .with_segment_bytes(1024)
+        .with_retention(Retention {
+            time: None,
+            bytes: Some(1),
+        });
+    store.create_topic("t", config, 0).unwrap();
+    let p = ProducerId(6);
+    let genesis = chain::producer_genesis(p, "t", 0);
+    let first = records(20, 1, "first");
+    let head = producer_head(genesis, p, 0, &first);
+    store
+        .append(idempotent("t", p, 0, genesis, first.clone()))
+        .unwrap();
+    store
+        .append(idempotent("t", p, 20, head, records(20, 1, "second")))
+        .unwrap();
+    store
+        .write(vec![WriteOp::EnforceRetention { now_ms: 0 }])
+        .unwrap();
+    assert_eq!(store.partition_state("t", 0).unwrap().log_start_offset, 20);
+    let results = store
+        .write(vec![
+            WriteOp::Append(idempotent("t", p, 0, genesis, first)),
+            WriteOp::CommitOffsets {
+                group: "g".into(),
+                offsets: vec![("t".into(), 0, 20)],
+            },
+        ])
+        .unwrap();
+    assert!(
+        matches!(results[0], Err(StoreError::StaleSequence { seq: 0, .. })),
+        "{results:?}"
+    );
+    assert!(matches!(results[1], Ok(WriteOutcome::OffsetsCommitted)));
 }

@@ -633,14 +633,25 @@ impl<P: PeerKey> Membership<P> {
     /// Sending to `peer` failed: a seed that cannot be reached is dropped (it
     /// is re-added if found again). Members are judged by their heartbeats only.
     pub fn unreachable(&mut self, peer: &P) {
-        self.seeds.remove(peer);
+        // A member held dead stays a seed: after a partition heals it must
+        // still hear that it was declared dead, to re-join.
+        if self
+            .members
+            .get(peer)
+            .is_none_or(|m| m.status != Status::Dead)
+        {
+            self.seeds.remove(peer);
+        }
     }
 
     fn merge(&mut self, entry: Entry<P>, now: Duration, actions: &mut Vec<Action<P>>) {
         if entry.peer == self.me {
             // Someone believes we are dead at our current incarnation: re-join above it.
             if entry.status != Status::Alive && entry.incarnation >= self.incarnation {
-                self.incarnation = entry.incarnation + 1;
+                // An absurd incarnation from a lying peer cannot wrap ours around.
+                if let Some(next) = entry.incarnation.checked_add(1) {
+                    self.incarnation = next;
+                }
             }
             return;
         }
@@ -699,7 +710,9 @@ impl<P: PeerKey> Membership<P> {
         {
             return;
         }
+        // Metadata older than what we hold (a relay's stale copy) is ignored.
         if let Some(meta) = entry.meta
+            && entry.heartbeat >= m.heartbeat
             && m.meta.as_ref() != Some(&meta)
         {
             m.meta = Some(meta);
@@ -921,6 +934,23 @@ mod tests {
         };
         a.handle_message(1, reply.clone(), ms(100));
         assert!(a.members().iter().any(|m| m.peer == 7 && m.meta.is_some()));
+    }
+
+    #[test]
+    fn a_dead_member_stays_a_seed_when_unreachable() {
+        let mut nodes = chain_of(2);
+        run(&mut nodes, 0, 1000, &BTreeSet::new());
+        run(&mut nodes, 1100, 3000, &[1].into());
+        assert_eq!(nodes[&0].status(&1), Some(Status::Dead));
+        let a = nodes.get_mut(&0).unwrap();
+        a.unreachable(&1);
+        let sends = a.tick(ms(3100));
+        assert!(
+            sends
+                .iter()
+                .any(|x| matches!(x, Action::Send { to: 1, message } if message.want_reply)),
+            "node 0 must keep knocking on the dead node: {sends:?}"
+        );
     }
 
     #[test]

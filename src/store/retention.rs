@@ -2,8 +2,9 @@
 //! older than `retention.time` or not needed to keep `retention.bytes`.
 //!
 //! As in Kafka, segments go oldest first and the scan stops at the first one
-//! that must stay; the active (newest) segment is never dropped. A segment's age
-//! is that of its newest record.
+//! that must stay. The active (newest) segment is dropped only when all of it
+//! has expired, so a quiet partition frees its space too; size alone never
+//! drops it. A segment's age is that of its newest record.
 
 use redb::ReadableTable;
 
@@ -47,9 +48,10 @@ impl Store {
         {
             segments.push(self.decode_value("segment", row?.1.value())?);
         }
-        let Some((_active, closed)) = segments.split_last() else {
+        if segments.is_empty() {
             return Ok(0);
-        };
+        }
+        let active = segments.len() - 1;
         let Some(state_bytes) = t
             .partitions
             .get((tid, partition))?
@@ -63,12 +65,15 @@ impl Store {
             .time
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let mut dropped = 0;
-        for segment in closed {
+        for (index, segment) in segments.iter().enumerate() {
             let expired =
                 ttl_ms.is_some_and(|ttl| now_ms.saturating_sub(segment.max_timestamp) > ttl);
-            let surplus = retention
-                .bytes
-                .is_some_and(|limit| state.bytes.saturating_sub(segment.bytes) >= limit);
+            // The active segment goes only when all of it has expired (a quiet
+            // partition); size alone never drops it.
+            let surplus = index < active
+                && retention
+                    .bytes
+                    .is_some_and(|limit| state.bytes.saturating_sub(segment.bytes) >= limit);
             if !(expired || surplus) {
                 break;
             }
@@ -78,7 +83,12 @@ impl Store {
             dropped += 1;
         }
         if dropped > 0 {
-            state.start_prev_id = self.prev_id_at(t, tid, partition, state.log_start_offset)?;
+            state.start_prev_id = if state.log_start_offset == state.log_end_offset {
+                // Everything expired: the chain goes on from the head.
+                state.head
+            } else {
+                self.prev_id_at(t, tid, partition, state.log_start_offset)?
+            };
             t.partitions
                 .insert((tid, partition), self.encode_value(&state)?.as_slice())?;
         }

@@ -357,7 +357,7 @@ impl Store {
         let key = (topic.id, req.partition);
         if let Some(pb) = &req.producer
             && let Some(retry) =
-                self.check_producer(t, cache, &topic.name, key, pb, req.records.len())?
+                self.check_producer(t, cache, &topic.name, key, pb, &req.records)?
         {
             return Ok(retry);
         }
@@ -421,6 +421,8 @@ impl Store {
     /// Checks an idempotent batch against the producer's state: `Ok(Some(_))` is
     /// a retry already stored (with its original offsets), `Ok(None)` the next
     /// batch in sequence; gaps, chain mismatches and too-old retries are errors.
+    /// A "retry" whose records differ from the stored ones (its producer-chain
+    /// head differs) is a `ProducerChainMismatch`, never a duplicate.
     fn check_producer(
         &self,
         t: &mut Tables<'_>,
@@ -428,8 +430,9 @@ impl Store {
         topic: &str,
         key: (u32, u32),
         pb: &ProducerBatch,
-        count: usize,
+        records: &PreparedRecords,
     ) -> Result<Option<AppendOutcome>, StoreError> {
+        let count = records.len();
         let state = self.cached_producer(t, cache, key, pb.producer)?;
         let (next_seq, head) = match &state {
             Some(s) => (s.next_seq, s.head),
@@ -457,13 +460,23 @@ impl Store {
                 .find(|b| b.base_seq == pb.base_seq && b.count as usize == count)
                 .copied()
         });
-        let Some(original) = remembered else {
-            return Err(StoreError::StaleSequence {
+        let stale = StoreError::StaleSequence {
+            producer: pb.producer,
+            seq: pb.base_seq,
+        };
+        let log_start = self.cached_partition(t, cache, key)?.log_start_offset;
+        let Some(original) = remembered.filter(|o| o.base_offset >= log_start) else {
+            // Never stored, or retention has dropped it since.
+            return Err(stale);
+        };
+        let stored = self.stored_outcome(t, key, original)?;
+        if stored.producer_head != Some(records.producer_after(pb).prev) {
+            return Err(StoreError::ProducerChainMismatch {
                 producer: pb.producer,
                 seq: pb.base_seq,
             });
-        };
-        self.stored_outcome(t, key, original).map(Some)
+        }
+        Ok(Some(stored))
     }
 
     /// The outcome of an append already stored: its IDs and producer head, read
