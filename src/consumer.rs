@@ -23,6 +23,9 @@ use crate::store::{WriteOp, WriteOutcome};
 /// A topic and partition.
 pub type TopicPartition = (String, u32);
 
+/// New positions per partition, applied once a poll succeeds.
+type Positions = Vec<(TopicPartition, u64)>;
+
 /// Reads records. Not shared between tasks: methods take `&mut self`.
 pub struct Consumer {
     node: Node,
@@ -118,7 +121,7 @@ impl Consumer {
     /// Reads from each assigned partition in turn, up to `max_poll_records`.
     /// Returns the records and the positions after them, which the caller
     /// applies only once the whole poll has succeeded.
-    fn fetch_available(&mut self) -> Result<(Vec<ConsumerRecord>, Vec<(TopicPartition, u64)>)> {
+    fn fetch_available(&mut self) -> Result<(Vec<ConsumerRecord>, Positions)> {
         let mut out = Vec::new();
         let mut advanced = Vec::new();
         let n = self.assignment.len();
