@@ -44,6 +44,9 @@ use serde::{Deserialize, Serialize};
 
 use super::rng::Rng;
 
+/// Failed sends after which a seed (a peer found but not yet a member) is dropped.
+pub const MAX_SEED_FAILURES: u32 = 20;
+
 /// The membership protocol version this build speaks; peers must speak the same.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -326,6 +329,9 @@ pub struct Membership<P> {
     members: BTreeMap<P, Member>,
     /// Peers heard of that are not members yet.
     seeds: BTreeSet<P>,
+    /// Failed sends per seed since it was last found; a seed is dropped after
+    /// `MAX_SEED_FAILURES` of them (it is re-added when found again).
+    seed_failures: BTreeMap<P, u32>,
     /// Peers refused for their protocol version (reported once).
     refused: BTreeSet<P>,
     rng: Rng,
@@ -351,6 +357,7 @@ impl<P: PeerKey> Membership<P> {
             round: 0,
             members: BTreeMap::new(),
             seeds: BTreeSet::new(),
+            seed_failures: BTreeMap::new(),
             refused: BTreeSet::new(),
             rng: Rng::new(seed),
         }
@@ -412,6 +419,8 @@ impl<P: PeerKey> Membership<P> {
             .get(&peer)
             .is_some_and(|m| m.status != Status::Dead);
         if peer != self.me && !live && !self.refused.contains(&peer) {
+            // Found again: its failures start over.
+            self.seed_failures.remove(&peer);
             self.seeds.insert(peer);
         }
     }
@@ -454,7 +463,7 @@ impl<P: PeerKey> Membership<P> {
         }
         for peer in forgotten {
             self.members.remove(&peer);
-            self.seeds.remove(&peer);
+            self.forget_seed(&peer);
         }
     }
 
@@ -606,7 +615,7 @@ impl<P: PeerKey> Membership<P> {
             .get(&from)
             .is_none_or(|m| m.status != Status::Dead)
         {
-            self.seeds.remove(&from);
+            self.forget_seed(&from);
         }
         if message.want_reply {
             let reply = self.message(true, false);
@@ -624,23 +633,31 @@ impl<P: PeerKey> Membership<P> {
     }
 
     fn refuse(&mut self, peer: P, version: u32, actions: &mut Vec<Action<P>>) {
-        self.seeds.remove(&peer);
+        self.forget_seed(&peer);
         if self.members.remove(&peer).is_some() || self.refused.insert(peer.clone()) {
             actions.push(Action::Event(MembershipEvent::Refused { peer, version }));
         }
     }
 
-    /// Sending to `peer` failed: a seed that cannot be reached is dropped (it
-    /// is re-added if found again). Members are judged by their heartbeats only.
+    fn forget_seed(&mut self, peer: &P) {
+        self.seeds.remove(peer);
+        self.seed_failures.remove(peer);
+    }
+
+    /// Sending to `peer` failed. A seed that keeps failing is dropped after
+    /// [`MAX_SEED_FAILURES`] attempts (it is re-added when found again); one
+    /// failure is not enough, since two nodes that dial each other at once can
+    /// both fail the handshake, and mDNS reports a peer only once. A member
+    /// held dead stays a seed: after a partition heals it must still hear that
+    /// it was declared dead, to re-join. Members are judged by heartbeats only.
     pub fn unreachable(&mut self, peer: &P) {
-        // A member held dead stays a seed: after a partition heals it must
-        // still hear that it was declared dead, to re-join.
-        if self
-            .members
-            .get(peer)
-            .is_none_or(|m| m.status != Status::Dead)
-        {
-            self.seeds.remove(peer);
+        if self.members.get(peer).is_some_and(|m| m.status == Status::Dead) {
+            return;
+        }
+        let failures = self.seed_failures.entry(peer.clone()).or_default();
+        *failures += 1;
+        if *failures >= MAX_SEED_FAILURES {
+            self.forget_seed(peer);
         }
     }
 
@@ -667,7 +684,7 @@ impl<P: PeerKey> Membership<P> {
         let fresh_until = self.round + self.config.meta_spread_rounds;
         let Some(m) = self.members.get_mut(&entry.peer) else {
             if entry.status != Status::Dead {
-                self.seeds.remove(&entry.peer);
+                self.forget_seed(&entry.peer);
                 let peer = entry.peer.clone();
                 self.members.insert(
                     entry.peer,
@@ -951,6 +968,23 @@ mod tests {
                 .any(|x| matches!(x, Action::Send { to: 1, message } if message.want_reply)),
             "node 0 must keep knocking on the dead node: {sends:?}"
         );
+    }
+
+    #[test]
+    fn a_seed_survives_a_few_failed_sends() {
+        let mut a = node(0);
+        a.add_seed(5);
+        for _ in 0..MAX_SEED_FAILURES - 1 {
+            a.unreachable(&5);
+        }
+        let knocks = |a: &mut Membership<u32>, t| {
+            a.tick(ms(t)).iter().any(|x| matches!(x, Action::Send { to: 5, .. }))
+        };
+        assert!(knocks(&mut a, 100), "a seed is retried after failed sends");
+        a.unreachable(&5);
+        assert!(!knocks(&mut a, 200), "a seed that keeps failing is dropped");
+        a.add_seed(5);
+        assert!(knocks(&mut a, 300), "found again, it is retried");
     }
 
     #[test]
