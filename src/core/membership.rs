@@ -651,7 +651,11 @@ impl<P: PeerKey> Membership<P> {
     /// held dead stays a seed: after a partition heals it must still hear that
     /// it was declared dead, to re-join. Members are judged by heartbeats only.
     pub fn unreachable(&mut self, peer: &P) {
-        if self.members.get(peer).is_some_and(|m| m.status == Status::Dead) {
+        if self
+            .members
+            .get(peer)
+            .is_some_and(|m| m.status == Status::Dead)
+        {
             return;
         }
         let failures = self.seed_failures.entry(peer.clone()).or_default();
@@ -978,7 +982,9 @@ mod tests {
             a.unreachable(&5);
         }
         let knocks = |a: &mut Membership<u32>, t| {
-            a.tick(ms(t)).iter().any(|x| matches!(x, Action::Send { to: 5, .. }))
+            a.tick(ms(t))
+                .iter()
+                .any(|x| matches!(x, Action::Send { to: 5, .. }))
         };
         assert!(knocks(&mut a, 100), "a seed is retried after failed sends");
         a.unreachable(&5);
