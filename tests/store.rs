@@ -612,3 +612,53 @@ fn a_retry_of_a_batch_retention_dropped_is_stale_and_fails_alone() {
     );
     assert!(matches!(results[1], Ok(WriteOutcome::OffsetsCommitted)));
 }
+
+#[test]
+fn idle_producers_expire_after_a_day_and_start_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store.create_topic("t", TopicConfig::default(), 0).unwrap();
+    let (idle, busy) = (ProducerId(7), ProducerId(8));
+    let now = 100 * DAY_MS;
+    let g = |p| chain::producer_genesis(p, "t", 0);
+    store
+        .append(idempotent(
+            "t",
+            idle,
+            0,
+            g(idle),
+            records(2, now - 2 * DAY_MS, "idle"),
+        ))
+        .unwrap();
+    store
+        .append(idempotent(
+            "t",
+            busy,
+            0,
+            g(busy),
+            records(2, now - 1000, "busy"),
+        ))
+        .unwrap();
+    store
+        .write(vec![WriteOp::EnforceRetention { now_ms: now }])
+        .unwrap();
+    assert!(
+        store.producer_state("t", 0, idle).unwrap().is_none(),
+        "idle producer expired"
+    );
+    assert!(
+        store.producer_state("t", 0, busy).unwrap().is_some(),
+        "busy producer kept"
+    );
+    // The expired producer's old sequence is a gap now; starting over works.
+    let gap = store
+        .append(idempotent("t", idle, 2, g(idle), records(1, now, "x")))
+        .unwrap_err();
+    assert!(
+        matches!(gap, StoreError::SequenceGap { expected: 0, .. }),
+        "{gap}"
+    );
+    store
+        .append(idempotent("t", idle, 0, g(idle), records(1, now, "again")))
+        .unwrap();
+}

@@ -32,7 +32,8 @@ use crate::record::ConsumerRecord;
 use crate::wire::{self, StoredBatch};
 
 pub use tables::{
-    PRODUCER_WINDOW_BATCHES, PartitionState, ProducerState, RecentBatch, SegmentMeta, TopicEntry,
+    PRODUCER_EXPIRATION_MS, PRODUCER_WINDOW_BATCHES, PartitionState, ProducerState, RecentBatch,
+    SegmentMeta, TopicEntry,
 };
 pub use write::{AppendOutcome, AppendRequest, WriteOp, WriteOutcome};
 

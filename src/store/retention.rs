@@ -9,7 +9,9 @@
 use redb::ReadableTable;
 
 use super::Store;
-use super::tables::{PartitionState, SegmentMeta, TopicEntry};
+use super::tables::{
+    PRODUCER_EXPIRATION_MS, PartitionState, ProducerState, SegmentMeta, TopicEntry,
+};
 use super::write::Tables;
 use crate::error::StoreError;
 
@@ -30,7 +32,19 @@ impl Store {
                 dropped += self.retain_partition(t, topic, partition, now_ms)?;
             }
         }
+        self.expire_producers(t, now_ms)?;
         Ok(dropped)
+    }
+
+    /// Forgets producers that wrote nothing to a partition for
+    /// [`PRODUCER_EXPIRATION_MS`]. A state that cannot be decoded is kept (and
+    /// reported when it is next used).
+    fn expire_producers(&self, t: &mut Tables<'_>, now_ms: i64) -> Result<(), StoreError> {
+        let cutoff = now_ms.saturating_sub(PRODUCER_EXPIRATION_MS);
+        t.producers.retain(|_, value| {
+            crate::wire::decode::<ProducerState>(value).map_or(true, |s| s.last_timestamp >= cutoff)
+        })?;
+        Ok(())
     }
 
     fn retain_partition(

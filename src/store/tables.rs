@@ -95,7 +95,18 @@ pub struct ProducerState {
     pub head: MessageId,
     /// Its most recent batches, oldest first, to answer retries with the original offsets.
     pub recent: VecDeque<RecentBatch>,
+    /// The newest record timestamp it wrote here (ms): the state expires
+    /// [`PRODUCER_EXPIRATION_MS`] after it.
+    pub last_timestamp: i64,
 }
+
+/// How long the log keeps the state of a producer that stopped writing to a
+/// partition: one day, Kafka's `producer.id.expiration.ms`. A producer that
+/// comes back later starts its chain over (sequence 0, producer genesis).
+/// Measured on record timestamps, since the store has no clock of its own: a
+/// producer that writes records stamped more than a day in the past sees one
+/// `SequenceGap` after a retention run, then starts over.
+pub const PRODUCER_EXPIRATION_MS: i64 = 24 * 3600 * 1000;
 
 /// One remembered producer batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

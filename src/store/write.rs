@@ -405,7 +405,7 @@ impl Store {
         cache.partitions.insert(key, state);
         let producer_head = match (&req.producer, &producer) {
             (Some(first), Some(after)) => {
-                self.record_producer(cache, key, first, after, base_offset, req.records.len());
+                self.record_producer(cache, key, first, after, base_offset, &req.records);
                 Some(after.prev)
             }
             _ => None,
@@ -524,8 +524,15 @@ impl Store {
         first: &ProducerBatch,
         after: &ProducerBatch,
         base_offset: u64,
-        count: usize,
+        records: &PreparedRecords,
     ) {
+        let count = records.len();
+        let newest = records
+            .chunks()
+            .iter()
+            .map(|c| c.timestamps().1)
+            .max()
+            .unwrap_or(0);
         let state = cache
             .producers
             .entry((key.0, key.1, first.producer.0))
@@ -533,9 +540,11 @@ impl Store {
                 next_seq: 0,
                 head: after.prev,
                 recent: VecDeque::new(),
+                last_timestamp: newest,
             });
         state.next_seq = after.base_seq;
         state.head = after.prev;
+        state.last_timestamp = state.last_timestamp.max(newest);
         state.recent.push_back(RecentBatch {
             base_seq: first.base_seq,
             count: count as u32,
