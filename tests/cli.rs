@@ -175,3 +175,36 @@ fn a_data_dir_in_use_is_reported() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("in use"), "{}", stderr(&output));
 }
+
+#[test]
+fn peers_without_any_node_to_ask_fails_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(
+        dir.path(),
+        &["peers", "--no-mdns", "--timeout-ms", "300"],
+        "",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no storage node answered within 300 ms"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bootstrap_address_without_a_peer_id_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(
+        dir.path(),
+        &["peers", "--no-mdns", "--bootstrap", "/ip4/127.0.0.1/tcp/1"],
+        "",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("must end in /p2p/<peer id>"),
+        "{}",
+        stderr(&output)
+    );
+}

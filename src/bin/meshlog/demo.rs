@@ -84,6 +84,9 @@ pub async fn run() -> CliResult {
     println!("  meshlog consume test --group g --from-beginning --max-messages 3");
     println!("  meshlog topic describe test");
     println!("  meshlog bench storage");
+    println!(
+        "  meshlog node --listen /ip4/127.0.0.1/tcp/4001      # then: meshlog peers --bootstrap <its address>"
+    );
     Ok(())
 }
 
