@@ -10,7 +10,9 @@
 //! - [`membership`]: who is in the mesh and alive (gossip heartbeats with
 //!   SWIM-style suspicion and refutation).
 //! - [`placement`]: target replica sets by rendezvous hashing.
+//! - [`replication`]: one partition's log among its replicas (Raft rules, hash-chained).
 
 pub mod membership;
 pub mod placement;
+pub mod replication;
 pub mod rng;

@@ -1,0 +1,841 @@
+//! Replication of one partition among its replicas: a pure state machine.
+//!
+//! Raft's rules, with meshlog's hash chain in place of Raft's (term, index)
+//! log-matching check. Not yet driven by the node (the mesh's partitions
+//! issue wires it in); the simulation drives it now.
+//!
+//! # Protocol
+//! - **Epochs and election** (Raft §5.2, §5.4.1). A replica that hears no
+//!   leader for its election timeout (randomised from the seed) becomes a
+//!   candidate for `epoch + 1`, votes for itself and asks the other voters.
+//!   A voter promises at most once per epoch, only to a candidate whose log is
+//!   at least as up to date (higher last epoch, or equal and at least as long),
+//!   and from then on refuses lower epochs. A majority of promises makes the
+//!   candidate leader. Promises are persisted before they are sent.
+//! - **Epoch start marker.** A new leader first appends a marker entry of its
+//!   own epoch; older entries become committed when the marker commits (§5.4.2).
+//! - **Replication** (§5.3). The leader sends entries after `(prev_offset,
+//!   prev_id)`; a follower appends only when its entry at `prev_offset - 1`
+//!   has that ID, else answers with its log end so the leader walks back. A
+//!   divergent uncommitted suffix is truncated. Followers answer once the
+//!   driver has confirmed the entries durable ([`Input::Persisted`]).
+//! - **Commit.** The leader commits up to the highest offset that a quorum
+//!   (a majority, or `min_insync` if larger) holds durably *and* whose entry is
+//!   of the leader's epoch. Followers learn the commit point with each append.
+//! - **Fencing.** Any message with a higher epoch turns a leader into a
+//!   follower; a leader of an old epoch can no longer count a quorum.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::membership::PeerKey;
+use super::rng::Rng;
+use crate::chain::{self, MessageId};
+
+/// One log entry as replication sees it: the payload's digest and the chain ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// The epoch of the leader that appended it.
+    pub epoch: u64,
+    /// The digest of the payload (zero for an epoch-start marker).
+    pub digest: MessageId,
+    /// Its partition-chain ID.
+    pub id: MessageId,
+}
+
+/// Timings and quorum of a partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Shortest time without a leader before standing for election. Default 1 s.
+    pub election_timeout: Duration,
+    /// Random extra up to this much, so candidates rarely collide. Default 1 s.
+    pub election_jitter: Duration,
+    /// Time between a leader's appends when there is nothing new. Default 200 ms.
+    pub heartbeat_interval: Duration,
+    /// Replicas that must hold an entry durably before it commits, if more than a majority.
+    pub min_insync: usize,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            election_timeout: Duration::from_secs(1),
+            election_jitter: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_millis(200),
+            min_insync: 0,
+        }
+    }
+}
+
+/// Messages between replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// A candidate asks for a promise.
+    RequestVote {
+        /// The epoch it stands for.
+        epoch: u64,
+        /// The epoch of its last entry.
+        last_epoch: u64,
+        /// Its log length.
+        log_end: u64,
+    },
+    /// A voter's answer.
+    Vote {
+        /// The voter's epoch.
+        epoch: u64,
+        /// Whether it promised.
+        granted: bool,
+    },
+    /// The leader's entries (or heartbeat).
+    Append {
+        /// The leader's epoch.
+        epoch: u64,
+        /// Offset of the first entry.
+        prev_offset: u64,
+        /// ID of the entry before it (the partition genesis at offset 0).
+        prev_id: MessageId,
+        /// The entries.
+        entries: Vec<LogEntry>,
+        /// The leader's commit point.
+        commit: u64,
+    },
+    /// A follower's answer, sent once the entries are durable.
+    AppendReply {
+        /// The follower's epoch.
+        epoch: u64,
+        /// Whether the entries were appended.
+        success: bool,
+        /// The follower's log end (durable, on success).
+        log_end: u64,
+    },
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Send a message.
+    Send {
+        /// The receiver.
+        to: P,
+        /// The message.
+        message: Message,
+    },
+    /// Make the log durable from `from` on: truncate there, then append `entries`.
+    /// Confirm with [`Input::Persisted`].
+    PersistLog {
+        /// Where the durable log is cut before appending.
+        from: u64,
+        /// The entries to append.
+        entries: Vec<LogEntry>,
+    },
+    /// Make the epoch and promise durable before any message that depends on them.
+    PersistVote {
+        /// The epoch.
+        epoch: u64,
+        /// The promise in it.
+        voted_for: Option<P>,
+    },
+    /// Entries below `upto` are committed: readable and acknowledgeable.
+    Committed {
+        /// One past the last committed offset.
+        upto: u64,
+    },
+    /// This replica leads `epoch`.
+    BecameLeader {
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+/// What happens to a replica.
+#[derive(Clone, Debug)]
+pub enum Input<P> {
+    /// Time passes.
+    Tick,
+    /// A message arrived.
+    Message {
+        /// The sender.
+        from: P,
+        /// The message.
+        message: Message,
+    },
+    /// The driver made the log durable up to `upto`.
+    Persisted {
+        /// One past the last durable offset.
+        upto: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Role<P> {
+    Follower {
+        leader: Option<P>,
+    },
+    Candidate {
+        votes: usize,
+    },
+    Leader {
+        matched: BTreeMap<P, u64>,
+        next: BTreeMap<P, u64>,
+        last_sent: Duration,
+    },
+}
+
+/// One replica of one partition.
+pub struct Replica<P> {
+    me: P,
+    voters: Vec<P>,
+    config: ReplicationConfig,
+    genesis: MessageId,
+    epoch: u64,
+    voted_for: Option<P>,
+    log: Vec<LogEntry>,
+    /// Prefix of `log` the driver has confirmed durable.
+    durable: u64,
+    commit: u64,
+    role: Role<P>,
+    election_deadline: Duration,
+    /// A follower's answer waiting for its entries to be durable: (leader, epoch, log end).
+    pending_reply: Option<(P, u64, u64)>,
+    rng: Rng,
+}
+
+impl<P: PeerKey> Replica<P> {
+    /// A replica restarting from its durable state: `epoch`, `voted_for` and the
+    /// durable `log`. `voters` is the partition's replica set (including `me`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: P,
+        voters: Vec<P>,
+        config: ReplicationConfig,
+        genesis: MessageId,
+        epoch: u64,
+        voted_for: Option<P>,
+        log: Vec<LogEntry>,
+        now: Duration,
+        seed: u64,
+    ) -> Self {
+        let durable = log.len() as u64;
+        let mut replica = Replica {
+            me,
+            voters,
+            config,
+            genesis,
+            epoch,
+            voted_for,
+            log,
+            durable,
+            commit: 0,
+            role: Role::Follower { leader: None },
+            election_deadline: Duration::ZERO,
+            pending_reply: None,
+            rng: Rng::new(seed),
+        };
+        replica.reset_election_deadline(now);
+        replica
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether this replica leads its epoch.
+    pub fn is_leader(&self) -> bool {
+        matches!(self.role, Role::Leader { .. })
+    }
+
+    /// The leader this replica follows, if it knows one.
+    pub fn leader_hint(&self) -> Option<&P> {
+        match &self.role {
+            Role::Follower { leader } => leader.as_ref(),
+            Role::Leader { .. } => Some(&self.me),
+            Role::Candidate { .. } => None,
+        }
+    }
+
+    /// The log (durable and not).
+    pub fn log(&self) -> &[LogEntry] {
+        &self.log
+    }
+
+    /// One past the last committed offset.
+    pub fn commit(&self) -> u64 {
+        self.commit
+    }
+
+    fn quorum(&self) -> usize {
+        (self.voters.len() / 2 + 1).max(self.config.min_insync)
+    }
+
+    fn head(&self) -> MessageId {
+        self.log.last().map_or(self.genesis, |e| e.id)
+    }
+
+    fn id_before(&self, offset: u64) -> Option<MessageId> {
+        match offset {
+            0 => Some(self.genesis),
+            n => self.log.get(n as usize - 1).map(|e| e.id),
+        }
+    }
+
+    fn reset_election_deadline(&mut self, now: Duration) {
+        let jitter_ms = self.config.election_jitter.as_millis() as usize;
+        let jitter = Duration::from_millis(self.rng.below(jitter_ms + 1) as u64);
+        self.election_deadline = now + self.config.election_timeout + jitter;
+    }
+
+    /// The leader appends an entry with this payload digest; returns its offset,
+    /// or `None` when this replica is not the leader (the caller answers
+    /// `NotLeader { hint }`).
+    pub fn propose(&mut self, digest: MessageId, now: Duration) -> (Option<u64>, Vec<Action<P>>) {
+        if !self.is_leader() {
+            return (None, Vec::new());
+        }
+        let offset = self.append_local(digest);
+        let mut actions = vec![Action::PersistLog {
+            from: offset,
+            entries: vec![self.log[offset as usize]],
+        }];
+        self.replicate(now, &mut actions);
+        (Some(offset), actions)
+    }
+
+    fn append_local(&mut self, digest: MessageId) -> u64 {
+        let offset = self.log.len() as u64;
+        let id = chain::partition_link(&self.head(), self.epoch, offset, None, &digest);
+        self.log.push(LogEntry {
+            epoch: self.epoch,
+            digest,
+            id,
+        });
+        offset
+    }
+
+    /// Handles one input at time `now`.
+    pub fn handle(&mut self, input: Input<P>, now: Duration) -> Vec<Action<P>> {
+        let mut actions = Vec::new();
+        match input {
+            Input::Tick => self.on_tick(now, &mut actions),
+            Input::Persisted { upto } => self.on_persisted(upto, now, &mut actions),
+            Input::Message { from, message } => self.on_message(from, message, now, &mut actions),
+        }
+        actions
+    }
+
+    fn on_tick(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
+        if let Role::Leader { last_sent, .. } = &self.role {
+            if now.saturating_sub(*last_sent) >= self.config.heartbeat_interval {
+                self.replicate(now, actions);
+            }
+        } else if now >= self.election_deadline {
+            self.start_election(now, actions);
+        }
+    }
+
+    fn start_election(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
+        self.epoch += 1;
+        self.voted_for = Some(self.me.clone());
+        self.role = Role::Candidate { votes: 1 };
+        self.pending_reply = None;
+        self.reset_election_deadline(now);
+        actions.push(Action::PersistVote {
+            epoch: self.epoch,
+            voted_for: self.voted_for.clone(),
+        });
+        let request = Message::RequestVote {
+            epoch: self.epoch,
+            last_epoch: self.log.last().map_or(0, |e| e.epoch),
+            log_end: self.log.len() as u64,
+        };
+        for to in self.voters.iter().filter(|v| **v != self.me) {
+            actions.push(Action::Send {
+                to: to.clone(),
+                message: request.clone(),
+            });
+        }
+        self.maybe_win(now, actions);
+    }
+
+    fn maybe_win(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
+        let Role::Candidate { votes } = self.role else {
+            return;
+        };
+        if votes < self.voters.len() / 2 + 1 {
+            return;
+        }
+        let others = self.voters.iter().filter(|v| **v != self.me);
+        let next = others
+            .clone()
+            .map(|v| (v.clone(), self.log.len() as u64))
+            .collect();
+        let matched = others.map(|v| (v.clone(), 0)).collect();
+        self.role = Role::Leader {
+            matched,
+            next,
+            last_sent: Duration::ZERO,
+        };
+        actions.push(Action::BecameLeader { epoch: self.epoch });
+        // The epoch-start marker: committing it commits everything before it.
+        let offset = self.append_local(MessageId([0; 32]));
+        actions.push(Action::PersistLog {
+            from: offset,
+            entries: vec![self.log[offset as usize]],
+        });
+        self.replicate(now, actions);
+    }
+
+    /// Sends every follower what it lacks (or a heartbeat), and assumes it
+    /// arrives (pipelining): a follower that misses it rejects the next append
+    /// with its log end, and the leader walks back from there.
+    fn replicate(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
+        let log_len = self.log.len() as u64;
+        let (epoch, commit) = (self.epoch, self.commit);
+        let Role::Leader {
+            next, last_sent, ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        *last_sent = now;
+        let mut sends = Vec::new();
+        for (to, from) in next.iter_mut() {
+            let start = (*from).min(log_len);
+            sends.push((to.clone(), start));
+            *from = log_len;
+        }
+        for (to, start) in sends {
+            let prev_id = self.id_before(start).unwrap_or(self.genesis);
+            let entries = self.log[start as usize..].to_vec();
+            let message = Message::Append {
+                epoch,
+                prev_offset: start,
+                prev_id,
+                entries,
+                commit,
+            };
+            actions.push(Action::Send { to, message });
+        }
+    }
+
+    fn on_persisted(&mut self, upto: u64, now: Duration, actions: &mut Vec<Action<P>>) {
+        self.durable = upto.min(self.log.len() as u64);
+        if let Some((leader, epoch, log_end)) = self.pending_reply.take() {
+            if self.durable >= log_end && epoch == self.epoch {
+                let message = Message::AppendReply {
+                    epoch,
+                    success: true,
+                    log_end,
+                };
+                actions.push(Action::Send {
+                    to: leader,
+                    message,
+                });
+            } else {
+                self.pending_reply = Some((leader, epoch, log_end));
+            }
+        }
+        self.advance_commit(now, actions);
+    }
+
+    fn on_message(
+        &mut self,
+        from: P,
+        message: Message,
+        now: Duration,
+        actions: &mut Vec<Action<P>>,
+    ) {
+        if !self.voters.contains(&from) {
+            return;
+        }
+        let their_epoch = match &message {
+            Message::RequestVote { epoch, .. }
+            | Message::Vote { epoch, .. }
+            | Message::Append { epoch, .. }
+            | Message::AppendReply { epoch, .. } => *epoch,
+        };
+        if their_epoch > self.epoch {
+            // A higher epoch fences us: follow it.
+            self.epoch = their_epoch;
+            self.voted_for = None;
+            self.role = Role::Follower { leader: None };
+            self.pending_reply = None;
+            actions.push(Action::PersistVote {
+                epoch: self.epoch,
+                voted_for: None,
+            });
+        }
+        match message {
+            Message::RequestVote {
+                epoch,
+                last_epoch,
+                log_end,
+            } => {
+                self.on_request_vote(from, epoch, last_epoch, log_end, now, actions);
+            }
+            Message::Vote { epoch, granted } => {
+                if epoch == self.epoch
+                    && granted
+                    && let Role::Candidate { votes } = &mut self.role
+                {
+                    *votes += 1;
+                    self.maybe_win(now, actions);
+                }
+            }
+            Message::Append {
+                epoch,
+                prev_offset,
+                prev_id,
+                entries,
+                commit,
+            } => {
+                self.on_append(
+                    from,
+                    epoch,
+                    prev_offset,
+                    prev_id,
+                    entries,
+                    commit,
+                    now,
+                    actions,
+                );
+            }
+            Message::AppendReply {
+                epoch,
+                success,
+                log_end,
+            } => {
+                self.on_append_reply(from, epoch, success, log_end, now, actions);
+            }
+        }
+    }
+
+    fn on_request_vote(
+        &mut self,
+        from: P,
+        epoch: u64,
+        last_epoch: u64,
+        log_end: u64,
+        now: Duration,
+        actions: &mut Vec<Action<P>>,
+    ) {
+        let my_last_epoch = self.log.last().map_or(0, |e| e.epoch);
+        let up_to_date = (last_epoch, log_end) >= (my_last_epoch, self.log.len() as u64);
+        let free = self.voted_for.is_none() || self.voted_for.as_ref() == Some(&from);
+        let granted = epoch == self.epoch && free && up_to_date;
+        if granted {
+            self.voted_for = Some(from.clone());
+            self.reset_election_deadline(now);
+            actions.push(Action::PersistVote {
+                epoch: self.epoch,
+                voted_for: self.voted_for.clone(),
+            });
+        }
+        actions.push(Action::Send {
+            to: from,
+            message: Message::Vote {
+                epoch: self.epoch,
+                granted,
+            },
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_append(
+        &mut self,
+        from: P,
+        epoch: u64,
+        prev_offset: u64,
+        prev_id: MessageId,
+        entries: Vec<LogEntry>,
+        commit: u64,
+        now: Duration,
+        actions: &mut Vec<Action<P>>,
+    ) {
+        let reject = |s: &Self| Message::AppendReply {
+            epoch: s.epoch,
+            success: false,
+            log_end: s.log.len() as u64,
+        };
+        if epoch < self.epoch {
+            actions.push(Action::Send {
+                to: from,
+                message: reject(self),
+            });
+            return;
+        }
+        self.role = Role::Follower {
+            leader: Some(from.clone()),
+        };
+        self.reset_election_deadline(now);
+        if self.id_before(prev_offset) != Some(prev_id) {
+            // Our entry before theirs differs or is missing: the leader walks back.
+            let message = Message::AppendReply {
+                epoch: self.epoch,
+                success: false,
+                log_end: self.log.len().min(prev_offset.saturating_sub(1) as usize) as u64,
+            };
+            actions.push(Action::Send { to: from, message });
+            return;
+        }
+        // Skip entries we already hold; truncate at the first that differs.
+        let mut first_new = None;
+        for (i, entry) in entries.iter().enumerate() {
+            let offset = prev_offset as usize + i;
+            match self.log.get(offset) {
+                Some(mine) if mine.id == entry.id => {}
+                _ => {
+                    first_new = Some(i);
+                    break;
+                }
+            }
+        }
+        let log_end = prev_offset + entries.len() as u64;
+        if let Some(i) = first_new {
+            let at = prev_offset as usize + i;
+            // Committed entries are never cut: a leader's log holds them all (§5.4).
+            if (at as u64) < self.commit {
+                return;
+            }
+            self.log.truncate(at);
+            self.durable = self.durable.min(at as u64);
+            self.log.extend_from_slice(&entries[i..]);
+            actions.push(Action::PersistLog {
+                from: at as u64,
+                entries: entries[i..].to_vec(),
+            });
+        }
+        // Our log matches the leader's up to `log_end`: what it committed there is committed.
+        let new_commit = commit.min(log_end);
+        if new_commit > self.commit {
+            self.commit = new_commit;
+            actions.push(Action::Committed { upto: self.commit });
+        }
+        if self.durable >= log_end {
+            let message = Message::AppendReply {
+                epoch: self.epoch,
+                success: true,
+                log_end,
+            };
+            actions.push(Action::Send { to: from, message });
+        } else {
+            self.pending_reply = Some((from, self.epoch, log_end));
+        }
+    }
+
+    fn on_append_reply(
+        &mut self,
+        from: P,
+        epoch: u64,
+        success: bool,
+        log_end: u64,
+        now: Duration,
+        actions: &mut Vec<Action<P>>,
+    ) {
+        if epoch != self.epoch {
+            return;
+        }
+        let Role::Leader { matched, next, .. } = &mut self.role else {
+            return;
+        };
+        if success {
+            let m = matched.entry(from.clone()).or_default();
+            *m = (*m).max(log_end);
+            next.insert(from, log_end);
+            self.advance_commit(now, actions);
+        } else {
+            // Walk back to where the follower's log may still match ours.
+            let matched_end = matched.get(&from).copied().unwrap_or(0);
+            next.insert(from, log_end.max(matched_end));
+            self.replicate(now, actions);
+        }
+    }
+
+    fn advance_commit(&mut self, _now: Duration, actions: &mut Vec<Action<P>>) {
+        let Role::Leader { matched, .. } = &self.role else {
+            return;
+        };
+        let mut ends: Vec<u64> = matched.values().copied().collect();
+        ends.push(self.durable);
+        ends.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(&quorum_end) = ends.get(self.quorum() - 1) else {
+            return;
+        };
+        // Only entries of our own epoch are committed by counting (§5.4.2).
+        let own_epoch = quorum_end > 0
+            && self
+                .log
+                .get(quorum_end as usize - 1)
+                .is_some_and(|e| e.epoch == self.epoch);
+        if own_epoch && quorum_end > self.commit {
+            self.commit = quorum_end;
+            actions.push(Action::Committed { upto: self.commit });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Replicas with instant delivery among those not cut off, and disks that
+    /// confirm every write at once.
+    struct Cluster {
+        replicas: BTreeMap<u32, Replica<u32>>,
+        cut: BTreeSet<u32>,
+        leaders: BTreeMap<u64, u32>,
+        now: Duration,
+    }
+
+    fn digest(n: u8) -> MessageId {
+        MessageId([n; 32])
+    }
+
+    impl Cluster {
+        fn new(n: u32) -> Self {
+            let voters: Vec<u32> = (0..n).collect();
+            let replicas = voters
+                .iter()
+                .map(|&id| {
+                    let r = Replica::new(
+                        id,
+                        voters.clone(),
+                        ReplicationConfig::default(),
+                        MessageId([9; 32]),
+                        0,
+                        None,
+                        vec![],
+                        Duration::ZERO,
+                        u64::from(id) + 1,
+                    );
+                    (id, r)
+                })
+                .collect();
+            Cluster {
+                replicas,
+                cut: BTreeSet::new(),
+                leaders: BTreeMap::new(),
+                now: Duration::ZERO,
+            }
+        }
+
+        fn run(&mut self, from: u32, actions: Vec<Action<u32>>) {
+            let mut queue: Vec<(u32, Action<u32>)> =
+                actions.into_iter().map(|a| (from, a)).collect();
+            while !queue.is_empty() {
+                let (at, action) = queue.remove(0);
+                match action {
+                    Action::Send { to, message } => {
+                        if self.cut.contains(&at) || self.cut.contains(&to) {
+                            continue;
+                        }
+                        let now = self.now;
+                        let out = self
+                            .replicas
+                            .get_mut(&to)
+                            .unwrap()
+                            .handle(Input::Message { from: at, message }, now);
+                        queue.extend(out.into_iter().map(|a| (to, a)));
+                    }
+                    Action::PersistLog { .. } => {
+                        let r = self.replicas.get_mut(&at).unwrap();
+                        let upto = r.log().len() as u64;
+                        let now = self.now;
+                        let out = r.handle(Input::Persisted { upto }, now);
+                        queue.extend(out.into_iter().map(|a| (at, a)));
+                    }
+                    Action::BecameLeader { epoch } => {
+                        let previous = self.leaders.insert(epoch, at);
+                        assert!(
+                            previous.is_none_or(|p| p == at),
+                            "two leaders in epoch {epoch}"
+                        );
+                    }
+                    Action::PersistVote { .. } | Action::Committed { .. } => {}
+                }
+            }
+        }
+
+        fn tick_until(&mut self, until_ms: u64) {
+            while self.now < Duration::from_millis(until_ms) {
+                self.now += Duration::from_millis(50);
+                let ids: Vec<u32> = self.replicas.keys().copied().collect();
+                for id in ids {
+                    let now = self.now;
+                    let out = self.replicas.get_mut(&id).unwrap().handle(Input::Tick, now);
+                    self.run(id, out);
+                }
+            }
+        }
+
+        fn leader(&self) -> Option<u32> {
+            let mut leaders = self
+                .replicas
+                .iter()
+                .filter(|(id, r)| r.is_leader() && !self.cut.contains(id));
+            leaders.next().map(|(id, _)| *id)
+        }
+
+        fn propose(&mut self, n: u8) -> Option<u64> {
+            let leader = self.leader()?;
+            let now = self.now;
+            let (offset, actions) = self
+                .replicas
+                .get_mut(&leader)
+                .unwrap()
+                .propose(digest(n), now);
+            self.run(leader, actions);
+            offset
+        }
+    }
+
+    #[test]
+    fn one_leader_is_elected_and_proposals_commit_everywhere() {
+        let mut c = Cluster::new(3);
+        c.tick_until(3000);
+        let leader = c.leader().expect("a leader within 3 s");
+        for n in 1..=5 {
+            c.propose(n).expect("the leader accepts");
+        }
+        c.tick_until(3500);
+        let expected = c.replicas[&leader].log().to_vec();
+        assert_eq!(expected.len(), 6, "marker plus five entries");
+        for r in c.replicas.values() {
+            assert_eq!(r.log(), &expected[..]);
+            assert_eq!(r.commit(), 6);
+        }
+    }
+
+    #[test]
+    fn a_cut_off_leader_cannot_commit_and_its_suffix_is_dropped() {
+        let mut c = Cluster::new(3);
+        c.tick_until(3000);
+        let old = c.leader().unwrap();
+        c.propose(1).unwrap();
+        c.tick_until(3200);
+        let committed = c.replicas[&old].commit();
+        // Cut the leader off; it still accepts a proposal but cannot commit it.
+        c.cut.insert(old);
+        let now = c.now;
+        let (offset, actions) = c.replicas.get_mut(&old).unwrap().propose(digest(7), now);
+        assert!(offset.is_some());
+        c.run(old, actions);
+        c.tick_until(8000);
+        assert_eq!(c.replicas[&old].commit(), committed, "no quorum, no commit");
+        let new = c.leader().expect("the others elect a new leader");
+        assert_ne!(new, old);
+        c.propose(2).unwrap();
+        // Heal: the old leader follows and loses its uncommitted entry.
+        c.cut.clear();
+        c.tick_until(10_000);
+        assert!(!c.replicas[&old].is_leader());
+        let expected = c.replicas[&new].log().to_vec();
+        assert!(expected.iter().all(|e| e.digest != digest(7)));
+        for r in c.replicas.values() {
+            assert_eq!(r.log(), &expected[..]);
+        }
+    }
+}
