@@ -8,11 +8,13 @@
 //! convergence within a bound. A failing seed prints the one-line command
 //! that replays it exactly (same trace hash).
 //!
-//! What it covers grows with the core: today, membership (and placement in
-//! scale mode). Replication, ownership and producers join as they land.
+//! What it covers grows with the core: membership ([`scenario`]), the
+//! replication of one partition ([`replication`]), and placement in scale
+//! mode. Ownership across partitions, producers and groups join as they land.
 
 pub mod check;
 pub mod net;
+pub mod replication;
 pub mod scale;
 pub mod scenario;
 pub mod world;

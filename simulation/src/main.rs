@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use meshlog::core::membership::InjectedFault;
+use meshlog::core::replication::ReplicationFault;
+use meshlog_sim::replication;
 use meshlog_sim::scale;
 use meshlog_sim::scenario::{self, Options, Report};
 
@@ -27,19 +29,19 @@ struct Args {
     /// Partitions in scale mode.
     #[arg(long, default_value_t = 10_000)]
     partitions: u32,
-    /// Switch on a deliberate core bug (to see the checkers catch it): skip-suspicion.
-    #[arg(long, value_parser = ["skip-suspicion"])]
+    /// Switch on a deliberate core bug (to see the checkers catch it).
+    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum"])]
     inject_fault: Option<String>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let options = Options {
-        inject: args
-            .inject_fault
-            .as_ref()
-            .map(|_| InjectedFault::SkipSuspicion),
+        inject: (args.inject_fault.as_deref() == Some("skip-suspicion"))
+            .then_some(InjectedFault::SkipSuspicion),
     };
+    let replication_fault = (args.inject_fault.as_deref() == Some("commit-without-quorum"))
+        .then_some(ReplicationFault::CommitWithoutQuorum);
     if args.scale {
         print_scale(args.nodes, args.partitions);
         return ExitCode::SUCCESS;
@@ -47,7 +49,10 @@ fn main() -> ExitCode {
     if let Some(seed) = args.seed {
         let report = scenario::run(seed, &options);
         print_report(&report);
-        return if report.violation.is_some() {
+        let rep = replication::run(seed, replication_fault);
+        print_replication_report(&rep);
+        let failed = report.violation.is_some() || rep.violation.is_some();
+        return if failed {
             ExitCode::FAILURE
         } else {
             ExitCode::SUCCESS
@@ -61,7 +66,13 @@ fn main() -> ExitCode {
         }
         None => (0, 100),
     };
-    sweep(start, end, &options, args.inject_fault.as_deref())
+    sweep(
+        start,
+        end,
+        &options,
+        replication_fault,
+        args.inject_fault.as_deref(),
+    )
 }
 
 fn parse_range(text: &str) -> Result<(u64, u64), String> {
@@ -74,27 +85,54 @@ fn parse_range(text: &str) -> Result<(u64, u64), String> {
     Ok((a, b))
 }
 
-fn sweep(start: u64, end: u64, options: &Options, inject: Option<&str>) -> ExitCode {
+fn sweep(
+    start: u64,
+    end: u64,
+    options: &Options,
+    replication_fault: Option<ReplicationFault>,
+    inject: Option<&str>,
+) -> ExitCode {
     let wall = Instant::now();
-    let (mut events, mut worst) = (0u64, Duration::ZERO);
+    let (mut events, mut worst, mut worst_recovery, mut acked) =
+        (0u64, Duration::ZERO, Duration::ZERO, 0usize);
     for seed in start..end {
         let report = scenario::run(seed, options);
-        events += report.events;
-        if let Some(v) = &report.violation {
+        let rep = replication::run(seed, replication_fault);
+        events += report.events + rep.events;
+        acked += rep.acked;
+        let violation = report.violation.as_ref().or(rep.violation.as_ref());
+        if let Some(v) = violation {
             let flag = inject.map_or(String::new(), |f| format!(" --inject-fault {f}"));
             println!("seed {seed}: FAILED {v}");
             println!("replay: cargo run -p meshlog-sim --release -- --seed {seed}{flag}");
             return ExitCode::FAILURE;
         }
         worst = worst.max(report.convergence.unwrap_or_default());
+        worst_recovery = worst_recovery.max(rep.recovery.unwrap_or_default());
     }
     let secs = wall.elapsed().as_secs_f64();
     println!(
-        "{} seeds passed in {secs:.1} s ({:.0} events/s); slowest convergence after the heal: {worst:?}",
+        "{} seeds passed in {secs:.1} s ({:.0} events/s); membership converged at most {worst:?} after the heal; \
+         replication: {acked} records acknowledged, a new record committed everywhere at most {worst_recovery:?} after the heal",
         end - start,
         events as f64 / secs
     );
     ExitCode::SUCCESS
+}
+
+fn print_replication_report(r: &replication::Report) {
+    println!(
+        "replication: {} replicas, {} elections, {} records acknowledged, {} events, trace {}",
+        r.replicas, r.elections, r.acked, r.events, r.trace_hash
+    );
+    match (&r.violation, r.recovery) {
+        (Some(v), _) => println!("FAILED {v}"),
+        (None, Some(t)) => println!(
+            "ok: a new record committed everywhere {t:?} after the heal ({:?} wall)",
+            r.wall
+        ),
+        (None, None) => println!("ok"),
+    }
 }
 
 fn print_report(r: &Report) {

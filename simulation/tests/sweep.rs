@@ -2,6 +2,8 @@
 //! and proof that the checkers catch a deliberate bug.
 
 use meshlog::core::membership::InjectedFault;
+use meshlog::core::replication::ReplicationFault;
+use meshlog_sim::replication;
 use meshlog_sim::scale;
 use meshlog_sim::scenario::{self, Options};
 
@@ -62,5 +64,46 @@ fn placement_moves_the_least_possible() {
     assert!(
         figures.max_replicas as f64 <= figures.mean_replicas * 2.0,
         "{figures:?}"
+    );
+}
+
+#[test]
+fn a_bounded_sweep_of_replication_seeds_passes() {
+    let mut acked = 0;
+    for seed in 0..100 {
+        let report = replication::run(seed, None);
+        if let Some(v) = &report.violation {
+            panic!("seed {seed}: {v}\nreplay: cargo run -p meshlog-sim --release -- --seed {seed}");
+        }
+        assert!(report.recovery.is_some(), "seed {seed} did not recover");
+        acked += report.acked;
+    }
+    assert!(
+        acked > 10_000,
+        "the workload must get records acknowledged ({acked})"
+    );
+}
+
+#[test]
+fn replication_replays_the_same_trace() {
+    let (a, b) = (replication::run(42, None), replication::run(42, None));
+    assert_eq!(
+        (a.trace_hash, a.events, a.acked),
+        (b.trace_hash, b.events, b.acked)
+    );
+}
+
+#[test]
+fn committing_without_a_quorum_is_caught_within_a_few_seeds() {
+    let caught = (0..10).find_map(|seed| {
+        replication::run(seed, Some(ReplicationFault::CommitWithoutQuorum))
+            .violation
+            .map(|v| (seed, v))
+    });
+    let (seed, violation) =
+        caught.expect("a leader that commits alone must be caught within 10 seeds");
+    assert!(
+        violation.invariant.contains("agreement") || violation.invariant.contains("acknowledged"),
+        "seed {seed}: {violation}"
     );
 }

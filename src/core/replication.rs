@@ -25,7 +25,7 @@
 //! - **Fencing.** Any message with a higher epoch turns a leader into a
 //!   follower; a leader of an old epoch can no longer count a quorum.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -56,6 +56,18 @@ pub struct ReplicationConfig {
     pub heartbeat_interval: Duration,
     /// Replicas that must hold an entry durably before it commits, if more than a majority.
     pub min_insync: usize,
+    /// A deliberate bug, for proving that the simulation's checkers catch one.
+    #[cfg(feature = "fault-injection")]
+    pub injected_fault: Option<ReplicationFault>,
+}
+
+/// Deliberate replication bugs the simulation can switch on (feature
+/// `fault-injection` only).
+#[cfg(feature = "fault-injection")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicationFault {
+    /// The leader commits what it holds itself, without waiting for a quorum.
+    CommitWithoutQuorum,
 }
 
 impl Default for ReplicationConfig {
@@ -65,6 +77,8 @@ impl Default for ReplicationConfig {
             election_jitter: Duration::from_secs(1),
             heartbeat_interval: Duration::from_millis(200),
             min_insync: 0,
+            #[cfg(feature = "fault-injection")]
+            injected_fault: None,
         }
     }
 }
@@ -173,8 +187,9 @@ enum Role<P> {
     Follower {
         leader: Option<P>,
     },
+    /// The voters that promised (a set: a duplicated vote must not count twice).
     Candidate {
-        votes: usize,
+        votes: BTreeSet<P>,
     },
     Leader {
         matched: BTreeMap<P, u64>,
@@ -267,6 +282,10 @@ impl<P: PeerKey> Replica<P> {
     }
 
     fn quorum(&self) -> usize {
+        #[cfg(feature = "fault-injection")]
+        if self.config.injected_fault == Some(ReplicationFault::CommitWithoutQuorum) {
+            return 1;
+        }
         (self.voters.len() / 2 + 1).max(self.config.min_insync)
     }
 
@@ -338,7 +357,9 @@ impl<P: PeerKey> Replica<P> {
     fn start_election(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
         self.epoch += 1;
         self.voted_for = Some(self.me.clone());
-        self.role = Role::Candidate { votes: 1 };
+        self.role = Role::Candidate {
+            votes: BTreeSet::from([self.me.clone()]),
+        };
         self.pending_reply = None;
         self.reset_election_deadline(now);
         actions.push(Action::PersistVote {
@@ -360,10 +381,10 @@ impl<P: PeerKey> Replica<P> {
     }
 
     fn maybe_win(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
-        let Role::Candidate { votes } = self.role else {
+        let Role::Candidate { votes } = &self.role else {
             return;
         };
-        if votes < self.voters.len() / 2 + 1 {
+        if votes.len() < self.voters.len() / 2 + 1 {
             return;
         }
         let others = self.voters.iter().filter(|v| **v != self.me);
@@ -480,7 +501,7 @@ impl<P: PeerKey> Replica<P> {
                     && granted
                     && let Role::Candidate { votes } = &mut self.role
                 {
-                    *votes += 1;
+                    votes.insert(from);
                     self.maybe_win(now, actions);
                 }
             }
@@ -790,6 +811,53 @@ mod tests {
             self.run(leader, actions);
             offset
         }
+    }
+
+    #[test]
+    fn a_duplicated_vote_counts_once() {
+        // Found by the simulation (seed 163): with 5 voters, self plus one
+        // voter's promise delivered twice must not make a majority.
+        let voters: Vec<u32> = (0..5).collect();
+        let mut r = Replica::new(
+            0,
+            voters,
+            ReplicationConfig::default(),
+            MessageId([9; 32]),
+            0,
+            None,
+            vec![],
+            Duration::ZERO,
+            1,
+        );
+        r.handle(Input::Tick, Duration::from_secs(5));
+        let epoch = r.epoch();
+        for _ in 0..2 {
+            let vote = Message::Vote {
+                epoch,
+                granted: true,
+            };
+            r.handle(
+                Input::Message {
+                    from: 1,
+                    message: vote,
+                },
+                Duration::from_secs(5),
+            );
+        }
+        assert!(!r.is_leader(), "two promises of five are not a majority");
+        let vote = Message::Vote {
+            epoch,
+            granted: true,
+        };
+        let actions = r.handle(
+            Input::Message {
+                from: 2,
+                message: vote,
+            },
+            Duration::from_secs(5),
+        );
+        assert!(r.is_leader());
+        assert!(actions.contains(&Action::BecameLeader { epoch }));
     }
 
     #[test]

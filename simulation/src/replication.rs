@@ -1,0 +1,575 @@
+//! Replication under faults: the real `core::replication` state machine for
+//! one partition with 3 or 5 replicas, a simulated network, and simulated
+//! disks where a write not yet confirmed is lost on a crash (and the write in
+//! progress may be torn). A client proposes records to whoever leads.
+//!
+//! Checkers, on every event:
+//! - **fencing**: at most one leader per epoch;
+//! - **agreement**: every replica that commits an offset commits the same ID
+//!   there (equal IDs mean equal prefixes);
+//! - **no acknowledged loss**: after the faults heal, every acknowledged record
+//!   is in every replica's log at its offset;
+//! - **liveness**: after the last fault heals, a new record commits on every
+//!   replica within a bound, and the run reports how long it took.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use meshlog::chain::{self, MessageId};
+use meshlog::core::replication::{
+    Action, Input, LogEntry, Message, Replica, ReplicationConfig, ReplicationFault,
+};
+use meshlog::core::rng::Rng;
+
+use crate::check::Violation;
+use crate::net::{NetConfig, SimNet};
+
+/// How long faults are injected.
+pub const FAULT_PHASE: Duration = Duration::from_secs(30);
+/// How long after the heal a new record must be committed everywhere.
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(20);
+const TICK: Duration = Duration::from_millis(20);
+
+/// What a replication run did.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Replicas.
+    pub replicas: u32,
+    /// Records acknowledged to the client.
+    pub acked: usize,
+    /// Leader elections won.
+    pub elections: usize,
+    /// Trace hash.
+    pub trace_hash: String,
+    /// Events handled.
+    pub events: u64,
+    /// Time from the heal until a new record was committed everywhere.
+    pub recovery: Option<Duration>,
+    /// The first invariant violated.
+    pub violation: Option<Violation>,
+    /// Wall-clock time.
+    pub wall: Duration,
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Tick(u32),
+    Deliver {
+        from: u32,
+        to: u32,
+        message: Message,
+    },
+    /// A disk write finishes (if the node has not crashed since `life`).
+    DiskDone {
+        node: u32,
+        life: u64,
+        from: u64,
+        entries: Vec<LogEntry>,
+    },
+    Propose,
+    Crash(u32),
+    Restart(u32),
+    Cut {
+        from: u32,
+        to: u32,
+    },
+    Heal,
+}
+
+/// What survives a crash.
+#[derive(Clone, Debug, Default)]
+struct Disk {
+    epoch: u64,
+    voted_for: Option<u32>,
+    log: Vec<LogEntry>,
+}
+
+struct Node {
+    replica: Option<Replica<u32>>,
+    disk: Disk,
+    /// Bumped on every crash: completions of older writes are void.
+    life: u64,
+    /// When the disk is next free (writes complete in order).
+    disk_busy_until: Duration,
+    /// Writes issued and not yet complete: the first may be torn by a crash.
+    in_flight: Vec<(u64, Vec<LogEntry>)>,
+}
+
+struct World {
+    now: Duration,
+    queue: BTreeMap<(Duration, u64), Event>,
+    seq: u64,
+    rng: Rng,
+    net: SimNet,
+    nodes: BTreeMap<u32, Node>,
+    voters: Vec<u32>,
+    config: ReplicationConfig,
+    genesis: MessageId,
+    trace: blake3::Hasher,
+    events: u64,
+    violation: Option<Violation>,
+    /// Epoch → its leader.
+    leaders: BTreeMap<u64, u32>,
+    /// Offset → the ID committed there (by anyone).
+    committed: BTreeMap<u64, MessageId>,
+    /// Per node, how far it has reported commits.
+    commit_seen: BTreeMap<u32, u64>,
+    /// Proposals waiting for their commit: (leader, epoch, offset, id).
+    proposals: Vec<(u32, u64, u64, MessageId)>,
+    /// Acknowledged records: offset → ID.
+    acked: BTreeMap<u64, MessageId>,
+    next_record: u64,
+}
+
+/// Runs the replication scenario of `seed`, with an optional injected bug.
+pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
+    let started = Instant::now();
+    let mut rng = Rng::new(seed ^ 0x005e_ed0f_5e91_1ca5);
+    let replicas = if rng.below(2) == 0 { 3 } else { 5 };
+    let net = NetConfig {
+        min_latency: Duration::from_micros(200),
+        max_latency: Duration::from_millis(1 + rng.below(40) as u64),
+        loss_ppm: rng.below(30_000) as u32,
+        duplicate_ppm: rng.below(20_000) as u32,
+    };
+    #[allow(clippy::needless_update)]
+    let config = ReplicationConfig {
+        election_timeout: Duration::from_millis(300),
+        election_jitter: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_millis(60),
+        injected_fault: inject,
+        ..ReplicationConfig::default()
+    };
+    let mut world = World {
+        now: Duration::ZERO,
+        queue: BTreeMap::new(),
+        seq: 0,
+        rng: Rng::new(rng.next_u64()),
+        net: SimNet::new(net),
+        nodes: BTreeMap::new(),
+        voters: (0..replicas).collect(),
+        config,
+        genesis: chain::partition_genesis("sim", 0),
+        trace: blake3::Hasher::new(),
+        events: 0,
+        violation: None,
+        leaders: BTreeMap::new(),
+        committed: BTreeMap::new(),
+        commit_seen: BTreeMap::new(),
+        proposals: Vec::new(),
+        acked: BTreeMap::new(),
+        next_record: 0,
+    };
+    for node in 0..replicas {
+        world.nodes.insert(
+            node,
+            Node {
+                replica: None,
+                disk: Disk::default(),
+                life: 0,
+                disk_busy_until: Duration::ZERO,
+                in_flight: Vec::new(),
+            },
+        );
+        world.schedule(Duration::ZERO, Event::Restart(node));
+    }
+    world.schedule(Duration::from_millis(10), Event::Propose);
+    schedule_faults(&mut world, &mut rng, replicas);
+
+    world.run_until(FAULT_PHASE);
+    world.schedule(FAULT_PHASE, Event::Heal);
+    for node in 0..replicas {
+        if world.nodes.get(&node).is_some_and(|n| n.replica.is_none()) {
+            world.schedule(FAULT_PHASE, Event::Restart(node));
+        }
+    }
+    let recovery = world.liveness();
+    world.check_acked_everywhere();
+    Report {
+        seed,
+        replicas,
+        acked: world.acked.len(),
+        elections: world.leaders.len(),
+        trace_hash: world.trace.finalize().to_hex()[..16].to_string(),
+        events: world.events,
+        recovery,
+        violation: world.violation,
+        wall: started.elapsed(),
+    }
+}
+
+fn schedule_faults(world: &mut World, rng: &mut Rng, replicas: u32) {
+    for _ in 0..1 + rng.below(6) {
+        let at = Duration::from_millis(2_000 + rng.below(25_000) as u64);
+        let node = rng.below(replicas as usize) as u32;
+        match rng.below(3) {
+            0 => {
+                world.schedule(at, Event::Crash(node));
+                let back = at + Duration::from_millis(100 + rng.below(3_000) as u64);
+                world.schedule(back, Event::Restart(node));
+            }
+            1 => {
+                // Isolate one node (often the leader) both ways for a while.
+                for other in (0..replicas).filter(|o| *o != node) {
+                    world.schedule(
+                        at,
+                        Event::Cut {
+                            from: node,
+                            to: other,
+                        },
+                    );
+                    world.schedule(
+                        at,
+                        Event::Cut {
+                            from: other,
+                            to: node,
+                        },
+                    );
+                }
+                let heal = at + Duration::from_millis(500 + rng.below(5_000) as u64);
+                world.schedule(heal, Event::Heal);
+            }
+            _ => {
+                let to = (node + 1 + rng.below(replicas as usize - 1) as u32) % replicas;
+                world.schedule(at, Event::Cut { from: node, to });
+            }
+        }
+    }
+}
+
+impl World {
+    fn schedule(&mut self, at: Duration, event: Event) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), event);
+    }
+
+    fn fail(&mut self, invariant: &'static str, detail: String) {
+        if self.violation.is_none() {
+            self.violation = Some(Violation {
+                at: self.now,
+                invariant,
+                detail,
+            });
+        }
+    }
+
+    fn run_until(&mut self, until: Duration) {
+        while self.violation.is_none() {
+            let Some((&(at, seq), _)) = self.queue.first_key_value() else {
+                break;
+            };
+            if at > until {
+                break;
+            }
+            let Some(event) = self.queue.remove(&(at, seq)) else {
+                break;
+            };
+            self.now = at;
+            self.events += 1;
+            self.handle(event);
+        }
+        self.now = self.now.max(until);
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Tick(node) => {
+                if self.input(node, Input::Tick) {
+                    let next = self.now + TICK;
+                    self.schedule(next, Event::Tick(node));
+                }
+            }
+            Event::Deliver { from, to, message } => {
+                self.input(to, Input::Message { from, message });
+            }
+            Event::DiskDone {
+                node,
+                life,
+                from,
+                entries,
+            } => self.disk_done(node, life, from, entries),
+            Event::Propose => {
+                self.propose();
+                let next = self.now + Duration::from_millis(20 + self.rng.below(60) as u64);
+                if next < FAULT_PHASE {
+                    self.schedule(next, Event::Propose);
+                }
+            }
+            Event::Crash(node) => self.crash(node),
+            Event::Restart(node) => self.restart(node),
+            Event::Cut { from, to } => self.net.cut(from, to),
+            Event::Heal => self.net.heal(),
+        }
+    }
+
+    /// Feeds an input to a running node; false if it is down.
+    fn input(&mut self, node: u32, input: Input<u32>) -> bool {
+        let now = self.now;
+        let Some(replica) = self.nodes.get_mut(&node).and_then(|n| n.replica.as_mut()) else {
+            return false;
+        };
+        let actions = replica.handle(input, now);
+        self.apply(node, actions);
+        true
+    }
+
+    fn propose(&mut self) {
+        let Some(leader) = self
+            .nodes
+            .iter()
+            .find(|(_, n)| n.replica.as_ref().is_some_and(|r| r.is_leader()))
+            .map(|(id, _)| *id)
+        else {
+            return;
+        };
+        self.next_record += 1;
+        let digest = MessageId(*blake3::hash(&self.next_record.to_le_bytes()).as_bytes());
+        let now = self.now;
+        let Some(replica) = self.nodes.get_mut(&leader).and_then(|n| n.replica.as_mut()) else {
+            return;
+        };
+        let (offset, actions) = replica.propose(digest, now);
+        if let Some(offset) = offset {
+            let entry = replica.log()[offset as usize];
+            self.proposals.push((leader, entry.epoch, offset, entry.id));
+        }
+        self.apply(leader, actions);
+    }
+
+    fn apply(&mut self, node: u32, actions: Vec<Action<u32>>) {
+        for action in actions {
+            match action {
+                Action::Send { to, message } => {
+                    for delay in self.net.deliveries(node, to, &mut self.rng) {
+                        let at = self.now + delay;
+                        self.schedule(
+                            at,
+                            Event::Deliver {
+                                from: node,
+                                to,
+                                message: message.clone(),
+                            },
+                        );
+                    }
+                }
+                Action::PersistVote { epoch, voted_for } => {
+                    // A vote is a few bytes, written and synced before anything is sent.
+                    if let Some(n) = self.nodes.get_mut(&node) {
+                        n.disk.epoch = epoch;
+                        n.disk.voted_for = voted_for;
+                    }
+                }
+                Action::PersistLog { from, entries } => self.write(node, from, entries),
+                Action::Committed { upto } => self.committed(node, upto),
+                Action::BecameLeader { epoch } => {
+                    self.trace
+                        .update(format!("{:?} {node} leads {epoch}\n", self.now).as_bytes());
+                    if let Some(other) = self.leaders.insert(epoch, node)
+                        && other != node
+                    {
+                        self.fail(
+                            "fencing: one leader per epoch",
+                            format!("nodes {other} and {node} both lead epoch {epoch}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, node: u32, from: u64, entries: Vec<LogEntry>) {
+        let latency = Duration::from_micros(100 + self.rng.below(3_000) as u64);
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let done = (self.now + latency).max(n.disk_busy_until);
+        n.disk_busy_until = done;
+        n.in_flight.push((from, entries.clone()));
+        let life = n.life;
+        self.schedule(
+            done,
+            Event::DiskDone {
+                node,
+                life,
+                from,
+                entries,
+            },
+        );
+    }
+
+    fn disk_done(&mut self, node: u32, life: u64, from: u64, entries: Vec<LogEntry>) {
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        if n.life != life {
+            return;
+        }
+        if !n.in_flight.is_empty() {
+            n.in_flight.remove(0);
+        }
+        n.disk.log.truncate(from as usize);
+        n.disk.log.extend(entries);
+        let upto = n.disk.log.len() as u64;
+        self.input(node, Input::Persisted { upto });
+    }
+
+    fn committed(&mut self, node: u32, upto: u64) {
+        let seen = self.commit_seen.get(&node).copied().unwrap_or(0);
+        let Some(replica) = self.nodes.get(&node).and_then(|n| n.replica.as_ref()) else {
+            return;
+        };
+        let log: Vec<LogEntry> = replica.log().to_vec();
+        for offset in seen..upto.min(log.len() as u64) {
+            let id = log[offset as usize].id;
+            match self.committed.get(&offset) {
+                Some(other) if *other != id => {
+                    self.fail(
+                        "agreement on the committed prefix",
+                        format!(
+                            "node {node} committed {id} at offset {offset}, another replica {other}"
+                        ),
+                    );
+                    return;
+                }
+                Some(_) => {}
+                None => {
+                    self.committed.insert(offset, id);
+                }
+            }
+        }
+        self.commit_seen.insert(node, upto.max(seen));
+        // A proposal is acknowledged once its proposer commits that very
+        // entry; one replaced in its log by a later leader's is simply lost
+        // (never acknowledged, so no guarantee covers it).
+        let (now, proposals) = (self.now, std::mem::take(&mut self.proposals));
+        for p in proposals {
+            let held = log.get(p.2 as usize).map(|e| e.id);
+            if p.0 == node && p.2 < upto && held == Some(p.3) {
+                self.acked.insert(p.2, p.3);
+                self.trace
+                    .update(format!("{now:?} ack {} {}\n", p.2, p.3).as_bytes());
+            } else if p.0 != node || held == Some(p.3) {
+                self.proposals.push(p);
+            }
+        }
+    }
+
+    fn crash(&mut self, node: u32) {
+        self.trace
+            .update(format!("{:?} crash {node}\n", self.now).as_bytes());
+        let tear = self.rng.below(2) == 0;
+        let cut = self.rng.next_u64();
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        n.replica = None;
+        n.life += 1;
+        n.disk_busy_until = self.now;
+        // The write in progress may have reached the disk in part.
+        if tear && let Some((from, entries)) = n.in_flight.first() {
+            let keep = (cut % (entries.len() as u64 + 1)) as usize;
+            n.disk.log.truncate(*from as usize);
+            n.disk.log.extend_from_slice(&entries[..keep]);
+        }
+        n.in_flight.clear();
+        self.commit_seen.remove(&node);
+    }
+
+    fn restart(&mut self, node: u32) {
+        self.trace
+            .update(format!("{:?} start {node}\n", self.now).as_bytes());
+        let seed = self.rng.next_u64();
+        let (voters, config, genesis, now) = (
+            self.voters.clone(),
+            self.config.clone(),
+            self.genesis,
+            self.now,
+        );
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        if n.replica.is_some() {
+            return;
+        }
+        let disk = n.disk.clone();
+        n.replica = Some(Replica::new(
+            node,
+            voters,
+            config,
+            genesis,
+            disk.epoch,
+            disk.voted_for,
+            disk.log,
+            now,
+            seed,
+        ));
+        let next = self.now + TICK;
+        self.schedule(next, Event::Tick(node));
+    }
+
+    /// After the heal: proposes until one record is committed on every replica.
+    fn liveness(&mut self) -> Option<Duration> {
+        let healed = FAULT_PHASE;
+        let mut t = healed;
+        let mut marker: Option<(u64, MessageId)> = None;
+        while self.violation.is_none() && t <= healed + LIVENESS_BOUND {
+            t += Duration::from_millis(50);
+            self.run_until(t);
+            if marker.is_none_or(|(offset, id)| self.committed.get(&offset) != Some(&id)) {
+                let before = self.proposals.len();
+                self.propose();
+                if self.proposals.len() > before
+                    && let Some(p) = self.proposals.last()
+                {
+                    marker = Some((p.2, p.3));
+                }
+            }
+            if let Some((offset, id)) = marker
+                && self.committed_everywhere(offset, id)
+            {
+                return Some(t - healed);
+            }
+        }
+        if self.violation.is_none() {
+            self.fail(
+                "liveness: a record commits after the heal",
+                format!("nothing committed everywhere {LIVENESS_BOUND:?} after the heal"),
+            );
+        }
+        None
+    }
+
+    fn committed_everywhere(&self, offset: u64, id: MessageId) -> bool {
+        self.nodes.values().all(|n| {
+            n.replica.as_ref().is_some_and(|r| {
+                r.commit() > offset && r.log().get(offset as usize).map(|e| e.id) == Some(id)
+            })
+        })
+    }
+
+    fn check_acked_everywhere(&mut self) {
+        if self.violation.is_some() {
+            return;
+        }
+        let mut lost = None;
+        for (offset, id) in &self.acked {
+            for (node, n) in &self.nodes {
+                let held = n
+                    .replica
+                    .as_ref()
+                    .and_then(|r| r.log().get(*offset as usize))
+                    .map(|e| e.id);
+                if held != Some(*id) {
+                    lost = Some(format!(
+                        "acknowledged {id} at offset {offset} is not on node {node} (it has {held:?})"
+                    ));
+                }
+            }
+        }
+        if let Some(detail) = lost {
+            self.fail("no acknowledged record lost", detail);
+        }
+    }
+}
