@@ -50,6 +50,10 @@ pub struct StorageArgs {
     /// Batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100, 1000, 10000])]
     pub batches: Vec<usize>,
+    /// Concurrent producers in the last case, which goes through a node's
+    /// group commit (fsync on, batches of 1000); 0 skips it.
+    #[arg(long, default_value_t = 4)]
+    pub node_producers: usize,
 }
 
 /// What one case measured.
@@ -60,13 +64,13 @@ struct CaseResult {
 }
 
 /// Runs a benchmark.
-pub fn run(command: &BenchCommand) -> CliResult {
+pub async fn run(command: &BenchCommand) -> CliResult {
     match command {
-        BenchCommand::Storage(args) => storage(args),
+        BenchCommand::Storage(args) => storage(args).await,
     }
 }
 
-fn storage(args: &StorageArgs) -> CliResult {
+async fn storage(args: &StorageArgs) -> CliResult {
     let parent = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let scratch = tempfile::Builder::new()
         .prefix("meshlog-bench-")
@@ -109,10 +113,75 @@ fn storage(args: &StorageArgs) -> CliResult {
             print_row(fsync, batch, &result, args.record_size, fsync_rate);
         }
     }
+    if args.node_producers > 0 {
+        let result = node_case(scratch.path(), args, budget).await?;
+        println!(
+            "\nthrough a node: {} producers sending batches of 1000, group commit, fsync on:",
+            args.node_producers
+        );
+        print_row(true, 1000, &result, args.record_size, fsync_rate);
+    }
     println!(
         "\nvs fsync*batch: records/s divided by (raw fsync rate x batch size), the most one fsync per batch allows."
     );
     Ok(())
+}
+
+/// The produce path as an application gets it: several producers on one
+/// node, each sending batches of 1000 and waiting for each acknowledgement;
+/// the node's writer commits what is queued together, one fsync per group.
+async fn node_case(
+    dir: &Path,
+    args: &StorageArgs,
+    budget: Duration,
+) -> Result<CaseResult, Box<dyn std::error::Error>> {
+    {
+        let config = meshlog::NodeConfig::default()
+            .with_data_dir(dir.join("node"))
+            .with_fsync(true)
+            .without_network();
+        let node = meshlog::Node::open(config).await?;
+        let partitions = args.node_producers as u32;
+        node.create_topic("bench", TopicConfig::default().with_partitions(partitions))
+            .await?;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for p in 0..partitions {
+            let producer = node.producer(meshlog::ProducerConfig::default());
+            let size = args.record_size;
+            let max = args.max_records / u64::from(partitions);
+            tasks.push(tokio::spawn(async move {
+                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+                let mut sent = 0u64;
+                while start.elapsed() < budget && sent < max {
+                    let batch: Vec<meshlog::ProducerRecord> = (0..1000)
+                        .map(|i| {
+                            meshlog::ProducerRecord::new(vec![(i % 251) as u8; size])
+                                .with_partition(p)
+                        })
+                        .collect();
+                    let began = Instant::now();
+                    producer.send_batch("bench", batch).await?;
+                    latency.saturating_record(began.elapsed().as_micros().max(1) as u64);
+                    sent += 1000;
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sent, latency))
+            }));
+        }
+        let mut result = CaseResult {
+            records: 0,
+            elapsed: Duration::ZERO,
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        };
+        for task in tasks {
+            let (sent, latency) = task.await?.map_err(|e| e.to_string())?;
+            result.records += sent;
+            result.latency_us.add(&latency)?;
+        }
+        result.elapsed = start.elapsed();
+        node.shutdown().await;
+        Ok(result)
+    }
 }
 
 /// Appends `batch`-record batches for `budget`. A second thread digests and

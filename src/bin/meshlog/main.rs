@@ -101,7 +101,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Topic(command) => with_node(&cli, |node| topic::run(node, command)).await,
         Command::Produce(args) => with_node(&cli, |node| produce::run(node, args)).await,
         Command::Consume(args) => with_node(&cli, |node| consume::run(node, args)).await,
-        Command::Bench(command) => bench::run(command),
+        Command::Bench(command) => bench::run(command).await,
         Command::Demo => demo::run().await,
         Command::Node(args) => mesh::run_node(cli.data_dir.clone(), !cli.no_fsync, args).await,
         Command::Peers(args) => mesh::run_peers(args).await,
