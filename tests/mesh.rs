@@ -225,3 +225,26 @@ async fn fifty_nodes_converge_to_full_membership() {
         mesh.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_over_quic_alone() {
+    let quic_only = || {
+        let mut config = MeshConfig::loopback();
+        config.listen = vec![meshlog::net::quic_address(std::net::Ipv4Addr::LOCALHOST)];
+        config.membership = test_timings();
+        config
+    };
+    let first = Mesh::start(Keypair::generate_ed25519(), quic_only(), None)
+        .await
+        .unwrap();
+    let address = address_of(&first).await;
+    assert!(address.to_string().contains("/quic-v1/"), "{address}");
+    let second = Mesh::start(
+        Keypair::generate_ed25519(),
+        quic_only().with_bootstrap(address),
+        None,
+    )
+    .await
+    .unwrap();
+    wait_for_full_membership(&[first, second], Duration::from_secs(30)).await;
+}
