@@ -55,6 +55,6 @@ pub use chain::{MessageId, ProducerId};
 pub use config::{ConsumerConfig, NodeConfig, OffsetReset, ProducerConfig, Retention, TopicConfig};
 pub use consumer::Consumer;
 pub use error::{Error, Result};
-pub use node::{Node, PartitionDescription, TopicDescription};
+pub use node::{GroupOffset, Node, PartitionDescription, TopicDescription};
 pub use producer::{Producer, ProducerRecord};
 pub use record::{ConsumerRecord, Header, Record, RecordMetadata};

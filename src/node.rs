@@ -97,6 +97,24 @@ pub struct PartitionDescription {
     pub bytes: u64,
 }
 
+/// One partition of a consumer group's position, as `meshlog group describe` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupOffset {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The group's committed offset: the next record it will read.
+    pub committed: u64,
+    /// The first offset still stored.
+    pub log_start_offset: u64,
+    /// One past the last committed record.
+    pub log_end_offset: u64,
+    /// Records the group has yet to read.
+    pub lag: u64,
+}
+
 /// Milliseconds since the Unix epoch by the system clock.
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -257,6 +275,46 @@ impl Node {
             config: entry.config.clone(),
             partitions,
         })
+    }
+
+    /// The consumer groups that have committed offsets here, sorted.
+    pub async fn list_groups(&self) -> Result<Vec<String>> {
+        Ok(self.store()?.list_groups()?)
+    }
+
+    /// A group's committed offsets with each partition's log bounds and lag.
+    pub async fn describe_group(&self, group: &str) -> Result<Vec<GroupOffset>> {
+        let store = self.store()?;
+        let mut out = Vec::new();
+        for (topic, partition, committed) in store.group_offsets(group)? {
+            let state = store.partition_state(&topic, partition)?;
+            out.push(GroupOffset {
+                lag: state.high_watermark.saturating_sub(committed),
+                topic,
+                partition,
+                committed,
+                log_start_offset: state.log_start_offset,
+                log_end_offset: state.high_watermark,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sets a group's committed offsets (Kafka's `--reset-offsets --execute`).
+    /// Consumers of the group pick them up when they next start.
+    pub async fn commit_group_offsets(
+        &self,
+        group: &str,
+        offsets: Vec<(String, u32, u64)>,
+    ) -> Result<()> {
+        let op = WriteOp::CommitOffsets {
+            group: group.to_string(),
+            offsets,
+        };
+        match self.inner.write(op).await? {
+            WriteOutcome::OffsetsCommitted => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Recomputes the whole hash chain of one partition from its stored records

@@ -208,3 +208,79 @@ fn a_bootstrap_address_without_a_peer_id_is_refused() {
         stderr(&output)
     );
 }
+
+#[test]
+fn groups_show_lag_and_reset_offsets_like_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["topic", "create", "t", "--partitions", "2"], "");
+    ok(d, &["produce", "t", "--key", "a"], "1\n2\n3\n");
+    ok(
+        d,
+        &[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--from-beginning",
+            "--max-messages",
+            "2",
+        ],
+        "",
+    );
+    assert_eq!(ok(d, &["group", "list"], "").trim(), "g");
+
+    let described = ok(d, &["group", "describe", "g"], "");
+    let rows: Vec<Vec<&str>> = described
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // (topic, current offset, log end, lag) summed over the partitions the group has read.
+    let lag: u64 = rows.iter().map(|r| r[5].parse::<u64>().unwrap()).sum();
+    let committed: u64 = rows.iter().map(|r| r[3].parse::<u64>().unwrap()).sum();
+    assert_eq!((committed, lag), (2, 1), "{described}");
+
+    // A dry run changes nothing; --execute does.
+    let plan = run(
+        d,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-earliest",
+        ],
+        "",
+    );
+    assert!(plan.status.success());
+    assert!(stderr(&plan).contains("Dry run"));
+    assert_eq!(ok(d, &["group", "describe", "g"], ""), described);
+    ok(
+        d,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-earliest",
+            "--execute",
+        ],
+        "",
+    );
+    let again = ok(
+        d,
+        &["consume", "t", "--group", "g", "--timeout-ms", "200"],
+        "",
+    );
+    assert_eq!(
+        again, "1\n2\n3\n",
+        "after the reset the group reads everything again"
+    );
+
+    let missing = run(d, &["group", "describe", "nobody"], "");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("has no committed offsets"));
+}

@@ -382,6 +382,21 @@ impl Store {
         Ok(out)
     }
 
+    /// The consumer groups that have committed offsets, sorted.
+    pub fn list_groups(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let offsets = txn.open_table(GROUP_OFFSETS)?;
+        let mut groups: Vec<String> = Vec::new();
+        for row in offsets.iter()? {
+            let (key, _) = row?;
+            let group = key.value().0;
+            if groups.last().map(String::as_str) != Some(group) {
+                groups.push(group.to_string());
+            }
+        }
+        Ok(groups)
+    }
+
     /// Walks every stored batch of a partition and recomputes its chain: offsets
     /// must run on, each batch must start where the previous one ended, and the
     /// result must equal the stored head.

@@ -7,6 +7,7 @@
 mod bench;
 mod consume;
 mod demo;
+mod group;
 mod mesh;
 mod produce;
 mod topic;
@@ -42,6 +43,9 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print records of a topic, one per line.
     Consume(consume::ConsumeArgs),
+    /// List consumer groups, show their offsets and lag, reset their offsets.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -101,6 +105,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Topic(command) => with_node(&cli, |node| topic::run(node, command)).await,
         Command::Produce(args) => with_node(&cli, |node| produce::run(node, args)).await,
         Command::Consume(args) => with_node(&cli, |node| consume::run(node, args)).await,
+        Command::Group(command) => with_node(&cli, |node| group::run(node, command)).await,
         Command::Bench(command) => bench::run(command).await,
         Command::Demo => demo::run().await,
         Command::Node(args) => mesh::run_node(cli.data_dir.clone(), !cli.no_fsync, args).await,
