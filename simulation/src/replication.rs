@@ -412,7 +412,8 @@ impl World {
         n.disk.log.truncate(from as usize);
         n.disk.log.extend(entries);
         let upto = n.disk.log.len() as u64;
-        self.input(node, Input::Persisted { upto });
+        let last_id = n.disk.log.last().map_or(self.genesis, |e| e.id);
+        self.input(node, Input::Persisted { upto, last_id });
     }
 
     fn committed(&mut self, node: u32, upto: u64) {

@@ -175,10 +175,15 @@ pub enum Input<P> {
         /// The message.
         message: Message,
     },
-    /// The driver made the log durable up to `upto`.
+    /// The driver made the log durable up to `upto`, ending at entry `last_id`.
     Persisted {
         /// One past the last durable offset.
         upto: u64,
+        /// The ID of the durable entry at `upto - 1` (the genesis when `upto` is 0).
+        /// A confirmation of a write this replica has since truncated names an ID
+        /// its log no longer has there, and is ignored: counting it would claim
+        /// entries durable that the disk does not hold.
+        last_id: MessageId,
     },
 }
 
@@ -338,7 +343,9 @@ impl<P: PeerKey> Replica<P> {
         let mut actions = Vec::new();
         match input {
             Input::Tick => self.on_tick(now, &mut actions),
-            Input::Persisted { upto } => self.on_persisted(upto, now, &mut actions),
+            Input::Persisted { upto, last_id } => {
+                self.on_persisted(upto, last_id, now, &mut actions)
+            }
             Input::Message { from, message } => self.on_message(from, message, now, &mut actions),
         }
         actions
@@ -408,12 +415,34 @@ impl<P: PeerKey> Replica<P> {
         self.replicate(now, actions);
     }
 
+    /// Sends one follower what it lacks from its `next` offset on.
+    fn replicate_to(&mut self, to: P, actions: &mut Vec<Action<P>>) {
+        let log_len = self.log.len() as u64;
+        let (epoch, commit) = (self.epoch, self.commit);
+        let Role::Leader { next, .. } = &mut self.role else {
+            return;
+        };
+        let Some(from) = next.get_mut(&to) else {
+            return;
+        };
+        let start = (*from).min(log_len);
+        *from = log_len;
+        let prev_id = self.id_before(start).unwrap_or(self.genesis);
+        let entries = self.log[start as usize..].to_vec();
+        let message = Message::Append {
+            epoch,
+            prev_offset: start,
+            prev_id,
+            entries,
+            commit,
+        };
+        actions.push(Action::Send { to, message });
+    }
+
     /// Sends every follower what it lacks (or a heartbeat), and assumes it
     /// arrives (pipelining): a follower that misses it rejects the next append
     /// with its log end, and the leader walks back from there.
     fn replicate(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
-        let log_len = self.log.len() as u64;
-        let (epoch, commit) = (self.epoch, self.commit);
         let Role::Leader {
             next, last_sent, ..
         } = &mut self.role
@@ -421,28 +450,25 @@ impl<P: PeerKey> Replica<P> {
             return;
         };
         *last_sent = now;
-        let mut sends = Vec::new();
-        for (to, from) in next.iter_mut() {
-            let start = (*from).min(log_len);
-            sends.push((to.clone(), start));
-            *from = log_len;
-        }
-        for (to, start) in sends {
-            let prev_id = self.id_before(start).unwrap_or(self.genesis);
-            let entries = self.log[start as usize..].to_vec();
-            let message = Message::Append {
-                epoch,
-                prev_offset: start,
-                prev_id,
-                entries,
-                commit,
-            };
-            actions.push(Action::Send { to, message });
+        let followers: Vec<P> = next.keys().cloned().collect();
+        for to in followers {
+            self.replicate_to(to, actions);
         }
     }
 
-    fn on_persisted(&mut self, upto: u64, now: Duration, actions: &mut Vec<Action<P>>) {
-        self.durable = upto.min(self.log.len() as u64);
+    fn on_persisted(
+        &mut self,
+        upto: u64,
+        last_id: MessageId,
+        now: Duration,
+        actions: &mut Vec<Action<P>>,
+    ) {
+        // The chain makes one comparison enough: the same ID at `upto - 1`
+        // means the same entries below it.
+        if self.id_before(upto) != Some(last_id) {
+            return;
+        }
+        self.durable = upto;
         if let Some((leader, epoch, log_end)) = self.pending_reply.take() {
             if self.durable >= log_end && epoch == self.epoch {
                 let message = Message::AppendReply {
@@ -669,8 +695,8 @@ impl<P: PeerKey> Replica<P> {
         } else {
             // Walk back to where the follower's log may still match ours.
             let matched_end = matched.get(&from).copied().unwrap_or(0);
-            next.insert(from, log_end.max(matched_end));
-            self.replicate(now, actions);
+            next.insert(from.clone(), log_end.max(matched_end));
+            self.replicate_to(from, actions);
         }
     }
 
@@ -764,8 +790,9 @@ mod tests {
                     Action::PersistLog { .. } => {
                         let r = self.replicas.get_mut(&at).unwrap();
                         let upto = r.log().len() as u64;
+                        let last_id = r.log().last().map_or(MessageId([9; 32]), |e| e.id);
                         let now = self.now;
-                        let out = r.handle(Input::Persisted { upto }, now);
+                        let out = r.handle(Input::Persisted { upto, last_id }, now);
                         queue.extend(out.into_iter().map(|a| (at, a)));
                     }
                     Action::BecameLeader { epoch } => {
@@ -811,6 +838,102 @@ mod tests {
             self.run(leader, actions);
             offset
         }
+    }
+
+    /// Entries of `epoch` with these digests, chained after `prev` from `offset`.
+    fn chained(mut prev: MessageId, epoch: u64, offset: u64, digests: &[u8]) -> Vec<LogEntry> {
+        digests
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let digest = digest(*d);
+                prev = chain::partition_link(&prev, epoch, offset + i as u64, None, &digest);
+                LogEntry {
+                    epoch,
+                    digest,
+                    id: prev,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stale_disk_confirmation_after_a_truncation_is_ignored() {
+        // Found by the simulation (seed 21558): a disk confirming a write the
+        // replica has since truncated made it claim entries durable that the
+        // disk did not hold.
+        let genesis = MessageId([9; 32]);
+        let mut f = Replica::new(
+            1,
+            vec![0, 1, 2],
+            ReplicationConfig::default(),
+            genesis,
+            0,
+            None,
+            vec![],
+            Duration::ZERO,
+            1,
+        );
+        let t = Duration::from_millis(1);
+        let old = chained(genesis, 1, 0, &[1, 2]);
+        let append = Message::Append {
+            epoch: 1,
+            prev_offset: 0,
+            prev_id: genesis,
+            entries: old.clone(),
+            commit: 0,
+        };
+        f.handle(
+            Input::Message {
+                from: 0,
+                message: append,
+            },
+            t,
+        );
+        // A new leader replaces the second entry before the disk confirmed anything.
+        let new = chained(old[0].id, 2, 1, &[3]);
+        let append = Message::Append {
+            epoch: 2,
+            prev_offset: 1,
+            prev_id: old[0].id,
+            entries: new.clone(),
+            commit: 0,
+        };
+        f.handle(
+            Input::Message {
+                from: 2,
+                message: append,
+            },
+            t,
+        );
+        let is_success = |a: &Action<u32>| {
+            matches!(
+                a,
+                Action::Send {
+                    message: Message::AppendReply { success: true, .. },
+                    ..
+                }
+            )
+        };
+        let stale = f.handle(
+            Input::Persisted {
+                upto: 2,
+                last_id: old[1].id,
+            },
+            t,
+        );
+        assert!(
+            !stale.iter().any(is_success),
+            "the old write must not count: {stale:?}"
+        );
+        let fresh = f.handle(
+            Input::Persisted {
+                upto: 2,
+                last_id: new[0].id,
+            },
+            t,
+        );
+        assert!(fresh.iter().any(is_success), "{fresh:?}");
     }
 
     #[test]
