@@ -29,6 +29,9 @@ pub const FAULT_PHASE: Duration = Duration::from_secs(30);
 /// How long after the heal a new record must be committed everywhere.
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(20);
 const TICK: Duration = Duration::from_millis(20);
+/// Pending events beyond which a run is a message storm: a bug, reported as a
+/// violation instead of exhausting memory.
+const MAX_PENDING_EVENTS: usize = 1_000_000;
 
 /// What a replication run did.
 #[derive(Clone, Debug)]
@@ -241,6 +244,13 @@ fn schedule_faults(world: &mut World, rng: &mut Rng, replicas: u32) {
 
 impl World {
     fn schedule(&mut self, at: Duration, event: Event) {
+        if self.queue.len() >= MAX_PENDING_EVENTS {
+            self.fail(
+                "bounded work: no message storm",
+                format!("more than {MAX_PENDING_EVENTS} events pending"),
+            );
+            return;
+        }
         self.seq += 1;
         self.queue.insert((at, self.seq), event);
     }

@@ -14,6 +14,10 @@ use meshlog::core::rng::Rng;
 use crate::check::{MembershipChecker, Violation};
 use crate::net::SimNet;
 
+/// Pending events beyond which a run is a message storm: a bug, reported as a
+/// violation instead of exhausting memory.
+const MAX_PENDING_EVENTS: usize = 2_000_000;
+
 /// Something that happens at a virtual time.
 #[derive(Clone, Debug)]
 pub enum Event {
@@ -139,6 +143,14 @@ impl World {
 
     /// Schedules `event` at virtual time `at`.
     pub fn schedule(&mut self, at: Duration, event: Event) {
+        if self.queue.len() >= MAX_PENDING_EVENTS {
+            self.fail(Violation {
+                at: self.now,
+                invariant: "bounded work: no message storm",
+                detail: format!("more than {MAX_PENDING_EVENTS} events pending"),
+            });
+            return;
+        }
         self.seq += 1;
         self.queue.insert((at, self.seq), event);
     }
