@@ -14,6 +14,7 @@
 
 pub mod check;
 pub mod net;
+pub mod queue;
 pub mod replication;
 pub mod scale;
 pub mod scenario;

@@ -23,6 +23,7 @@ use meshlog::core::rng::Rng;
 
 use crate::check::Violation;
 use crate::net::{NetConfig, SimNet};
+use crate::queue::EventQueue;
 
 /// How long faults are injected.
 pub const FAULT_PHASE: Duration = Duration::from_secs(30);
@@ -102,8 +103,7 @@ struct Node {
 
 struct World {
     now: Duration,
-    queue: BTreeMap<(Duration, u64), Event>,
-    seq: u64,
+    queue: EventQueue<Event>,
     rng: Rng,
     net: SimNet,
     nodes: BTreeMap<u32, Node>,
@@ -147,8 +147,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
     };
     let mut world = World {
         now: Duration::ZERO,
-        queue: BTreeMap::new(),
-        seq: 0,
+        queue: EventQueue::new(MAX_PENDING_EVENTS),
         rng: Rng::new(rng.next_u64()),
         net: SimNet::new(net),
         nodes: BTreeMap::new(),
@@ -244,15 +243,12 @@ fn schedule_faults(world: &mut World, rng: &mut Rng, replicas: u32) {
 
 impl World {
     fn schedule(&mut self, at: Duration, event: Event) {
-        if self.queue.len() >= MAX_PENDING_EVENTS {
+        if let Err(overflow) = self.queue.push(at, event) {
             self.fail(
                 "bounded work: no message storm",
-                format!("more than {MAX_PENDING_EVENTS} events pending"),
+                format!("more than {} events pending", overflow.limit),
             );
-            return;
         }
-        self.seq += 1;
-        self.queue.insert((at, self.seq), event);
     }
 
     fn fail(&mut self, invariant: &'static str, detail: String) {
@@ -267,13 +263,7 @@ impl World {
 
     fn run_until(&mut self, until: Duration) {
         while self.violation.is_none() {
-            let Some((&(at, seq), _)) = self.queue.first_key_value() else {
-                break;
-            };
-            if at > until {
-                break;
-            }
-            let Some(event) = self.queue.remove(&(at, seq)) else {
+            let Some((at, event)) = self.queue.pop_due(until) else {
                 break;
             };
             self.now = at;

@@ -13,6 +13,7 @@ use meshlog::core::rng::Rng;
 
 use crate::check::{MembershipChecker, Violation};
 use crate::net::SimNet;
+use crate::queue::EventQueue;
 
 /// Pending events beyond which a run is a message storm: a bug, reported as a
 /// violation instead of exhausting memory.
@@ -70,9 +71,7 @@ struct SimNode {
 /// The whole simulation.
 pub struct World {
     now: Duration,
-    /// Pending events by (time, sequence number): ties keep insertion order.
-    queue: BTreeMap<(Duration, u64), Event>,
-    seq: u64,
+    queue: EventQueue<Event>,
     rng: Rng,
     /// The network.
     pub net: SimNet,
@@ -95,8 +94,7 @@ impl World {
         let checker = MembershipChecker::new(config.suspicion_timeout);
         World {
             now: Duration::ZERO,
-            queue: BTreeMap::new(),
-            seq: 0,
+            queue: EventQueue::new(MAX_PENDING_EVENTS),
             rng: Rng::new(seed),
             net,
             nodes: BTreeMap::new(),
@@ -143,16 +141,13 @@ impl World {
 
     /// Schedules `event` at virtual time `at`.
     pub fn schedule(&mut self, at: Duration, event: Event) {
-        if self.queue.len() >= MAX_PENDING_EVENTS {
+        if let Err(overflow) = self.queue.push(at, event) {
             self.fail(Violation {
                 at: self.now,
                 invariant: "bounded work: no message storm",
-                detail: format!("more than {MAX_PENDING_EVENTS} events pending"),
+                detail: format!("more than {} events pending", overflow.limit),
             });
-            return;
         }
-        self.seq += 1;
-        self.queue.insert((at, self.seq), event);
     }
 
     /// Nodes currently running.
@@ -168,13 +163,7 @@ impl World {
     /// the first violation.
     pub fn run_until(&mut self, until: Duration) {
         while self.violation.is_none() {
-            let Some((&(at, seq), _)) = self.queue.first_key_value() else {
-                break;
-            };
-            if at > until {
-                break;
-            }
-            let Some(event) = self.queue.remove(&(at, seq)) else {
+            let Some((at, event)) = self.queue.pop_due(until) else {
                 break;
             };
             self.now = at;
