@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use meshlog::chain::{self, MessageId};
 use meshlog::core::replication::{
-    Action, Input, LogEntry, Message, Replica, ReplicationConfig, ReplicationFault,
+    Action, DurableState, Input, LogEntry, Message, Replica, ReplicationConfig, ReplicationFault,
 };
 use meshlog::core::rng::Rng;
 
@@ -82,17 +82,10 @@ enum Event {
     Heal,
 }
 
-/// What survives a crash.
-#[derive(Clone, Debug, Default)]
-struct Disk {
-    epoch: u64,
-    voted_for: Option<u32>,
-    log: Vec<LogEntry>,
-}
-
 struct Node {
     replica: Option<Replica<u32>>,
-    disk: Disk,
+    /// What survives a crash.
+    disk: DurableState<u32>,
     /// Bumped on every crash: completions of older writes are void.
     life: u64,
     /// When the disk is next free (writes complete in order).
@@ -169,7 +162,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
             node,
             Node {
                 replica: None,
-                disk: Disk::default(),
+                disk: DurableState::default(),
                 life: 0,
                 disk_busy_until: Duration::ZERO,
                 in_flight: Vec::new(),
@@ -495,17 +488,7 @@ impl World {
             return;
         }
         let disk = n.disk.clone();
-        n.replica = Some(Replica::new(
-            node,
-            voters,
-            config,
-            genesis,
-            disk.epoch,
-            disk.voted_for,
-            disk.log,
-            now,
-            seed,
-        ));
+        n.replica = Some(Replica::new(node, voters, config, genesis, disk, now, seed));
         let next = self.now + TICK;
         self.schedule(next, Event::Tick(node));
     }

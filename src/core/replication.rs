@@ -203,6 +203,27 @@ enum Role<P> {
     },
 }
 
+/// What a replica keeps on disk and restarts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DurableState<P> {
+    /// The highest epoch it has seen.
+    pub epoch: u64,
+    /// The candidate it promised in that epoch.
+    pub voted_for: Option<P>,
+    /// Its durable log.
+    pub log: Vec<LogEntry>,
+}
+
+impl<P> Default for DurableState<P> {
+    fn default() -> Self {
+        DurableState {
+            epoch: 0,
+            voted_for: None,
+            log: Vec::new(),
+        }
+    }
+}
+
 /// One replica of one partition.
 pub struct Replica<P> {
     me: P,
@@ -223,20 +244,22 @@ pub struct Replica<P> {
 }
 
 impl<P: PeerKey> Replica<P> {
-    /// A replica restarting from its durable state: `epoch`, `voted_for` and the
-    /// durable `log`. `voters` is the partition's replica set (including `me`).
-    #[allow(clippy::too_many_arguments)]
+    /// A replica (re)starting from its `durable` state. `voters` is the
+    /// partition's replica set (including `me`); `genesis` precedes offset 0.
     pub fn new(
         me: P,
         voters: Vec<P>,
         config: ReplicationConfig,
         genesis: MessageId,
-        epoch: u64,
-        voted_for: Option<P>,
-        log: Vec<LogEntry>,
+        durable: DurableState<P>,
         now: Duration,
         seed: u64,
     ) -> Self {
+        let DurableState {
+            epoch,
+            voted_for,
+            log,
+        } = durable;
         let durable = log.len() as u64;
         let mut replica = Replica {
             me,
@@ -752,9 +775,7 @@ mod tests {
                         voters.clone(),
                         ReplicationConfig::default(),
                         MessageId([9; 32]),
-                        0,
-                        None,
-                        vec![],
+                        DurableState::default(),
                         Duration::ZERO,
                         u64::from(id) + 1,
                     );
@@ -868,9 +889,7 @@ mod tests {
             vec![0, 1, 2],
             ReplicationConfig::default(),
             genesis,
-            0,
-            None,
-            vec![],
+            DurableState::default(),
             Duration::ZERO,
             1,
         );
@@ -946,9 +965,7 @@ mod tests {
             voters,
             ReplicationConfig::default(),
             MessageId([9; 32]),
-            0,
-            None,
-            vec![],
+            DurableState::default(),
             Duration::ZERO,
             1,
         );
