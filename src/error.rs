@@ -173,6 +173,17 @@ pub enum StoreError {
         /// The batch's first sequence.
         seq: u64,
     },
+    /// A replicated batch does not extend this replica's log, or would cut
+    /// committed records: the sender's log and ours disagree.
+    #[error("{topic}/{partition}: replicated log refused: {detail}")]
+    Diverged {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What did not fit.
+        detail: String,
+    },
     /// The write transaction carrying this operation failed, so nothing in it was stored.
     #[error("write failed, nothing of it was stored: {0}")]
     CommitFailed(String),

@@ -207,6 +207,7 @@ impl Node {
             name: name.to_string(),
             config,
             now_ms: now_ms(),
+            replicas: Vec::new(),
         };
         match self.inner.write(op).await? {
             WriteOutcome::TopicCreated { topic, created } => {

@@ -18,6 +18,7 @@
 //! On open the store checks each partition's head against its last stored batch
 //! (recomputing that batch's chain), so a damaged file is reported, not served.
 
+mod replica;
 mod retention;
 mod tables;
 mod write;
@@ -31,6 +32,8 @@ use crate::error::StoreError;
 use crate::record::ConsumerRecord;
 use crate::wire::{self, StoredBatch};
 
+pub use replica::{LogEnd, ReplicaLog, ReplicatedEntry};
+pub use tables::{EntryRow, SequenceCheck, VoteRow};
 pub use tables::{
     PRODUCER_EXPIRATION_MS, PRODUCER_WINDOW_BATCHES, PartitionState, ProducerState, RecentBatch,
     SegmentMeta, TopicEntry,
@@ -116,6 +119,8 @@ impl Store {
             txn.open_table(SEGMENTS)?;
             txn.open_table(PRODUCERS)?;
             txn.open_table(GROUP_OFFSETS)?;
+            txn.open_table(ENTRIES)?;
+            txn.open_table(VOTES)?;
         }
         txn.commit()?;
         Ok(())

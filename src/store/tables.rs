@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::chain::MessageId;
 use crate::config::TopicConfig;
+use crate::core::replication::LogEntry;
+use crate::error::StoreError;
+use crate::net::NodeId;
+use crate::wire::ProducerBatch;
 
 /// Counters and the schema version: `"next_topic_id"`, `"schema_version"`.
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -27,6 +31,11 @@ pub(super) const SEGMENTS: TableDefinition<(u32, u32, u64), &[u8]> =
 /// (topic id, partition, producer id) → [`ProducerState`].
 pub(super) const PRODUCERS: TableDefinition<(u32, u32, u64), &[u8]> =
     TableDefinition::new("producers");
+/// (topic id, partition, entry index) → [`EntryRow`]: a replicated partition's log
+/// as replication sees it, one row per batch or epoch-start marker.
+pub(super) const ENTRIES: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("entries");
+/// (topic id, partition) → [`VoteRow`]: a replica's epoch and promise.
+pub(super) const VOTES: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("votes");
 /// (group, topic, partition) → committed offset (the next offset to read).
 pub(super) const GROUP_OFFSETS: TableDefinition<(&str, &str, u32), u64> =
     TableDefinition::new("group_offsets");
@@ -45,6 +54,29 @@ pub struct TopicEntry {
     pub config: TopicConfig,
     /// When it was created, in ms since the Unix epoch.
     pub created_ms: i64,
+    /// The replicas of each partition, in order, when the topic is replicated
+    /// across a mesh; empty for a topic of a node on its own.
+    pub replicas: Vec<Vec<NodeId>>,
+}
+
+/// One entry of a replicated partition's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryRow {
+    /// The entry as replication sees it (its digest is the batch's last record ID).
+    pub entry: LogEntry,
+    /// Offset of the batch's first record (the log end, for a marker).
+    pub base_offset: u64,
+    /// Records in the batch; 0 for an epoch-start marker.
+    pub count: u32,
+}
+
+/// A replica's durable election state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteRow {
+    /// The highest epoch it has seen.
+    pub epoch: u64,
+    /// Whom it promised in that epoch.
+    pub voted_for: Option<NodeId>,
 }
 
 /// The log state of one partition.
@@ -117,4 +149,112 @@ pub struct RecentBatch {
     pub count: u32,
     /// Where it was appended.
     pub base_offset: u64,
+    /// The producer-chain hash before it, to roll the state back to it.
+    pub prev: MessageId,
+}
+
+/// What an idempotent batch is, against the producer's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SequenceCheck {
+    /// The next batch in sequence, extending the producer chain.
+    Next,
+    /// A retry of this remembered batch (its records still to be compared).
+    Retry(RecentBatch),
+}
+
+impl ProducerState {
+    /// Checks a batch of `count` records stamped `pb` against `state` (`None`:
+    /// the producer has written nothing here; its chain starts at `genesis`).
+    /// Gaps, chain mismatches and retries too old to look up are errors.
+    pub fn check(
+        state: Option<&ProducerState>,
+        genesis: MessageId,
+        pb: &ProducerBatch,
+        count: usize,
+    ) -> Result<SequenceCheck, StoreError> {
+        let (next_seq, head) = state.map_or((0, genesis), |s| (s.next_seq, s.head));
+        if pb.base_seq > next_seq {
+            return Err(StoreError::SequenceGap {
+                producer: pb.producer,
+                expected: next_seq,
+                found: pb.base_seq,
+            });
+        }
+        if pb.base_seq == next_seq {
+            if pb.prev != head {
+                return Err(StoreError::ProducerChainMismatch {
+                    producer: pb.producer,
+                    seq: pb.base_seq,
+                });
+            }
+            return Ok(SequenceCheck::Next);
+        }
+        state
+            .and_then(|s| {
+                s.recent
+                    .iter()
+                    .find(|b| b.base_seq == pb.base_seq && b.count as usize == count)
+            })
+            .map(|b| SequenceCheck::Retry(*b))
+            .ok_or(StoreError::StaleSequence {
+                producer: pb.producer,
+                seq: pb.base_seq,
+            })
+    }
+
+    /// The state after a batch of `count` records that started as `first`, was
+    /// stored at `base_offset`, and left the producer chain at `after`.
+    pub fn advanced(
+        state: Option<ProducerState>,
+        first: &ProducerBatch,
+        after: &ProducerBatch,
+        base_offset: u64,
+        count: u32,
+        newest_timestamp: i64,
+    ) -> ProducerState {
+        let mut state = state.unwrap_or(ProducerState {
+            next_seq: 0,
+            head: after.prev,
+            recent: VecDeque::new(),
+            last_timestamp: newest_timestamp,
+        });
+        state.next_seq = after.base_seq;
+        state.head = after.prev;
+        state.last_timestamp = state.last_timestamp.max(newest_timestamp);
+        state.recent.push_back(RecentBatch {
+            base_seq: first.base_seq,
+            count,
+            base_offset,
+            prev: first.prev,
+        });
+        if state.recent.len() > PRODUCER_WINDOW_BATCHES {
+            state.recent.pop_front();
+        }
+        state
+    }
+
+    /// The state as it was before any batch at or after `offset`; `None` when
+    /// that is before everything remembered (the producer starts over).
+    pub fn rolled_back_to(&self, offset: u64) -> Option<ProducerState> {
+        let keep = self
+            .recent
+            .iter()
+            .take_while(|b| b.base_offset < offset)
+            .count();
+        if keep == self.recent.len() {
+            return Some(self.clone());
+        }
+        let first_cut = self.recent[keep];
+        if keep == 0 && first_cut.base_seq > 0 {
+            // Batches before the first cut one are not remembered: the state
+            // before it is unknown, except that a producer at sequence 0 had none.
+            return None;
+        }
+        Some(ProducerState {
+            next_seq: first_cut.base_seq,
+            head: first_cut.prev,
+            recent: self.recent.iter().take(keep).copied().collect(),
+            last_timestamp: self.last_timestamp,
+        })
+    }
 }

@@ -8,15 +8,17 @@
 //! fails alone; a storage failure fails the whole transaction and every
 //! operation in it, and nothing of it is stored.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::Store;
+use super::replica::{LogEnd, ReplicatedEntry};
 use super::tables::*;
 use crate::chain::{self, MessageId, ProducerId};
 use crate::config::TopicConfig;
 use crate::error::StoreError;
+use crate::net::NodeId;
 use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch};
 
 /// Epoch of every batch a single node writes; elections raise it once the mesh replicates.
@@ -61,6 +63,8 @@ pub enum WriteOp {
         config: TopicConfig,
         /// Creation time, ms since the Unix epoch.
         now_ms: i64,
+        /// The replicas of each partition across the mesh; empty on a node of its own.
+        replicas: Vec<Vec<NodeId>>,
     },
     /// Delete a topic with all its records and committed offsets.
     DeleteTopic {
@@ -76,6 +80,36 @@ pub enum WriteOp {
         /// (topic, partition, offset) triples.
         offsets: Vec<(String, u32, u64)>,
     },
+    /// Cut a replicated partition's log before entry `truncate_from`, then
+    /// append `entries` (see [`super::replica`]).
+    ReplicateLog {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The first entry to drop (the log's entry count: drop nothing).
+        truncate_from: u64,
+        /// The entries to append, in order.
+        entries: Vec<ReplicatedEntry>,
+    },
+    /// Raise a replicated partition's high watermark.
+    SetHighWatermark {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// One past the last committed offset.
+        high_watermark: u64,
+    },
+    /// Store a replica's epoch and promise (always made durable).
+    SetVote {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The vote.
+        vote: VoteRow,
+    },
     /// Drop expired segments of every partition.
     EnforceRetention {
         /// The current time, ms since the Unix epoch.
@@ -88,7 +122,7 @@ impl WriteOp {
     fn is_metadata(&self) -> bool {
         matches!(
             self,
-            WriteOp::CreateTopic { .. } | WriteOp::DeleteTopic { .. }
+            WriteOp::CreateTopic { .. } | WriteOp::DeleteTopic { .. } | WriteOp::SetVote { .. }
         )
     }
 }
@@ -109,6 +143,10 @@ pub enum WriteOutcome {
     Appended(AppendOutcome),
     /// The offsets are stored.
     OffsetsCommitted,
+    /// The replicated log now ends here.
+    LogReplicated(LogEnd),
+    /// The high watermark or vote is stored.
+    Done,
     /// Retention ran; this many segments were dropped.
     RetentionApplied {
         /// Segments dropped.
@@ -125,6 +163,8 @@ pub(super) struct Tables<'t> {
     pub segments: Table<'t, (u32, u32, u64), &'static [u8]>,
     pub producers: Table<'t, (u32, u32, u64), &'static [u8]>,
     pub offsets: Table<'t, (&'static str, &'static str, u32), u64>,
+    pub entries: Table<'t, (u32, u32, u64), &'static [u8]>,
+    pub votes: Table<'t, (u32, u32), &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -137,6 +177,8 @@ impl<'t> Tables<'t> {
             segments: txn.open_table(SEGMENTS)?,
             producers: txn.open_table(PRODUCERS)?,
             offsets: txn.open_table(GROUP_OFFSETS)?,
+            entries: txn.open_table(ENTRIES)?,
+            votes: txn.open_table(VOTES)?,
         })
     }
 }
@@ -214,6 +256,7 @@ impl Store {
             name: name.to_string(),
             config,
             now_ms,
+            replicas: Vec::new(),
         };
         match self.write(vec![op])?.pop() {
             Some(Ok(WriteOutcome::TopicCreated { topic, created })) => Ok((topic, created)),
@@ -233,7 +276,8 @@ impl Store {
                 name,
                 config,
                 now_ms,
-            } => self.apply_create_topic(t, cache, name, config, now_ms),
+                replicas,
+            } => self.apply_create_topic(t, cache, name, config, now_ms, replicas),
             WriteOp::DeleteTopic { name } => self.apply_delete_topic(t, cache, &name),
             WriteOp::Append(request) => self
                 .apply_append(t, cache, request)
@@ -245,6 +289,28 @@ impl Store {
                 }
                 Ok(WriteOutcome::OffsetsCommitted)
             }
+            WriteOp::ReplicateLog {
+                topic,
+                partition,
+                truncate_from,
+                entries,
+            } => self
+                .apply_replicate(t, cache, &topic, partition, truncate_from, entries)
+                .map(WriteOutcome::LogReplicated),
+            WriteOp::SetHighWatermark {
+                topic,
+                partition,
+                high_watermark,
+            } => self
+                .apply_high_watermark(t, cache, &topic, partition, high_watermark)
+                .map(|()| WriteOutcome::Done),
+            WriteOp::SetVote {
+                topic,
+                partition,
+                vote,
+            } => self
+                .apply_vote(t, cache, &topic, partition, &vote)
+                .map(|()| WriteOutcome::Done),
             WriteOp::EnforceRetention { now_ms } => {
                 // Retention reads whole partitions from the tables: write back first.
                 self.flush_cache(t, std::mem::take(cache))?;
@@ -261,6 +327,7 @@ impl Store {
         name: String,
         config: TopicConfig,
         now_ms: i64,
+        replicas: Vec<Vec<NodeId>>,
     ) -> Result<WriteOutcome, StoreError> {
         validate_topic_name(&name)?;
         config.validate()?;
@@ -281,6 +348,7 @@ impl Store {
             name: name.clone(),
             config,
             created_ms: now_ms,
+            replicas,
         };
         t.topics
             .insert(name.as_str(), self.encode_value(&entry)?.as_slice())?;
@@ -432,40 +500,18 @@ impl Store {
         pb: &ProducerBatch,
         records: &PreparedRecords,
     ) -> Result<Option<AppendOutcome>, StoreError> {
-        let count = records.len();
         let state = self.cached_producer(t, cache, key, pb.producer)?;
-        let (next_seq, head) = match &state {
-            Some(s) => (s.next_seq, s.head),
-            None => (0, chain::producer_genesis(pb.producer, topic, key.1)),
+        let genesis = chain::producer_genesis(pb.producer, topic, key.1);
+        let remembered = match ProducerState::check(state.as_ref(), genesis, pb, records.len())? {
+            SequenceCheck::Next => return Ok(None),
+            SequenceCheck::Retry(original) => original,
         };
-        if pb.base_seq > next_seq {
-            return Err(StoreError::SequenceGap {
-                producer: pb.producer,
-                expected: next_seq,
-                found: pb.base_seq,
-            });
-        }
-        if pb.base_seq == next_seq {
-            if pb.prev != head {
-                return Err(StoreError::ProducerChainMismatch {
-                    producer: pb.producer,
-                    seq: pb.base_seq,
-                });
-            }
-            return Ok(None);
-        }
-        let remembered = state.as_ref().and_then(|s| {
-            s.recent
-                .iter()
-                .find(|b| b.base_seq == pb.base_seq && b.count as usize == count)
-                .copied()
-        });
         let stale = StoreError::StaleSequence {
             producer: pb.producer,
             seq: pb.base_seq,
         };
         let log_start = self.cached_partition(t, cache, key)?.log_start_offset;
-        let Some(original) = remembered.filter(|o| o.base_offset >= log_start) else {
+        let Some(original) = Some(remembered).filter(|o| o.base_offset >= log_start) else {
             // Never stored, or retention has dropped it since.
             return Err(stale);
         };
@@ -533,32 +579,16 @@ impl Store {
             .map(|c| c.timestamps().1)
             .max()
             .unwrap_or(0);
-        let state = cache
-            .producers
-            .entry((key.0, key.1, first.producer.0))
-            .or_insert_with(|| ProducerState {
-                next_seq: 0,
-                head: after.prev,
-                recent: VecDeque::new(),
-                last_timestamp: newest,
-            });
-        state.next_seq = after.base_seq;
-        state.head = after.prev;
-        state.last_timestamp = state.last_timestamp.max(newest);
-        state.recent.push_back(RecentBatch {
-            base_seq: first.base_seq,
-            count: count as u32,
-            base_offset,
-        });
-        if state.recent.len() > PRODUCER_WINDOW_BATCHES {
-            state.recent.pop_front();
-        }
+        let pkey = (key.0, key.1, first.producer.0);
+        let state = cache.producers.remove(&pkey);
+        let state = ProducerState::advanced(state, first, after, base_offset, count as u32, newest);
+        cache.producers.insert(pkey, state);
     }
 
     /// Adds a stored batch covering `offsets` to the partition's active segment,
     /// starting a new segment when the active one is full or old.
     #[allow(clippy::too_many_arguments)]
-    fn extend_segment(
+    pub(super) fn extend_segment(
         &self,
         t: &mut Tables<'_>,
         cache: &mut TxnCache,
@@ -636,7 +666,7 @@ impl Store {
         Ok(Some(entry))
     }
 
-    fn cached_partition(
+    pub(super) fn cached_partition(
         &self,
         t: &Tables<'_>,
         cache: &mut TxnCache,
@@ -654,7 +684,7 @@ impl Store {
         Ok(state)
     }
 
-    fn cached_producer(
+    pub(super) fn cached_producer(
         &self,
         t: &Tables<'_>,
         cache: &mut TxnCache,
