@@ -225,19 +225,47 @@ impl TopicConfig {
     }
 }
 
+/// When a partition's leader acknowledges records (Kafka's `acks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Acks {
+    /// At once, before anything is stored (`acks=0`): records may be lost.
+    None,
+    /// Once the leader has them durably (`acks=1`).
+    Leader,
+    /// Once a quorum of replicas (at least `min_insync_replicas`) has them
+    /// durably and they are committed (`acks=all`, the default).
+    #[default]
+    All,
+}
+
 /// How a producer sends.
 #[derive(Clone, Debug)]
 pub struct ProducerConfig {
     /// Chain this producer's records per partition so that retries never
     /// duplicate or reorder them (`enable.idempotence`). Default `true`.
     pub enable_idempotence: bool,
+    /// When records count as sent. Default [`Acks::All`].
+    pub acks: Acks,
+    /// How long a send may take, retries included (`delivery.timeout.ms`).
+    /// Default 30 s (Kafka: 120 s).
+    pub delivery_timeout: Duration,
 }
 
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
             enable_idempotence: true,
+            acks: Acks::All,
+            delivery_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+impl ProducerConfig {
+    /// Sets `acks`.
+    pub fn with_acks(mut self, acks: Acks) -> Self {
+        self.acks = acks;
+        self
     }
 }
 

@@ -47,12 +47,15 @@ pub mod error;
 pub mod net;
 pub mod node;
 pub mod producer;
+pub mod protocol;
 pub mod record;
 pub mod store;
 pub mod wire;
 
 pub use chain::{MessageId, ProducerId};
-pub use config::{ConsumerConfig, NodeConfig, OffsetReset, ProducerConfig, Retention, TopicConfig};
+pub use config::{
+    Acks, ConsumerConfig, NodeConfig, OffsetReset, ProducerConfig, Retention, TopicConfig,
+};
 pub use consumer::Consumer;
 pub use error::{Error, Result};
 pub use node::{GroupOffset, Node, PartitionDescription, TopicDescription};

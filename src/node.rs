@@ -68,7 +68,7 @@ enum WriterMessage {
 }
 
 /// A topic and the state of each of its partitions.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct TopicDescription {
     /// The topic's name.
@@ -80,7 +80,7 @@ pub struct TopicDescription {
 }
 
 /// The state of one partition.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct PartitionDescription {
     /// The partition number.

@@ -1,6 +1,7 @@
-//! The request-response codec for membership gossip: a 4-byte big-endian
-//! length, then a versioned postcard frame ([`crate::wire`]). Frames over
-//! [`MAX_GOSSIP_FRAME`] are refused before they are read.
+//! The request-response codecs: a 4-byte big-endian length, then a versioned
+//! postcard frame ([`crate::wire`]). Frames over the protocol's cap are
+//! refused before they are read. Two protocols use it: membership gossip and
+//! the peer protocol ([`crate::protocol`]) that carries records.
 
 use std::io;
 
@@ -10,6 +11,7 @@ use libp2p::request_response;
 
 use super::NodeId;
 use crate::core::membership::GossipMessage;
+use crate::protocol::{PeerRequest, PeerResponse};
 
 /// The gossip protocol's name.
 pub const GOSSIP_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshlog/membership/1");
@@ -23,11 +25,35 @@ pub type GossipRequest = GossipMessage<NodeId>;
 /// The answer: the receiver's whole view when the sender asked for it.
 pub type GossipResponse = Option<GossipMessage<NodeId>>;
 
-/// Reads and writes gossip frames.
-#[derive(Clone, Default)]
-pub struct GossipCodec;
+/// The peer protocol's name: produce, replication and topic requests.
+pub const PEER_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshlog/peer/1");
 
-async fn read_frame<T, M>(io: &mut T) -> io::Result<M>
+/// Largest peer-protocol frame: a stored batch's cap plus room for the envelope.
+pub const MAX_PEER_FRAME: usize = crate::wire::MAX_FRAME_BYTES + 64 * 1024;
+
+/// Reads and writes frames of requests `Req` and responses `Resp`, at most
+/// `MAX` bytes each.
+pub struct FrameCodec<Req, Resp, const MAX: usize>(std::marker::PhantomData<fn() -> (Req, Resp)>);
+
+impl<Req, Resp, const MAX: usize> Clone for FrameCodec<Req, Resp, MAX> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<Req, Resp, const MAX: usize> Default for FrameCodec<Req, Resp, MAX> {
+    fn default() -> Self {
+        FrameCodec(std::marker::PhantomData)
+    }
+}
+
+/// Reads and writes gossip frames.
+pub type GossipCodec = FrameCodec<GossipRequest, GossipResponse, MAX_GOSSIP_FRAME>;
+
+/// Reads and writes peer-protocol frames.
+pub type PeerCodec = FrameCodec<PeerRequest, PeerResponse, MAX_PEER_FRAME>;
+
+async fn read_frame<T, M>(io: &mut T, max: usize) -> io::Result<M>
 where
     T: AsyncRead + Unpin + Send,
     M: serde::de::DeserializeOwned,
@@ -35,10 +61,10 @@ where
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_GOSSIP_FRAME {
+    if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("gossip frame of {len} bytes exceeds {MAX_GOSSIP_FRAME}"),
+            format!("frame of {len} bytes exceeds {max}"),
         ));
     }
     let mut buf = vec![0u8; len];
@@ -46,17 +72,17 @@ where
     crate::wire::decode(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-async fn write_frame<T, M>(io: &mut T, message: &M) -> io::Result<()>
+async fn write_frame<T, M>(io: &mut T, message: &M, max: usize) -> io::Result<()>
 where
     T: AsyncWrite + Unpin + Send,
     M: serde::Serialize,
 {
     let bytes =
         crate::wire::encode(message).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    if bytes.len() > MAX_GOSSIP_FRAME {
+    if bytes.len() > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "gossip frame too large",
+            format!("frame of {} bytes exceeds {max}", bytes.len()),
         ));
     }
     io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
@@ -64,51 +90,46 @@ where
     io.close().await
 }
 
-impl request_response::Codec for GossipCodec {
+impl<Req, Resp, const MAX: usize> request_response::Codec for FrameCodec<Req, Resp, MAX>
+where
+    Req: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+    Resp: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
     type Protocol = StreamProtocol;
-    type Request = GossipRequest;
-    type Response = GossipResponse;
+    type Request = Req;
+    type Response = Resp;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<GossipRequest>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io).await
+        read_frame(io, MAX).await
     }
 
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<GossipResponse>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io).await
+        read_frame(io, MAX).await
     }
 
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: GossipRequest,
-    ) -> io::Result<()>
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &req).await
+        write_frame(io, &req, MAX).await
     }
 
     async fn write_response<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        res: GossipResponse,
+        res: Resp,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &res).await
+        write_frame(io, &res, MAX).await
     }
 }
 

@@ -3,12 +3,15 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::collections::HashMap;
+
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, Message};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
@@ -18,6 +21,7 @@ use super::{Command, GossipStats, Keypair, MeshConfig, NetError, NodeId, peer_id
 use crate::core::membership::{
     Action, MemberMeta, Membership, MembershipEvent, PROTOCOL_VERSION, Role,
 };
+use crate::protocol::{PeerRequest, PeerResponse};
 
 /// How many gossip rounds between two measurements of free disk space.
 const DISK_REFRESH_ROUNDS: u64 = 20;
@@ -27,7 +31,17 @@ pub(super) struct Channels {
     pub commands: mpsc::Receiver<Command>,
     pub events: broadcast::Sender<MembershipEvent<NodeId>>,
     pub listening: watch::Sender<Vec<Multiaddr>>,
+    pub inbound: mpsc::Sender<super::InboundRequest>,
 }
+
+/// An answer the node is preparing for a peer's request.
+type PendingAnswer = futures::future::BoxFuture<
+    'static,
+    (
+        request_response::ResponseChannel<PeerResponse>,
+        Option<PeerResponse>,
+    ),
+>;
 
 pub(super) struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -42,7 +56,13 @@ pub(super) struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     gossip_interval: Duration,
     rounds: u64,
+    /// Our requests waiting for answers, by request id.
+    outbound: HashMap<request_response::OutboundRequestId, OutboundReply>,
+    /// Peers' requests the node is answering.
+    answers: FuturesUnordered<PendingAnswer>,
 }
+
+type OutboundReply = oneshot::Sender<Result<PeerResponse, NetError>>;
 
 impl EventLoop {
     pub fn new(
@@ -111,6 +131,8 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             gossip_interval: config.membership.gossip_interval,
             rounds: 0,
+            outbound: HashMap::new(),
+            answers: FuturesUnordered::new(),
         })
     }
 
@@ -134,6 +156,11 @@ impl EventLoop {
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick(),
+                Some((channel, answer)) = self.answers.next(), if !self.answers.is_empty() => {
+                    if let Some(answer) = answer {
+                        let _ = self.swarm.behaviour_mut().peer.send_response(channel, answer);
+                    }
+                }
             }
         }
         debug!("mesh event loop stopped");
@@ -147,9 +174,65 @@ impl EventLoop {
             Command::Stats(reply) => {
                 let _ = reply.send(self.stats);
             }
+            Command::Request { to, request, reply } => {
+                self.ensure_addresses(&to);
+                let id = self.swarm.behaviour_mut().peer.send_request(&to.0, request);
+                if let Some(reply) = reply {
+                    self.outbound.insert(id, reply);
+                }
+            }
             Command::Shutdown(done) => {
                 let _ = done.send(());
             }
+        }
+    }
+
+    fn on_peer_event(&mut self, event: request_response::Event<PeerRequest, PeerResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    let (reply, answer) = oneshot::channel();
+                    let inbound = super::InboundRequest {
+                        from: NodeId(peer),
+                        request,
+                        reply,
+                    };
+                    if self.channels.inbound.try_send(inbound).is_err() {
+                        debug!(%peer, "peer request dropped: the node is not keeping up");
+                        return;
+                    }
+                    self.answers
+                        .push(Box::pin(async move { (channel, answer.await.ok()) }));
+                }
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.outbound.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                debug!(%peer, %error, "peer request failed");
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer: NodeId(peer),
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "peer request from peer failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
         }
     }
 
@@ -208,6 +291,7 @@ impl EventLoop {
                 self.membership.add_seed(NodeId(peer));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Peer(event)) => self.on_peer_event(event),
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,

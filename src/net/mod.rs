@@ -28,6 +28,7 @@ use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 
 use crate::core::membership::{MemberView, MembershipConfig, MembershipEvent, Role};
+use crate::protocol::{PeerRequest, PeerResponse};
 
 /// A peer's identity in the core and on the wire: a libp2p peer id.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -89,6 +90,14 @@ pub enum NetError {
     /// The mesh has shut down.
     #[error("the mesh is shut down")]
     Closed,
+    /// A request to a peer failed (unreachable, timed out, refused the protocol).
+    #[error("request to {peer} failed: {reason}")]
+    Request {
+        /// The peer.
+        peer: NodeId,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// How a node takes part in the mesh.
@@ -164,8 +173,26 @@ pub struct GossipStats {
     pub bytes_sent: u64,
 }
 
+/// A peer-protocol request that arrived, with the way to answer it.
+pub struct InboundRequest {
+    /// Who asked.
+    pub from: NodeId,
+    /// What it asked.
+    pub request: PeerRequest,
+    /// Where the answer goes; dropping it fails the peer's request.
+    pub reply: oneshot::Sender<PeerResponse>,
+}
+
+/// Peer-protocol requests waiting for the node; beyond this, new ones fail.
+const INBOUND_DEPTH: usize = 4096;
+
 enum Command {
     Members(oneshot::Sender<Vec<MemberView<NodeId>>>),
+    Request {
+        to: NodeId,
+        request: PeerRequest,
+        reply: Option<oneshot::Sender<Result<PeerResponse, NetError>>>,
+    },
     Stats(oneshot::Sender<GossipStats>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -173,6 +200,7 @@ enum Command {
 /// A running mesh membership: the handle to the event loop.
 pub struct Mesh {
     peer_id: PeerId,
+    inbound: std::sync::Mutex<Option<mpsc::Receiver<InboundRequest>>>,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<MembershipEvent<NodeId>>,
     listening: watch::Receiver<Vec<Multiaddr>>,
@@ -187,18 +215,21 @@ impl Mesh {
         data_dir: Option<PathBuf>,
     ) -> Result<Mesh, NetError> {
         let peer_id = keypair.public().to_peer_id();
-        let (commands, receiver) = mpsc::channel(64);
+        let (commands, receiver) = mpsc::channel(4096);
+        let (inbound_tx, inbound) = mpsc::channel(INBOUND_DEPTH);
         let (events, _) = broadcast::channel(1024);
         let (listen_tx, listening) = watch::channel(Vec::new());
         let channels = event_loop::Channels {
             commands: receiver,
             events: events.clone(),
             listening: listen_tx,
+            inbound: inbound_tx,
         };
         let event_loop = event_loop::EventLoop::new(keypair, config, data_dir, channels)?;
         tokio::spawn(event_loop.run());
         Ok(Mesh {
             peer_id,
+            inbound: std::sync::Mutex::new(Some(inbound)),
             commands,
             events,
             listening,
@@ -231,6 +262,45 @@ impl Mesh {
             Ok(Err(_)) => Err(NetError::Closed),
             Err(_) => Ok(Vec::new()),
         }
+    }
+
+    /// Takes the stream of peer-protocol requests that arrive (once; later
+    /// calls get `None`). Until taken, requests wait; past a bound they fail.
+    pub fn take_inbound(&self) -> Option<mpsc::Receiver<InboundRequest>> {
+        self.inbound.lock().ok()?.take()
+    }
+
+    /// Sends `request` to `to` and waits for the answer.
+    pub async fn request(
+        &self,
+        to: NodeId,
+        request: PeerRequest,
+    ) -> Result<PeerResponse, NetError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Request {
+            to,
+            request,
+            reply: Some(reply),
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| NetError::Closed)?;
+        answer.await.map_err(|_| NetError::Closed)?
+    }
+
+    /// Sends `request` to `to` without waiting for the answer (replication
+    /// traffic, whose answers come back as requests of their own).
+    pub async fn send(&self, to: NodeId, request: PeerRequest) -> Result<(), NetError> {
+        let command = Command::Request {
+            to,
+            request,
+            reply: None,
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| NetError::Closed)
     }
 
     /// The gossip traffic sent so far.

@@ -1,0 +1,136 @@
+//! The peer protocol: what nodes (and light clients) ask each other.
+//!
+//! Every message is one request-response exchange on `/meshlog/peer/1`,
+//! framed by [`crate::net::codec`]. Replication traffic is one-way: the
+//! request carries a `core::replication` message (plus the batches an append
+//! ships) and the answer is a bare [`PeerResponse::Ack`]; the replica's real
+//! answer travels back as a request of its own, as the core's messages are
+//! asynchronous.
+
+use serde::{Deserialize, Serialize};
+
+use crate::chain::MessageId;
+use crate::config::{Acks, TopicConfig};
+use crate::core::replication::Message;
+use crate::net::NodeId;
+use crate::node::TopicDescription;
+use crate::record::Record;
+use crate::wire::ProducerBatch;
+
+/// A request from one peer to another.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Replication traffic of one partition.
+    Replicate(ReplicateFrame),
+    /// Append records to a partition at its leader.
+    Produce(ProduceFrame),
+    /// Store a topic (sent by the node that creates it to every storage node).
+    CreateTopic {
+        /// Its name.
+        name: String,
+        /// Its settings.
+        config: TopicConfig,
+        /// Each partition's replicas.
+        replicas: Vec<Vec<NodeId>>,
+    },
+    /// Delete a topic here.
+    DeleteTopic {
+        /// Its name.
+        name: String,
+    },
+    /// The topics this node knows.
+    ListTopics,
+    /// One topic as this node sees it.
+    DescribeTopic {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// A replication message for one partition.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicateFrame {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The core's message.
+    pub message: Message,
+    /// For an append: the encoded batch of each entry that holds records, in order.
+    pub batches: Vec<serde_bytes::ByteBuf>,
+}
+
+/// Records for a partition's leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProduceFrame {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// When to answer.
+    pub acks: Acks,
+    /// The idempotent producer's stamp, if any.
+    pub producer: Option<ProducerBatch>,
+    /// The records.
+    pub records: Vec<Record>,
+}
+
+/// Where produced records landed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Produced {
+    /// Offset of the first record.
+    pub base_offset: u64,
+    /// Each record's partition-chain ID.
+    pub ids: Vec<MessageId>,
+    /// True when the batch was a retry already in the log.
+    pub duplicate: bool,
+    /// The producer-chain head after the batch, for idempotent batches.
+    pub producer_head: Option<MessageId>,
+}
+
+/// Why a peer refused a request: the errors a client can act on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// This node does not lead the partition; `hint` may.
+    NotLeader {
+        /// The leader this node knows of.
+        hint: Option<NodeId>,
+    },
+    /// Fewer replicas are in sync than `min_insync_replicas`.
+    NotEnoughReplicas {
+        /// Replicas in sync, the leader included.
+        in_sync: usize,
+        /// Replicas required.
+        required: usize,
+    },
+    /// No such topic.
+    TopicNotFound(String),
+    /// No such partition.
+    PartitionNotFound(String, u32),
+    /// A record is over `max_message_bytes`.
+    RecordTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The records were not acknowledged in time.
+    Timeout,
+    /// Anything else, as text.
+    Other(String),
+}
+
+/// A peer's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// Received (replication traffic).
+    Ack,
+    /// The outcome of a produce request.
+    Produced(Result<Produced, Refusal>),
+    /// The outcome of a topic change.
+    Done(Result<(), Refusal>),
+    /// Topic names.
+    Topics(Vec<String>),
+    /// One topic.
+    Topic(Result<TopicDescription, Refusal>),
+}
