@@ -250,6 +250,46 @@ pub enum Error {
         /// The partition.
         partition: u32,
     },
+    /// The node asked does not lead the partition; `hint` is the leader it
+    /// knows of. Producers retry there by themselves.
+    #[error("{topic}/{partition}: not the leader (leader: {})", hint.map_or_else(|| "unknown".to_string(), |h| h.to_string()))]
+    NotLeader {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The leader, if known.
+        hint: Option<crate::net::NodeId>,
+    },
+    /// Fewer replicas are in sync than the topic's `min_insync_replicas`, so
+    /// `Acks::All` cannot be honoured; `Acks::Leader` still can.
+    #[error(
+        "{topic}/{partition}: not enough replicas in sync ({in_sync} of the {required} required)"
+    )]
+    NotEnoughReplicas {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// Replicas in sync, the leader included.
+        in_sync: usize,
+        /// Replicas required.
+        required: usize,
+    },
+    /// The records were not acknowledged within the producer's `delivery_timeout`.
+    #[error("{topic}/{partition}: not acknowledged in time")]
+    Timeout {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+    },
+    /// The mesh has too few live storage nodes for the request.
+    #[error("{0}")]
+    NotEnoughNodes(String),
+    /// A peer refused the request for a reason given as text.
+    #[error("refused by the mesh: {0}")]
+    Refused(String),
     /// The node has shut down.
     #[error("the node is shut down")]
     Closed,

@@ -49,6 +49,7 @@ pub mod node;
 pub mod producer;
 pub mod protocol;
 pub mod record;
+mod replica;
 pub mod store;
 pub mod wire;
 

@@ -23,8 +23,9 @@ use crate::chain::MessageId;
 use crate::config::{ConsumerConfig, NodeConfig, ProducerConfig, TopicConfig};
 use crate::consumer::Consumer;
 use crate::error::{Error, Result, StoreError};
-use crate::net::{Mesh, PeerId, identity};
+use crate::net::{Mesh, NodeId, PeerId, identity};
 use crate::producer::Producer;
+use crate::replica::Replicator;
 use crate::store::{Store, TopicEntry, WriteOp, WriteOutcome};
 
 /// Write requests waiting for the writer; senders wait when it is full.
@@ -48,7 +49,13 @@ pub(crate) struct NodeInner {
     appended: Arc<watch::Sender<u64>>,
     config: NodeConfig,
     /// The node's place in the mesh, when it is on the network.
-    mesh: Option<Mesh>,
+    pub(crate) mesh: Option<Arc<Mesh>>,
+    /// The replication task, on a storage node in a mesh.
+    pub(crate) replicator: Option<Replicator>,
+    /// The leader last seen for each partition, for routing produce requests.
+    pub(crate) leaders: Mutex<std::collections::HashMap<(String, u32), crate::net::NodeId>>,
+    /// Topics learned from peers (light clients and routing), by name.
+    pub(crate) remote_topics: Mutex<std::collections::HashMap<String, TopicDescription>>,
     /// Background work to stop on shutdown; `None` once stopped.
     tasks: Mutex<Option<NodeTasks>>,
 }
@@ -56,6 +63,7 @@ pub(crate) struct NodeInner {
 struct NodeTasks {
     writer: std::thread::JoinHandle<()>,
     retention: tokio::task::JoinHandle<()>,
+    replicator: Option<tokio::task::JoinHandle<()>>,
     stop: watch::Sender<bool>,
 }
 
@@ -95,6 +103,14 @@ pub struct PartitionDescription {
     pub head: MessageId,
     /// Bytes stored.
     pub bytes: u64,
+    /// The leader the describing node knows of (itself on a node of its own;
+    /// `None` when it does not host the partition or no leader is known).
+    pub leader: Option<crate::net::NodeId>,
+    /// The partition's replicas (empty on a node of its own).
+    pub replicas: Vec<crate::net::NodeId>,
+    /// The replicas in sync, as the leader sees them (empty unless the
+    /// describing node leads the partition).
+    pub in_sync: Vec<crate::net::NodeId>,
 }
 
 /// One partition of a consumer group's position, as `meshlog group describe` shows it.
@@ -157,9 +173,27 @@ impl Node {
                     .await
                     .map_err(Error::Net)?;
                 info!(peer_id = %mesh.peer_id(), "joined the network");
-                Some(mesh)
+                Some(Arc::new(mesh))
             }
             None => None,
+        };
+        let storage_mesh = mesh
+            .as_ref()
+            .filter(|_| config.network.as_ref().is_some_and(|m| m.role_is_storage()));
+        let (replicator, replicator_task) = match storage_mesh {
+            Some(mesh) => {
+                let inbound = mesh.take_inbound().ok_or(Error::Closed)?;
+                let (replicator, task) = Replicator::start(
+                    NodeId(mesh.peer_id()),
+                    store.clone(),
+                    WriteQueue { tx: writes.clone() },
+                    mesh.clone(),
+                    inbound,
+                    stop.subscribe(),
+                );
+                (Some(replicator), Some(task))
+            }
+            None => (None, None),
         };
         info!(data_dir = %config.data_dir.display(), fsync, "node opened");
         Ok(Node {
@@ -170,9 +204,13 @@ impl Node {
                 appended,
                 config,
                 mesh,
+                replicator,
+                leaders: Mutex::new(Default::default()),
+                remote_topics: Mutex::new(Default::default()),
                 tasks: Mutex::new(Some(NodeTasks {
                     writer,
                     retention,
+                    replicator: replicator_task,
                     stop,
                 })),
             }),
@@ -186,13 +224,13 @@ impl Node {
 
     /// The node's peer id, when it is on the network.
     pub fn peer_id(&self) -> Option<PeerId> {
-        self.inner.mesh.as_ref().map(Mesh::peer_id)
+        self.inner.mesh.as_ref().map(|m| m.peer_id())
     }
 
     /// The node's place in the mesh (members, listen addresses, events), when
     /// it is on the network.
     pub fn mesh(&self) -> Option<&Mesh> {
-        self.inner.mesh.as_ref()
+        self.inner.mesh.as_deref()
     }
 
     /// The path of the node's database file.
@@ -269,6 +307,9 @@ impl Node {
                 high_watermark: state.high_watermark,
                 head: state.head,
                 bytes: state.bytes,
+                leader: None,
+                replicas: Vec::new(),
+                in_sync: Vec::new(),
             });
         }
         Ok(TopicDescription {
@@ -359,6 +400,9 @@ impl Node {
         }
         let _ = tasks.stop.send(true);
         let _ = tasks.retention.await;
+        if let Some(replicator) = tasks.replicator {
+            let _ = replicator.await;
+        }
         if self.inner.writes.send(WriterMessage::Stop).await.is_err() {
             debug!("writer already stopped");
         }
@@ -415,6 +459,29 @@ impl WritePermit<'_> {
         let (reply, answer) = oneshot::channel();
         self.permit.send(WriterMessage::Write { op, reply });
         answer
+    }
+}
+
+/// The writer's queue, for tasks that write without a [`Node`] handle.
+#[derive(Clone)]
+pub(crate) struct WriteQueue {
+    tx: mpsc::Sender<WriterMessage>,
+}
+
+impl WriteQueue {
+    /// Enqueues `op` (waiting for room); await the receiver for its outcome.
+    pub(crate) async fn submit(&self, op: WriteOp) -> Result<WriteReply> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(WriterMessage::Write { op, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(answer)
+    }
+
+    /// Enqueues `op` and waits for its outcome.
+    pub(crate) async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
+        await_reply(self.submit(op).await?).await
     }
 }
 
@@ -483,7 +550,9 @@ fn commit_group(
     replies: Vec<oneshot::Sender<Result<WriteOutcome, StoreError>>>,
     appended: &watch::Sender<u64>,
 ) {
-    let has_appends = ops.iter().any(|op| matches!(op, WriteOp::Append(_)));
+    let has_appends = ops
+        .iter()
+        .any(|op| matches!(op, WriteOp::Append(_) | WriteOp::SetHighWatermark { .. }));
     match store.write(ops) {
         Ok(results) => {
             for (reply, result) in replies.into_iter().zip(results) {

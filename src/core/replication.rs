@@ -200,6 +200,8 @@ enum Role<P> {
         matched: BTreeMap<P, u64>,
         next: BTreeMap<P, u64>,
         last_sent: Duration,
+        /// When each follower last confirmed an append: who is in sync.
+        last_ack: BTreeMap<P, Duration>,
     },
 }
 
@@ -277,6 +279,10 @@ impl<P: PeerKey> Replica<P> {
             rng: Rng::new(seed),
         };
         replica.reset_election_deadline(now);
+        if replica.voters.len() == 1 && replica.voters[0] == replica.me {
+            // Alone: no one to wait for, stand at the first tick.
+            replica.election_deadline = now;
+        }
         replica
     }
 
@@ -297,6 +303,39 @@ impl<P: PeerKey> Replica<P> {
             Role::Leader { .. } => Some(&self.me),
             Role::Candidate { .. } => None,
         }
+    }
+
+    /// The replicas that are in sync, as the leader sees them: itself and every
+    /// follower that confirmed an append within `max_lag` of `now` (Kafka's
+    /// ISR with `replica.lag.time.max.ms`). Empty on a replica that does not lead.
+    pub fn in_sync(&self, now: Duration, max_lag: Duration) -> Vec<P> {
+        let Role::Leader { last_ack, .. } = &self.role else {
+            return Vec::new();
+        };
+        let mut out = vec![self.me.clone()];
+        out.extend(
+            last_ack
+                .iter()
+                .filter(|(_, at)| now.saturating_sub(**at) <= max_lag)
+                .map(|(p, _)| p.clone()),
+        );
+        out
+    }
+
+    /// The replicas that vote in this partition.
+    pub fn voters(&self) -> &[P] {
+        &self.voters
+    }
+
+    /// How many entries the driver has confirmed durable.
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    /// The replicas whose durable copy is needed for a commit: a majority, or
+    /// `min_insync` if larger.
+    pub fn quorum_size(&self) -> usize {
+        self.quorum()
     }
 
     /// The log (durable and not).
@@ -427,6 +466,7 @@ impl<P: PeerKey> Replica<P> {
             matched,
             next,
             last_sent: Duration::ZERO,
+            last_ack: BTreeMap::new(),
         };
         actions.push(Action::BecameLeader { epoch: self.epoch });
         // The epoch-start marker: committing it commits everything before it.
@@ -707,10 +747,17 @@ impl<P: PeerKey> Replica<P> {
         if epoch != self.epoch {
             return;
         }
-        let Role::Leader { matched, next, .. } = &mut self.role else {
+        let Role::Leader {
+            matched,
+            next,
+            last_ack,
+            ..
+        } = &mut self.role
+        else {
             return;
         };
         if success {
+            last_ack.insert(from.clone(), now);
             let m = matched.entry(from.clone()).or_default();
             *m = (*m).max(log_end);
             next.insert(from, log_end);

@@ -1,0 +1,575 @@
+//! The replication driver: one task that runs every partition replica this
+//! node hosts over the pure core (`core::replication`).
+//!
+//! The task owns the [`PartitionReplica`]s. It feeds them ticks, peers'
+//! replication messages, produce requests and store confirmations, and
+//! carries out what they return: messages go to the mesh, writes go to the
+//! node's writer (group commit), and their outcomes come back in the order
+//! the writer committed them. Nothing else touches a replica, so no lock is
+//! needed and the core sees one input at a time.
+//!
+//! Peers' topic requests (create, delete, describe) arrive here too, since
+//! creating a topic opens its replicas.
+
+mod partition;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, info, warn};
+
+use crate::chain::MessageId;
+use crate::config::TopicConfig;
+use crate::core::replication::ReplicationConfig;
+use crate::net::{InboundRequest, Mesh, NodeId};
+use crate::node::{PartitionDescription, TopicDescription, WriteQueue, now_ms};
+use crate::protocol::{PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal, ReplicateFrame};
+use crate::store::{Store, TopicEntry, WriteOp, WriteOutcome};
+
+use partition::{Effect, PartitionReplica, PartitionSettings, ProduceReply, WriteKind};
+
+/// How often replicas get a tick (elections, heartbeats, timeouts).
+const TICK: Duration = Duration::from_millis(50);
+
+/// Requests from the node to its replicator.
+pub(crate) enum Request {
+    /// Produce through a local replica.
+    Produce {
+        frame: ProduceFrame,
+        reply: ProduceReply,
+    },
+    /// Store a topic here and open the replicas this node hosts.
+    CreateTopic {
+        name: String,
+        config: TopicConfig,
+        replicas: Vec<Vec<NodeId>>,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// Close a topic's replicas and delete it here.
+    DeleteTopic {
+        name: String,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// The live state of the replicas of a topic hosted here.
+    Describe {
+        name: String,
+        reply: oneshot::Sender<BTreeMap<u32, ReplicaStatus>>,
+    },
+}
+
+/// A hosted replica's state, for descriptions.
+#[derive(Clone, Debug)]
+pub(crate) struct ReplicaStatus {
+    pub epoch: u64,
+    pub leader: Option<NodeId>,
+    pub in_sync: Vec<NodeId>,
+    pub high_watermark: u64,
+    pub head: MessageId,
+}
+
+/// The handle to the replication task.
+#[derive(Clone)]
+pub(crate) struct Replicator {
+    requests: mpsc::Sender<Request>,
+}
+
+impl Replicator {
+    /// Starts the task for the node `me`.
+    pub fn start(
+        me: NodeId,
+        store: Arc<Store>,
+        writes: WriteQueue,
+        mesh: Arc<Mesh>,
+        inbound: mpsc::Receiver<InboundRequest>,
+        stop: watch::Receiver<bool>,
+    ) -> (Replicator, tokio::task::JoinHandle<()>) {
+        let (requests, receiver) = mpsc::channel(1024);
+        let task = Task {
+            me,
+            store,
+            writes,
+            mesh,
+            replicas: BTreeMap::new(),
+            start: Instant::now(),
+            settings: PartitionSettings {
+                replication: ReplicationConfig::default(),
+                replica_lag: Duration::from_secs(5),
+                produce_timeout: Duration::from_secs(30),
+            },
+            pending: FuturesOrdered::new(),
+            unknown_topics: BTreeMap::new(),
+        };
+        let handle = tokio::spawn(task.run(receiver, inbound, stop));
+        (Replicator { requests }, handle)
+    }
+
+    /// Sends a request to the task.
+    pub async fn request(&self, request: Request) -> Result<(), Refusal> {
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| Refusal::Other("the node is shutting down".into()))
+    }
+}
+
+type Key = (String, u32);
+
+/// A store write in flight, with what to tell its partition when it lands.
+type PendingWrite = futures::future::BoxFuture<
+    'static,
+    (
+        Key,
+        WriteKind,
+        Result<Option<crate::store::LogEnd>, crate::error::StoreError>,
+    ),
+>;
+
+struct Task {
+    me: NodeId,
+    store: Arc<Store>,
+    writes: WriteQueue,
+    mesh: Arc<Mesh>,
+    replicas: BTreeMap<Key, PartitionReplica>,
+    start: Instant,
+    settings: PartitionSettings,
+    /// Writes in flight, in the order the writer commits them.
+    pending: FuturesOrdered<PendingWrite>,
+    /// Topics a peer replicates to us that we do not know yet, with when we
+    /// last asked about them.
+    unknown_topics: BTreeMap<String, Instant>,
+}
+
+impl Task {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut inbound: mpsc::Receiver<InboundRequest>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        self.open_hosted();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                Some(request) = requests.recv() => self.on_request(request).await,
+                Some(request) = inbound.recv() => self.on_inbound(request).await,
+                Some((key, kind, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
+                    let now = self.now();
+                    if let Some(replica) = self.replicas.get_mut(&key) {
+                        let effects = replica.on_written(kind, outcome, now);
+                        self.run_effects(&key, effects).await;
+                    }
+                }
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+        for replica in self.replicas.values_mut() {
+            replica.close();
+        }
+        debug!("replicator stopped");
+    }
+
+    /// Opens a replica for every partition of every stored topic this node hosts.
+    fn open_hosted(&mut self) {
+        let topics = match self.store.list_topics() {
+            Ok(topics) => topics,
+            Err(error) => {
+                warn!(%error, "cannot list topics to replicate");
+                return;
+            }
+        };
+        for topic in topics {
+            self.open_topic(&topic);
+        }
+    }
+
+    fn open_topic(&mut self, topic: &TopicEntry) {
+        for (partition, voters) in topic.replicas.iter().enumerate() {
+            let partition = partition as u32;
+            let key = (topic.name.clone(), partition);
+            if !voters.contains(&self.me) || self.replicas.contains_key(&key) {
+                continue;
+            }
+            let seed = seed_for(&self.me, &topic.name, partition);
+            match PartitionReplica::open(
+                &self.store,
+                self.me,
+                &topic.name,
+                partition,
+                topic.config.clone(),
+                voters.clone(),
+                self.settings.clone(),
+                self.now(),
+                seed,
+            ) {
+                Ok(replica) => {
+                    self.replicas.insert(key, replica);
+                }
+                Err(error) => {
+                    warn!(topic = %topic.name, partition, %error, "cannot open replica");
+                }
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = self.now();
+        let keys: Vec<Key> = self.replicas.keys().cloned().collect();
+        for key in keys {
+            let Some(replica) = self.replicas.get_mut(&key) else {
+                continue;
+            };
+            let effects = replica.tick(now);
+            self.run_effects(&key, effects).await;
+        }
+    }
+
+    async fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Produce { frame, reply } => self.produce(frame, reply).await,
+            Request::CreateTopic {
+                name,
+                config,
+                replicas,
+                reply,
+            } => {
+                let result = self.create_topic(name, config, replicas).await;
+                let _ = reply.send(result);
+            }
+            Request::DeleteTopic { name, reply } => {
+                let result = self.delete_topic(&name).await;
+                let _ = reply.send(result);
+            }
+            Request::Describe { name, reply } => {
+                let _ = reply.send(self.statuses(&name));
+            }
+        }
+    }
+
+    fn statuses(&self, name: &str) -> BTreeMap<u32, ReplicaStatus> {
+        let now = self.now();
+        self.replicas
+            .iter()
+            .filter(|((topic, _), _)| topic == name)
+            .map(|((_, partition), r)| {
+                let status = ReplicaStatus {
+                    epoch: r.core().epoch(),
+                    leader: r.core().leader_hint().copied(),
+                    in_sync: r.in_sync(now),
+                    high_watermark: r.high_watermark(),
+                    head: r.committed_head(),
+                };
+                (*partition, status)
+            })
+            .collect()
+    }
+
+    async fn produce(&mut self, frame: ProduceFrame, reply: ProduceReply) {
+        let key = (frame.topic.clone(), frame.partition);
+        let now = self.now();
+        let Some(replica) = self.replicas.get_mut(&key) else {
+            let refusal = match self.store.topic(&frame.topic) {
+                Ok(t) if frame.partition >= t.config.partitions => {
+                    Refusal::PartitionNotFound(frame.topic, frame.partition)
+                }
+                Ok(t) => Refusal::NotLeader {
+                    hint: t
+                        .replicas
+                        .get(frame.partition as usize)
+                        .and_then(|r| r.first().copied()),
+                },
+                Err(_) => Refusal::TopicNotFound(frame.topic),
+            };
+            let _ = reply.send(Err(refusal));
+            return;
+        };
+        if let Some(pb) = &frame.producer
+            && let Err(error) = replica.load_producer(&self.store, pb.producer)
+        {
+            let _ = reply.send(Err(Refusal::Other(error.to_string())));
+            return;
+        }
+        let effects = replica.produce(frame, reply, now);
+        self.run_effects(&key, effects).await;
+    }
+
+    async fn on_inbound(&mut self, inbound: InboundRequest) {
+        let InboundRequest {
+            from,
+            request,
+            reply,
+        } = inbound;
+        match request {
+            PeerRequest::Replicate(frame) => {
+                let _ = reply.send(PeerResponse::Ack);
+                self.on_replicate(from, frame).await;
+            }
+            PeerRequest::Produce(frame) => {
+                let (tx, rx) = oneshot::channel();
+                self.produce(frame, tx).await;
+                tokio::spawn(async move {
+                    let outcome = rx
+                        .await
+                        .unwrap_or(Err(Refusal::Other("the node is shutting down".into())));
+                    let _ = reply.send(PeerResponse::Produced(outcome));
+                });
+            }
+            PeerRequest::CreateTopic {
+                name,
+                config,
+                replicas,
+            } => {
+                let result = self.create_topic(name, config, replicas).await;
+                let _ = reply.send(PeerResponse::Done(result));
+            }
+            PeerRequest::DeleteTopic { name } => {
+                let result = self.delete_topic(&name).await;
+                let _ = reply.send(PeerResponse::Done(result));
+            }
+            PeerRequest::ListTopics => {
+                let names = self
+                    .store
+                    .list_topics()
+                    .map(|t| t.into_iter().map(|t| t.name).collect())
+                    .unwrap_or_default();
+                let _ = reply.send(PeerResponse::Topics(names));
+            }
+            PeerRequest::DescribeTopic { name } => {
+                let answer = self.describe(&name);
+                let _ = reply.send(PeerResponse::Topic(answer));
+            }
+        }
+    }
+
+    /// This node's view of a topic: stored metadata plus its replicas' live state.
+    fn describe(&self, name: &str) -> Result<TopicDescription, Refusal> {
+        let topic = self
+            .store
+            .topic(name)
+            .map_err(|_| Refusal::TopicNotFound(name.to_string()))?;
+        Ok(describe_entry(&self.store, &topic, &self.statuses(name)))
+    }
+
+    async fn on_replicate(&mut self, from: NodeId, frame: ReplicateFrame) {
+        let key = (frame.topic.clone(), frame.partition);
+        if !self.replicas.contains_key(&key) {
+            self.learn_topic(from, &frame.topic).await;
+        }
+        let now = self.now();
+        let Some(replica) = self.replicas.get_mut(&key) else {
+            return;
+        };
+        let batches = frame.batches.into_iter().map(|b| b.into_vec()).collect();
+        let effects = replica.on_message(from, frame.message, batches, now);
+        self.run_effects(&key, effects).await;
+    }
+
+    /// A peer replicates a topic we do not know (we were down when it was
+    /// created): ask it for the topic, at most once a second.
+    async fn learn_topic(&mut self, from: NodeId, name: &str) {
+        if self.store.topic(name).is_ok() {
+            return;
+        }
+        if let Some(at) = self.unknown_topics.get(name)
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return;
+        }
+        self.unknown_topics.insert(name.to_string(), Instant::now());
+        let request = PeerRequest::DescribeTopic {
+            name: name.to_string(),
+        };
+        let answer =
+            tokio::time::timeout(Duration::from_secs(5), self.mesh.request(from, request)).await;
+        if let Ok(Ok(PeerResponse::Topic(Ok(description)))) = answer {
+            let replicas = description
+                .partitions
+                .iter()
+                .map(|p| p.replicas.clone())
+                .collect();
+            info!(topic = name, %from, "learned a topic from a peer");
+            if let Err(refusal) = self
+                .create_topic(description.name, description.config, replicas)
+                .await
+            {
+                warn!(
+                    topic = name,
+                    ?refusal,
+                    "cannot store a topic learned from a peer"
+                );
+            }
+        }
+    }
+
+    async fn create_topic(
+        &mut self,
+        name: String,
+        config: TopicConfig,
+        replicas: Vec<Vec<NodeId>>,
+    ) -> Result<(), Refusal> {
+        let op = WriteOp::CreateTopic {
+            name: name.clone(),
+            config,
+            now_ms: now_ms(),
+            replicas,
+        };
+        match self.writes.write(op).await {
+            Ok(WriteOutcome::TopicCreated { topic, created }) => {
+                if created {
+                    info!(topic = %name, partitions = topic.config.partitions, "topic created");
+                }
+                self.open_topic(&topic);
+                Ok(())
+            }
+            Ok(_) => Err(Refusal::Other("unexpected write outcome".into())),
+            Err(e) => Err(Refusal::Other(e.to_string())),
+        }
+    }
+
+    async fn delete_topic(&mut self, name: &str) -> Result<(), Refusal> {
+        let keys: Vec<Key> = self
+            .replicas
+            .keys()
+            .filter(|(t, _)| t == name)
+            .cloned()
+            .collect();
+        for key in keys {
+            if let Some(mut replica) = self.replicas.remove(&key) {
+                replica.close();
+            }
+        }
+        match self
+            .writes
+            .write(WriteOp::DeleteTopic {
+                name: name.to_string(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(crate::error::Error::Store(crate::error::StoreError::TopicNotFound(t))) => {
+                Err(Refusal::TopicNotFound(t))
+            }
+            Err(e) => Err(Refusal::Other(e.to_string())),
+        }
+    }
+
+    /// Carries out a partition's effects in order.
+    async fn run_effects(&mut self, key: &Key, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Send {
+                    to,
+                    message,
+                    mut batches,
+                } => {
+                    if batches.iter().any(|b| b.is_empty())
+                        && let Some(replica) = self.replicas.get(key)
+                    {
+                        replica.fill_batches(&self.store, &message, &mut batches);
+                    }
+                    let frame = ReplicateFrame {
+                        topic: key.0.clone(),
+                        partition: key.1,
+                        message,
+                        batches: batches
+                            .iter()
+                            .map(|b| serde_bytes::ByteBuf::from(b.as_ref().clone()))
+                            .collect(),
+                    };
+                    if let Err(error) = self.mesh.send(to, PeerRequest::Replicate(frame)).await {
+                        debug!(%to, %error, "replication message not sent");
+                    }
+                }
+                Effect::Write(write) => {
+                    let (op, kind) = write.into_op(&key.0, key.1);
+                    let answer = match self.writes.submit(op).await {
+                        Ok(answer) => answer,
+                        Err(error) => {
+                            warn!(%error, "the writer is gone");
+                            continue;
+                        }
+                    };
+                    let key = key.clone();
+                    self.pending.push_back(Box::pin(async move {
+                        let outcome = match answer.await {
+                            Ok(Ok(WriteOutcome::LogReplicated(end))) => Ok(Some(end)),
+                            Ok(Ok(_)) => Ok(None),
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => Err(crate::error::StoreError::CommitFailed(
+                                "the writer stopped".into(),
+                            )),
+                        };
+                        (key, kind, outcome)
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// A topic as this node sees it: stored metadata, stored partition state, and
+/// the live state of the replicas it hosts.
+pub(crate) fn describe_entry(
+    store: &Store,
+    topic: &TopicEntry,
+    live: &BTreeMap<u32, ReplicaStatus>,
+) -> TopicDescription {
+    let partitions = (0..topic.config.partitions)
+        .map(|partition| {
+            let state = store.partition_state(&topic.name, partition).ok();
+            let replicas = topic
+                .replicas
+                .get(partition as usize)
+                .cloned()
+                .unwrap_or_default();
+            let status = live.get(&partition);
+            PartitionDescription {
+                partition,
+                epoch: status.map_or_else(|| state.as_ref().map_or(0, |s| s.epoch), |s| s.epoch),
+                log_start_offset: state.as_ref().map_or(0, |s| s.log_start_offset),
+                high_watermark: status.map_or_else(
+                    || state.as_ref().map_or(0, |s| s.high_watermark),
+                    |s| s.high_watermark,
+                ),
+                head: status.map_or_else(
+                    || state.as_ref().map_or(MessageId([0; 32]), |s| s.head),
+                    |s| s.head,
+                ),
+                bytes: state.as_ref().map_or(0, |s| s.bytes),
+                leader: status.and_then(|s| s.leader),
+                replicas,
+                in_sync: status.map(|s| s.in_sync.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    TopicDescription {
+        name: topic.name.clone(),
+        config: topic.config.clone(),
+        partitions,
+    }
+}
+
+/// Hands out produce results to a waiting caller.
+pub(crate) async fn await_produce(
+    reply: oneshot::Receiver<Result<Produced, Refusal>>,
+) -> Result<Produced, Refusal> {
+    reply
+        .await
+        .unwrap_or(Err(Refusal::Other("the node is shutting down".into())))
+}
+
+/// A replica's random seed: distinct per node and partition, fresh per run.
+fn seed_for(me: &NodeId, topic: &str, partition: u32) -> u64 {
+    use std::hash::BuildHasher;
+    std::hash::RandomState::new().hash_one((me, topic, partition))
+}

@@ -1,0 +1,865 @@
+//! One partition's replica on this node: the core's [`Replica`] plus what the
+//! driver keeps around it.
+//!
+//! The core decides (who leads, what is appended, what is committed); this
+//! type turns its decisions into batches, store writes and messages, and turns
+//! store confirmations and peers' messages back into core inputs. It keeps,
+//! next to the core's entries, where each entry's records sit (`spans`), the
+//! encoded batches not yet known to be on every follower (`payloads`), the
+//! idempotent producers' state as of the log end (`producers`), and the
+//! produce requests waiting for their records to be acknowledged (`waiters`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use crate::chain::{self, MessageId, ProducerId};
+use crate::config::{Acks, TopicConfig};
+use crate::core::replication::{
+    Action, DurableState, Input, LogEntry, Message, Replica, ReplicationConfig,
+};
+use crate::error::StoreError;
+use crate::net::NodeId;
+use crate::protocol::{ProduceFrame, Produced, Refusal};
+use crate::store::{ProducerState, ReplicatedEntry, SequenceCheck, Store, VoteRow};
+use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch, StoredBatch};
+
+/// A produce request's answer channel.
+pub(crate) type ProduceReply = oneshot::Sender<Result<Produced, Refusal>>;
+
+/// What the partition asks its driver to do, in order.
+#[derive(Debug)]
+pub(crate) enum Effect {
+    /// Send a replication message (and these batches) to a peer.
+    Send {
+        to: NodeId,
+        message: Message,
+        batches: Vec<Arc<Vec<u8>>>,
+    },
+    /// Write to the store; report the outcome back with [`PartitionReplica::on_written`].
+    Write(PartitionWrite),
+}
+
+/// A store write a partition waits for.
+#[derive(Debug)]
+pub(crate) enum PartitionWrite {
+    /// Cut the log at `truncate_from` and append `entries`.
+    Log {
+        truncate_from: u64,
+        entries: Vec<ReplicatedEntry>,
+    },
+    /// Make the vote durable; `then` are the messages that depended on it.
+    Vote { vote: VoteRow, then: Vec<Effect> },
+    /// Raise the high watermark.
+    HighWatermark(u64),
+}
+
+/// What a write was, as its outcome comes back.
+#[derive(Debug)]
+pub(crate) enum WriteKind {
+    /// A log write.
+    Log,
+    /// A vote, and the messages to send once it is durable.
+    Vote { then: Vec<Effect> },
+    /// A high watermark.
+    HighWatermark,
+}
+
+impl PartitionWrite {
+    /// The store operation, and what to remember until it completes.
+    pub fn into_op(self, topic: &str, partition: u32) -> (crate::store::WriteOp, WriteKind) {
+        use crate::store::WriteOp;
+        let (topic, partition) = (topic.to_string(), partition);
+        match self {
+            PartitionWrite::Log {
+                truncate_from,
+                entries,
+            } => (
+                WriteOp::ReplicateLog {
+                    topic,
+                    partition,
+                    truncate_from,
+                    entries,
+                },
+                WriteKind::Log,
+            ),
+            PartitionWrite::Vote { vote, then } => (
+                WriteOp::SetVote {
+                    topic,
+                    partition,
+                    vote,
+                },
+                WriteKind::Vote { then },
+            ),
+            PartitionWrite::HighWatermark(high_watermark) => (
+                WriteOp::SetHighWatermark {
+                    topic,
+                    partition,
+                    high_watermark,
+                },
+                WriteKind::HighWatermark,
+            ),
+        }
+    }
+}
+
+/// A produce request waiting for its records to be acknowledged.
+struct Waiter {
+    /// Entry index one past the request's last entry.
+    entries_end: u64,
+    acks: Acks,
+    produced: Produced,
+    reply: ProduceReply,
+    deadline: Duration,
+}
+
+/// The settings a partition replica runs with.
+#[derive(Clone, Debug)]
+pub(crate) struct PartitionSettings {
+    pub replication: ReplicationConfig,
+    /// A follower silent for longer is out of sync (`replica.lag.time.max.ms`).
+    pub replica_lag: Duration,
+    /// How long a produce request may wait for its acknowledgement.
+    pub produce_timeout: Duration,
+}
+
+/// One replica of one partition, driven by the node.
+pub(crate) struct PartitionReplica {
+    topic: String,
+    partition: u32,
+    config: TopicConfig,
+    settings: PartitionSettings,
+    core: Replica<NodeId>,
+    /// Where each entry of `core.log()` holds its records: (base offset, count).
+    spans: Vec<(u64, u32)>,
+    /// The chain ID before the partition's first stored record.
+    start_prev_id: MessageId,
+    /// Encoded batches by entry index, kept while followers may still need them.
+    payloads: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// Idempotent producers' state as of the in-memory log end, loaded lazily.
+    producers: BTreeMap<ProducerId, Option<ProducerState>>,
+    waiters: Vec<Waiter>,
+    /// Entries confirmed durable on this node.
+    durable: u64,
+    /// Entries committed.
+    committed: u64,
+    /// The leader epoch this replica last led, to notice when it stops leading.
+    led: Option<u64>,
+}
+
+impl PartitionReplica {
+    /// Starts the replica from what `store` holds for it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        store: &Store,
+        me: NodeId,
+        topic: &str,
+        partition: u32,
+        config: TopicConfig,
+        voters: Vec<NodeId>,
+        settings: PartitionSettings,
+        now: Duration,
+        seed: u64,
+    ) -> Result<Self, StoreError> {
+        let log = store.replica_log(topic, partition)?;
+        let state = store.partition_state(topic, partition)?;
+        let vote = log.vote.unwrap_or(VoteRow {
+            epoch: 0,
+            voted_for: None,
+        });
+        let spans = log
+            .entries
+            .iter()
+            .map(|r| (r.base_offset, r.count))
+            .collect();
+        let entries: Vec<LogEntry> = log.entries.iter().map(|r| r.entry).collect();
+        let durable = entries.len() as u64;
+        let mut replication = settings.replication.clone();
+        replication.min_insync = config.min_insync_replicas.map_or(0, usize::from);
+        let core = Replica::new(
+            me,
+            voters,
+            replication,
+            chain::partition_genesis(topic, partition),
+            DurableState {
+                epoch: vote.epoch,
+                voted_for: vote.voted_for,
+                log: entries,
+            },
+            now,
+            seed,
+        );
+        Ok(PartitionReplica {
+            topic: topic.to_string(),
+            partition,
+            config,
+            settings,
+            core,
+            spans,
+            start_prev_id: state.start_prev_id,
+            payloads: BTreeMap::new(),
+            producers: BTreeMap::new(),
+            waiters: Vec::new(),
+            durable,
+            committed: 0,
+            led: None,
+        })
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The partition number.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The core state machine (read-only).
+    pub fn core(&self) -> &Replica<NodeId> {
+        &self.core
+    }
+
+    /// One past the last committed record offset.
+    pub fn high_watermark(&self) -> u64 {
+        self.record_end(self.committed)
+    }
+
+    /// The chain ID of the last committed record.
+    pub fn committed_head(&self) -> MessageId {
+        self.record_head(self.committed)
+    }
+
+    /// The replicas in sync (leader only; empty elsewhere).
+    pub fn in_sync(&self, now: Duration) -> Vec<NodeId> {
+        self.core.in_sync(now, self.settings.replica_lag)
+    }
+
+    /// Record offset one past the records of the first `entries` entries.
+    fn record_end(&self, entries: u64) -> u64 {
+        self.spans[..entries as usize]
+            .iter()
+            .rev()
+            .find(|(_, count)| *count > 0)
+            .map_or_else(
+                || self.spans.first().map_or(0, |s| s.0),
+                |(base, count)| base + u64::from(*count),
+            )
+    }
+
+    /// The chain ID of the last record in the first `entries` entries.
+    fn record_head(&self, entries: u64) -> MessageId {
+        let log = self.core.log();
+        (0..entries as usize)
+            .rev()
+            .find(|i| self.spans[*i].1 > 0)
+            .map_or(self.start_prev_id, |i| log[i].digest)
+    }
+
+    /// Time passes.
+    pub fn tick(&mut self, now: Duration) -> Vec<Effect> {
+        let actions = self.core.handle(Input::Tick, now);
+        let mut effects = self.apply(actions, None);
+        self.expire_waiters(now);
+        self.notice_role(&mut effects);
+        effects
+    }
+
+    /// A replication message from `from`, with the batches an append carries.
+    pub fn on_message(
+        &mut self,
+        from: NodeId,
+        message: Message,
+        batches: Vec<Vec<u8>>,
+        now: Duration,
+    ) -> Vec<Effect> {
+        let incoming = match &message {
+            Message::Append {
+                prev_offset,
+                entries,
+                ..
+            } => match self.check_batches(*prev_offset, entries, batches) {
+                Ok(incoming) => Some(incoming),
+                Err(reason) => {
+                    warn!(topic = %self.topic, partition = self.partition, %from, reason, "refusing a replicated append");
+                    return Vec::new();
+                }
+            },
+            _ => None,
+        };
+        let actions = self.core.handle(Input::Message { from, message }, now);
+        let mut effects = self.apply(actions, incoming.as_ref());
+        self.notice_role(&mut effects);
+        effects
+    }
+
+    /// Matches an append's batches to its entries, checking each batch's
+    /// header against its entry. Returns (entry index → (batch, base, count)).
+    fn check_batches(
+        &self,
+        prev_offset: u64,
+        entries: &[LogEntry],
+        batches: Vec<Vec<u8>>,
+    ) -> Result<BTreeMap<u64, Incoming>, String> {
+        let mut batches = batches.into_iter();
+        let mut out = BTreeMap::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let index = prev_offset + i as u64;
+            if entry.digest == MessageId([0; 32]) {
+                out.insert(index, Incoming::Marker);
+                continue;
+            }
+            let bytes = batches.next().ok_or("an entry has no batch")?;
+            let header: StoredBatch = wire::decode_batch(&bytes).map_err(|e| e.to_string())?;
+            if header.header.last_id != entry.digest || header.header.epoch != entry.epoch {
+                return Err(format!("the batch of entry {index} does not match it"));
+            }
+            out.insert(
+                index,
+                Incoming::Batch {
+                    base_offset: header.header.base_offset,
+                    count: header.records.len() as u32,
+                    bytes: Arc::new(bytes),
+                },
+            );
+        }
+        if batches.next().is_some() {
+            return Err("more batches than entries".into());
+        }
+        Ok(out)
+    }
+
+    /// The outcome of a write this partition asked for: the log's new end
+    /// for a log write, `None` for the others.
+    pub fn on_written(
+        &mut self,
+        write: WriteKind,
+        outcome: Result<Option<crate::store::LogEnd>, StoreError>,
+        now: Duration,
+    ) -> Vec<Effect> {
+        match (write, outcome) {
+            (WriteKind::Log, Ok(Some(end))) => {
+                let last_id = end
+                    .last_entry_id
+                    .unwrap_or_else(|| chain::partition_genesis(&self.topic, self.partition));
+                let actions = self.core.handle(
+                    Input::Persisted {
+                        upto: end.entries,
+                        last_id,
+                    },
+                    now,
+                );
+                self.durable = self.core.durable();
+                let mut effects = self.apply(actions, None);
+                self.answer_waiters();
+                self.notice_role(&mut effects);
+                effects
+            }
+            // The messages that waited for the vote go now.
+            (WriteKind::Vote { then }, Ok(_)) => then,
+            (_, Ok(_)) => Vec::new(),
+            (_, Err(error)) => {
+                warn!(topic = %self.topic, partition = self.partition, %error, "replica write failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// A produce request for this partition.
+    pub fn produce(
+        &mut self,
+        frame: ProduceFrame,
+        reply: ProduceReply,
+        now: Duration,
+    ) -> Vec<Effect> {
+        if !self.core.is_leader() {
+            let hint = self.core.leader_hint().copied();
+            let _ = reply.send(Err(Refusal::NotLeader { hint }));
+            return Vec::new();
+        }
+        if frame.acks == Acks::All {
+            let in_sync = self.in_sync(now).len();
+            let required = self.core.quorum_size();
+            if in_sync < required {
+                let _ = reply.send(Err(Refusal::NotEnoughReplicas { in_sync, required }));
+                return Vec::new();
+            }
+        }
+        let acks = frame.acks;
+        match self.propose(frame, now) {
+            Ok((produced, entries_end, effects)) => {
+                self.waiters.push(Waiter {
+                    entries_end,
+                    acks,
+                    produced,
+                    reply,
+                    deadline: now + self.settings.produce_timeout,
+                });
+                self.answer_waiters();
+                effects
+            }
+            Err(refusal) => {
+                let _ = reply.send(Err(refusal));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Appends the frame's records as one entry per chunk. Returns where they
+    /// went, the entry count after them, and what to do.
+    fn propose(
+        &mut self,
+        frame: ProduceFrame,
+        now: Duration,
+    ) -> Result<(Produced, u64, Vec<Effect>), Refusal> {
+        if frame.records.is_empty() {
+            return Err(Refusal::Other("empty batch".into()));
+        }
+        let prepared =
+            PreparedRecords::new(&frame.records).map_err(|e| Refusal::Other(e.to_string()))?;
+        let max = self.config.max_message_bytes as usize;
+        if prepared.largest_record() > max {
+            return Err(Refusal::RecordTooLarge {
+                size: prepared.largest_record(),
+                max,
+            });
+        }
+        let mut producer = frame.producer.clone();
+        let mut produced: Option<Produced> = None;
+        let mut effects = Vec::new();
+        let mut entries_end = 0;
+        for chunk in prepared.chunks() {
+            let part = match &producer {
+                Some(pb) => match self.check_producer(pb, chunk.digests())? {
+                    Some(retry) => retry,
+                    None => self.append_chunk(Some(pb.clone()), chunk, now, &mut effects)?,
+                },
+                None => self.append_chunk(None, chunk, now, &mut effects)?,
+            };
+            entries_end = entries_end.max(part.1);
+            if let Some(pb) = producer.as_mut() {
+                pb.prev = wire::producer_head(pb, chunk.digests());
+                pb.base_seq += chunk.len() as u64;
+            }
+            match produced.as_mut() {
+                None => produced = Some(part.0),
+                Some(p) => {
+                    p.ids.extend(part.0.ids);
+                    p.producer_head = part.0.producer_head;
+                    p.duplicate &= part.0.duplicate;
+                }
+            }
+        }
+        let produced = produced.ok_or_else(|| Refusal::Other("empty batch".into()))?;
+        Ok((produced, entries_end, effects))
+    }
+
+    /// Checks an idempotent chunk: `Some` is a retry's original placement.
+    fn check_producer(
+        &mut self,
+        pb: &ProducerBatch,
+        digests: &[MessageId],
+    ) -> Result<Option<(Produced, u64)>, Refusal> {
+        let state = self.producer_state(pb.producer)?;
+        let genesis = chain::producer_genesis(pb.producer, &self.topic, self.partition);
+        let check = ProducerState::check(state.as_ref(), genesis, pb, digests.len())
+            .map_err(|e| Refusal::Other(e.to_string()))?;
+        let SequenceCheck::Retry(original) = check else {
+            return Ok(None);
+        };
+        let index = self
+            .spans
+            .iter()
+            .position(|(base, count)| *base == original.base_offset && *count > 0)
+            .ok_or_else(|| Refusal::Other("a retried batch is no longer in the log".into()))?;
+        let bytes = match self.payloads.get(&(index as u64)) {
+            Some(bytes) => bytes.to_vec(),
+            None => {
+                return Err(Refusal::Other(
+                    "a retried batch is too old to answer".into(),
+                ));
+            }
+        };
+        let batch = wire::decode_batch(&bytes).map_err(|e| Refusal::Other(e.to_string()))?;
+        let after = ProducerBatch {
+            producer: pb.producer,
+            base_seq: pb.base_seq + digests.len() as u64,
+            prev: wire::producer_head(pb, digests),
+        };
+        if batch.producer_head() != Some(after.prev) {
+            return Err(Refusal::Other(format!(
+                "producer {}: a retry at sequence {} differs from the original",
+                pb.producer, pb.base_seq
+            )));
+        }
+        let produced = Produced {
+            base_offset: original.base_offset,
+            ids: batch.ids(),
+            duplicate: true,
+            producer_head: Some(after.prev),
+        };
+        Ok(Some((produced, index as u64 + 1)))
+    }
+
+    fn producer_state(&mut self, producer: ProducerId) -> Result<Option<ProducerState>, Refusal> {
+        if let Some(state) = self.producers.get(&producer) {
+            return Ok(state.clone());
+        }
+        Err(Refusal::Other(format!(
+            "producer {producer} state not loaded"
+        )))
+    }
+
+    /// Loads producer state from the store for producers not yet seen (to be
+    /// called before [`Self::produce`] with the store at hand).
+    pub fn load_producer(&mut self, store: &Store, producer: ProducerId) -> Result<(), StoreError> {
+        if self.producers.contains_key(&producer) {
+            return Ok(());
+        }
+        let state = store.producer_state(&self.topic, self.partition, producer)?;
+        self.producers.insert(producer, state);
+        Ok(())
+    }
+
+    /// Chains one chunk onto the log and proposes it.
+    fn append_chunk(
+        &mut self,
+        producer: Option<ProducerBatch>,
+        chunk: &wire::PreparedChunk,
+        now: Duration,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(Produced, u64), Refusal> {
+        let entries = self.core.log().len() as u64;
+        let base_offset = self.record_end(entries);
+        let prev_id = self.record_head(entries);
+        let header = BatchHeader {
+            epoch: self.core.epoch(),
+            base_offset,
+            prev_id,
+            last_id: prev_id,
+            producer: producer.clone(),
+        };
+        let ids = wire::chain_ids(&header, chunk.digests());
+        let last_id = ids.last().copied().unwrap_or(prev_id);
+        let header = BatchHeader { last_id, ..header };
+        let bytes = Arc::new(
+            wire::encode_prepared(&header, chunk).map_err(|e| Refusal::Other(e.to_string()))?,
+        );
+        let (index, actions) = self.core.propose(last_id, now);
+        let Some(index) = index else {
+            return Err(Refusal::NotLeader {
+                hint: self.core.leader_hint().copied(),
+            });
+        };
+        self.spans.push((base_offset, chunk.len() as u32));
+        self.payloads.insert(index, bytes);
+        let producer_head = producer.map(|first| {
+            let after = ProducerBatch {
+                producer: first.producer,
+                base_seq: first.base_seq + chunk.len() as u64,
+                prev: wire::producer_head(&first, chunk.digests()),
+            };
+            let state = self.producers.remove(&first.producer).flatten();
+            let newest = chunk.timestamps().1;
+            let next = ProducerState::advanced(
+                state,
+                &first,
+                &after,
+                base_offset,
+                chunk.len() as u32,
+                newest,
+            );
+            self.producers.insert(first.producer, Some(next));
+            after.prev
+        });
+        effects.extend(self.apply(actions, None));
+        Ok((
+            Produced {
+                base_offset,
+                ids,
+                duplicate: false,
+                producer_head,
+            },
+            index + 1,
+        ))
+    }
+
+    /// Turns core actions into effects. `incoming` holds the batches of the
+    /// append being handled, by entry index.
+    fn apply(
+        &mut self,
+        actions: Vec<Action<NodeId>>,
+        incoming: Option<&BTreeMap<u64, Incoming>>,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        // Messages after a vote wait until the vote is durable.
+        let mut vote_at: Option<usize> = None;
+        for action in actions {
+            let effect = match action {
+                Action::Send { to, message } => {
+                    let batches = self.batches_for(&message);
+                    Some(Effect::Send {
+                        to,
+                        message,
+                        batches,
+                    })
+                }
+                Action::PersistLog { from, entries } => {
+                    Some(self.persist_log(from, entries, incoming))
+                }
+                Action::PersistVote { epoch, voted_for } => {
+                    effects.push(Effect::Write(PartitionWrite::Vote {
+                        vote: VoteRow { epoch, voted_for },
+                        then: Vec::new(),
+                    }));
+                    vote_at = Some(effects.len() - 1);
+                    None
+                }
+                Action::Committed { upto } => {
+                    self.committed = upto.max(self.committed);
+                    self.prune_payloads();
+                    self.answer_waiters();
+                    Some(Effect::Write(PartitionWrite::HighWatermark(
+                        self.high_watermark(),
+                    )))
+                }
+                Action::BecameLeader { epoch } => {
+                    debug!(topic = %self.topic, partition = self.partition, epoch, "leading");
+                    self.led = Some(epoch);
+                    None
+                }
+            };
+            let Some(effect) = effect else { continue };
+            match (vote_at, &effect) {
+                (Some(at), Effect::Send { .. }) => {
+                    if let Effect::Write(PartitionWrite::Vote { then, .. }) = &mut effects[at] {
+                        then.push(effect);
+                    }
+                }
+                _ => effects.push(effect),
+            }
+        }
+        effects
+    }
+
+    fn persist_log(
+        &mut self,
+        from: u64,
+        entries: Vec<LogEntry>,
+        incoming: Option<&BTreeMap<u64, Incoming>>,
+    ) -> Effect {
+        if (from as usize) < self.spans.len() {
+            self.truncate(from);
+        }
+        let mut replicated = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.into_iter().enumerate() {
+            let index = from + i as u64;
+            let end = self.record_end(index);
+            let (span, batch) = match incoming.and_then(|m| m.get(&index)) {
+                Some(Incoming::Batch {
+                    base_offset,
+                    count,
+                    bytes,
+                }) => ((*base_offset, *count), Some(bytes.clone())),
+                Some(Incoming::Marker) | None => match self.payloads.get(&index) {
+                    Some(bytes) if (index as usize) < self.spans.len() => {
+                        (self.spans[index as usize], Some(bytes.clone()))
+                    }
+                    _ => ((end, 0), None),
+                },
+            };
+            if index as usize >= self.spans.len() {
+                self.spans.push(span);
+            }
+            if let Some(bytes) = &batch {
+                self.payloads.insert(index, bytes.clone());
+                self.follow_producer(bytes);
+            }
+            replicated.push(ReplicatedEntry { entry, batch });
+        }
+        Effect::Write(PartitionWrite::Log {
+            truncate_from: from,
+            entries: replicated,
+        })
+    }
+
+    /// Keeps a follower's producer state current with a batch it appends.
+    fn follow_producer(&mut self, bytes: &[u8]) {
+        let Ok(batch) = wire::decode_batch(bytes) else {
+            return;
+        };
+        let Some(first) = batch.header.producer.clone() else {
+            return;
+        };
+        let Some(state) = self.producers.get_mut(&first.producer) else {
+            // Not loaded: the store will have it once this write lands, and
+            // nothing reads it before the next load.
+            return;
+        };
+        let after = ProducerBatch {
+            producer: first.producer,
+            base_seq: first.base_seq + batch.records.len() as u64,
+            prev: batch.producer_head().unwrap_or(first.prev),
+        };
+        let newest = batch.records.iter().map(|r| r.timestamp).max().unwrap_or(0);
+        *state = Some(ProducerState::advanced(
+            state.take(),
+            &first,
+            &after,
+            batch.header.base_offset,
+            batch.records.len() as u32,
+            newest,
+        ));
+    }
+
+    /// Drops entries from `from` on (an uncommitted suffix a new leader replaced).
+    fn truncate(&mut self, from: u64) {
+        let cut_offset = self.record_end(from);
+        self.spans.truncate(from as usize);
+        self.payloads.split_off(&from);
+        self.durable = self.durable.min(from);
+        for state in self.producers.values_mut() {
+            if let Some(s) = state.as_ref() {
+                *state = s.rolled_back_to(cut_offset);
+            }
+        }
+        // A producer whose state could not be rolled back is reloaded later.
+        self.producers.retain(|_, s| s.is_some());
+    }
+
+    /// The encoded batches an append carries, in entry order.
+    fn batches_for(&self, message: &Message) -> Vec<Arc<Vec<u8>>> {
+        let Message::Append {
+            prev_offset,
+            entries,
+            ..
+        } = message
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            if entry.digest == MessageId([0; 32]) {
+                continue;
+            }
+            let index = prev_offset + i as u64;
+            match self.payloads.get(&index) {
+                Some(bytes) => out.push(bytes.clone()),
+                None => {
+                    // Not cached: read back by the driver (see `fill_batches`).
+                    out.push(Arc::new(Vec::new()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Fills in batches that were not cached by reading them from the store.
+    pub fn fill_batches(&self, store: &Store, message: &Message, batches: &mut [Arc<Vec<u8>>]) {
+        let Message::Append {
+            prev_offset,
+            entries,
+            ..
+        } = message
+        else {
+            return;
+        };
+        let mut slots = batches.iter_mut();
+        for (i, entry) in entries.iter().enumerate() {
+            if entry.digest == MessageId([0; 32]) {
+                continue;
+            }
+            let Some(slot) = slots.next() else { return };
+            if !slot.is_empty() {
+                continue;
+            }
+            let index = (prev_offset + i as u64) as usize;
+            let Some((base, _)) = self.spans.get(index) else {
+                continue;
+            };
+            match store.batch_bytes(&self.topic, self.partition, *base) {
+                Ok(Some(bytes)) => *slot = Arc::new(bytes),
+                Ok(None) => {
+                    warn!(topic = %self.topic, partition = self.partition, base, "a batch to replicate is not stored")
+                }
+                Err(error) => {
+                    warn!(topic = %self.topic, partition = self.partition, %error, "cannot read a batch to replicate")
+                }
+            }
+        }
+    }
+
+    /// Forgets cached batches every replica has (below the commit point, with a margin).
+    fn prune_payloads(&mut self) {
+        const KEEP_COMMITTED: u64 = 1024;
+        let below = self.committed.saturating_sub(KEEP_COMMITTED);
+        self.payloads = self.payloads.split_off(&below);
+    }
+
+    fn answer_waiters(&mut self) {
+        let (committed, durable) = (self.committed, self.durable);
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let w = &self.waiters[i];
+            let done = match w.acks {
+                Acks::None => true,
+                Acks::Leader => durable >= w.entries_end || committed >= w.entries_end,
+                Acks::All => committed >= w.entries_end,
+            };
+            if done {
+                let w = self.waiters.swap_remove(i);
+                let _ = w.reply.send(Ok(w.produced));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn expire_waiters(&mut self, now: Duration) {
+        let (expired, kept): (Vec<Waiter>, Vec<Waiter>) =
+            self.waiters.drain(..).partition(|w| w.deadline <= now);
+        self.waiters = kept;
+        for w in expired {
+            let _ = w.reply.send(Err(Refusal::Timeout));
+        }
+    }
+
+    /// A leader that stops leading fails what waits on it: the producer
+    /// retries at the new leader, and idempotence keeps the retry single.
+    fn notice_role(&mut self, _effects: &mut [Effect]) {
+        if self.led.is_some() && !self.core.is_leader() {
+            self.led = None;
+            let hint = self.core.leader_hint().copied();
+            for w in self.waiters.drain(..) {
+                if self.committed >= w.entries_end {
+                    let _ = w.reply.send(Ok(w.produced));
+                } else {
+                    let _ = w.reply.send(Err(Refusal::NotLeader { hint }));
+                }
+            }
+        }
+    }
+
+    /// Fails every waiting request (the partition is going away).
+    pub fn close(&mut self) {
+        for w in self.waiters.drain(..) {
+            let _ = w
+                .reply
+                .send(Err(Refusal::Other("the partition closed".into())));
+        }
+    }
+}
+
+/// An entry of an append being received.
+enum Incoming {
+    Marker,
+    Batch {
+        base_offset: u64,
+        count: u32,
+        bytes: Arc<Vec<u8>>,
+    },
+}
