@@ -40,6 +40,7 @@
 //! ```
 
 pub mod chain;
+mod cluster;
 pub mod config;
 pub mod consumer;
 pub mod core;

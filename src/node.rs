@@ -241,6 +241,9 @@ impl Node {
     /// Creates a topic. Creating one that exists with the same config is a
     /// no-op; with a different config it is `Error::TopicExists`.
     pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicDescription> {
+        if self.in_mesh() {
+            return self.create_topic_in_mesh(name, config).await;
+        }
         let op = WriteOp::CreateTopic {
             name: name.to_string(),
             config,
@@ -264,6 +267,9 @@ impl Node {
 
     /// Deletes a topic, its records and the offsets groups committed for it.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        if self.in_mesh() {
+            return self.delete_topic_in_mesh(name).await;
+        }
         match self
             .inner
             .write(WriteOp::DeleteTopic {
@@ -281,6 +287,9 @@ impl Node {
 
     /// The names of all topics, sorted.
     pub async fn list_topics(&self) -> Result<Vec<String>> {
+        if self.in_mesh() {
+            return self.list_topics_in_mesh().await;
+        }
         Ok(self
             .store()?
             .list_topics()?
@@ -291,6 +300,9 @@ impl Node {
 
     /// A topic's config and the state of each partition.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        if self.in_mesh() {
+            return self.describe_topic_in_mesh(name).await;
+        }
         let entry = self.store()?.topic(name)?;
         self.describe_entry(&entry)
     }

@@ -91,7 +91,11 @@ type PartitionGroups = std::collections::BTreeMap<u32, (Vec<usize>, Vec<Record>)
 #[derive(Clone)]
 pub struct Producer {
     node: Node,
+    config: ProducerConfig,
     session: Arc<Mutex<Session>>,
+    /// In a mesh, one batch at a time goes to the leaders, so that a
+    /// partition's batches arrive in sequence order.
+    mesh_sends: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a producer remembers between sends.
@@ -116,6 +120,8 @@ impl Producer {
         let id = config.enable_idempotence.then(random_producer_id);
         Producer {
             node,
+            config,
+            mesh_sends: Arc::new(tokio::sync::Mutex::new(())),
             session: Arc::new(Mutex::new(Session {
                 id,
                 chains: HashMap::new(),
@@ -165,8 +171,12 @@ impl Producer {
         topic: &str,
         records: Vec<ProducerRecord>,
     ) -> Result<Vec<RecordMetadata>> {
+        if self.node.in_mesh() {
+            return self.send_batch_in_mesh(topic, records).await;
+        }
         let total = records.len();
-        let groups = self.route(topic, records)?;
+        let partitions = self.partition_count(topic)?;
+        let groups = self.route(topic, partitions, records)?;
         let mut pending = Vec::with_capacity(groups.len());
         let max = self.node.store()?.topic(topic)?.config.max_message_bytes as usize;
         for (partition, (indexes, batch)) in groups {
@@ -206,9 +216,98 @@ impl Producer {
         out.into_iter().map(|m| m.ok_or(Error::Closed)).collect()
     }
 
+    /// Sends through the mesh: each partition's batch goes to its leader
+    /// (following `NotLeader` hints, retrying until `delivery_timeout`), one
+    /// batch at a time. A retried batch keeps its sequence numbers, so the
+    /// leader answers it with the original offsets instead of storing it twice.
+    async fn send_batch_in_mesh(
+        &self,
+        topic: &str,
+        records: Vec<ProducerRecord>,
+    ) -> Result<Vec<RecordMetadata>> {
+        let total = records.len();
+        let description = self.node.topic_metadata(topic).await?;
+        let partitions = description.config.partitions;
+        let max = description.config.max_message_bytes as usize;
+        let groups = self.route(topic, partitions, records)?;
+        let _in_order = self.mesh_sends.lock().await;
+        let mut out: Vec<Option<RecordMetadata>> = vec![None; total];
+        for (partition, (indexes, batch)) in groups {
+            let prepared = PreparedRecords::new(&batch).map_err(crate::error::StoreError::Wire)?;
+            if prepared.largest_record() > max {
+                let size = prepared.largest_record();
+                return Err(Error::RecordTooLarge { size, max });
+            }
+            let stamp = self.stamp_in_mesh(topic, partition, &prepared)?;
+            let frame = crate::protocol::ProduceFrame {
+                topic: topic.to_string(),
+                partition,
+                acks: self.config.acks,
+                producer: stamp.clone(),
+                records: batch,
+            };
+            let produced = match self
+                .node
+                .produce_in_mesh(frame, self.config.delivery_timeout)
+                .await
+            {
+                Ok(produced) => produced,
+                Err(e) => {
+                    // Not acknowledged: the next send reuses these sequence numbers.
+                    if let (Some(pb), Ok(mut session)) = (stamp, self.lock()) {
+                        session
+                            .chains
+                            .insert((topic.to_string(), partition), (pb.base_seq, pb.prev));
+                    }
+                    return Err(e);
+                }
+            };
+            for (i, (index, id)) in indexes.into_iter().zip(produced.ids).enumerate() {
+                out[index] = Some(RecordMetadata {
+                    topic: topic.to_string(),
+                    partition,
+                    offset: produced.base_offset + i as u64,
+                    id,
+                });
+            }
+        }
+        out.into_iter().map(|m| m.ok_or(Error::Closed)).collect()
+    }
+
+    /// The stamp of this producer's next batch to `partition`, advancing its chain.
+    fn stamp_in_mesh(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: &PreparedRecords,
+    ) -> Result<Option<ProducerBatch>> {
+        let mut session = self.lock()?;
+        let Some(producer) = session.id else {
+            return Ok(None);
+        };
+        let key = (topic.to_string(), partition);
+        let (base_seq, prev) = session
+            .chains
+            .get(&key)
+            .copied()
+            .unwrap_or_else(|| (0, chain::producer_genesis(producer, topic, partition)));
+        let batch = ProducerBatch {
+            producer,
+            base_seq,
+            prev,
+        };
+        let after = records.producer_after(&batch);
+        session.chains.insert(key, (after.base_seq, after.prev));
+        Ok(Some(batch))
+    }
+
     /// Groups records by partition, keeping input order within each group.
-    fn route(&self, topic: &str, records: Vec<ProducerRecord>) -> Result<PartitionGroups> {
-        let partitions = self.partition_count(topic)?;
+    fn route(
+        &self,
+        topic: &str,
+        partitions: u32,
+        records: Vec<ProducerRecord>,
+    ) -> Result<PartitionGroups> {
         let now = now_ms();
         let mut session = self.lock()?;
         let mut groups = PartitionGroups::new();

@@ -209,16 +209,6 @@ impl PartitionReplica {
         })
     }
 
-    /// The topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
-    /// The partition number.
-    pub fn partition(&self) -> u32 {
-        self.partition
-    }
-
     /// The core state machine (read-only).
     pub fn core(&self) -> &Replica<NodeId> {
         &self.core
@@ -549,14 +539,21 @@ impl PartitionReplica {
         let bytes = Arc::new(
             wire::encode_prepared(&header, chunk).map_err(|e| Refusal::Other(e.to_string()))?,
         );
-        let (index, actions) = self.core.propose(last_id, now);
-        let Some(index) = index else {
+        let index = entries;
+        let incoming = BTreeMap::from([(
+            index,
+            Incoming::Batch {
+                base_offset,
+                count: chunk.len() as u32,
+                bytes,
+            },
+        )]);
+        let (proposed, actions) = self.core.propose(last_id, now);
+        if proposed != Some(index) {
             return Err(Refusal::NotLeader {
                 hint: self.core.leader_hint().copied(),
             });
-        };
-        self.spans.push((base_offset, chunk.len() as u32));
-        self.payloads.insert(index, bytes);
+        }
         let producer_head = producer.map(|first| {
             let after = ProducerBatch {
                 producer: first.producer,
@@ -576,7 +573,7 @@ impl PartitionReplica {
             self.producers.insert(first.producer, Some(next));
             after.prev
         });
-        effects.extend(self.apply(actions, None));
+        effects.extend(self.apply(actions, Some(&incoming)));
         Ok((
             Produced {
                 base_offset,

@@ -38,6 +38,7 @@ pub use tables::{
     PRODUCER_EXPIRATION_MS, PRODUCER_WINDOW_BATCHES, PartitionState, ProducerState, RecentBatch,
     SegmentMeta, TopicEntry,
 };
+pub(crate) use write::validate_topic_name;
 pub use write::{AppendOutcome, AppendRequest, WriteOp, WriteOutcome};
 
 use tables::*;

@@ -1,0 +1,404 @@
+//! A node's requests across the mesh: topics created, deleted and described
+//! on every storage node, and produce requests routed to partition leaders.
+//!
+//! Placement: a topic's partitions get their replicas when the topic is
+//! created, the top-RF live storage nodes by rendezvous hash of (topic,
+//! partition). The node that creates the topic sends it, with that
+//! assignment, to every live storage node; a node that was down then learns
+//! it from the first peer that replicates to it.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tracing::{debug, info};
+
+use crate::config::TopicConfig;
+use crate::core::membership::{Role, Status};
+use crate::core::placement;
+use crate::error::{Error, Result};
+use crate::net::{NetError, NodeId};
+use crate::node::{Node, TopicDescription};
+use crate::protocol::{PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal};
+use crate::replica::Request;
+
+/// How long one request to a peer may take before it is retried elsewhere.
+const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Node {
+    /// Whether this node is part of a mesh (topics are replicated).
+    pub(crate) fn in_mesh(&self) -> bool {
+        self.inner.mesh.is_some()
+    }
+
+    fn me(&self) -> Option<NodeId> {
+        self.peer_id().map(NodeId)
+    }
+
+    /// The live storage nodes this node knows of, itself included when it is one.
+    pub async fn live_storage_nodes(&self) -> Result<Vec<NodeId>> {
+        let mesh = self.inner.mesh.as_ref().ok_or(Error::Closed)?;
+        let members = mesh.members().await.map_err(Error::Net)?;
+        let mut nodes: Vec<NodeId> = members
+            .into_iter()
+            .filter(|m| m.status == Status::Alive)
+            .filter(|m| {
+                m.meta
+                    .as_ref()
+                    .is_some_and(|meta| meta.role == Role::Storage)
+            })
+            .map(|m| m.peer)
+            .collect();
+        if let Some(me) = self.me()
+            && self.inner.replicator.is_some()
+            && !nodes.contains(&me)
+        {
+            nodes.push(me);
+        }
+        nodes.sort();
+        Ok(nodes)
+    }
+
+    /// Asks `peer` (or this node, when it is `peer`) one request.
+    async fn ask(&self, peer: NodeId, request: PeerRequest) -> Result<PeerResponse> {
+        if Some(peer) == self.me()
+            && let Some(replicator) = &self.inner.replicator
+        {
+            return self.ask_local(replicator, request).await;
+        }
+        let mesh = self.inner.mesh.as_ref().ok_or(Error::Closed)?;
+        match tokio::time::timeout(PEER_REQUEST_TIMEOUT, mesh.request(peer, request)).await {
+            Ok(answer) => answer.map_err(Error::Net),
+            Err(_) => Err(Error::Net(NetError::Request {
+                peer,
+                reason: "timed out".into(),
+            })),
+        }
+    }
+
+    async fn ask_local(
+        &self,
+        replicator: &crate::replica::Replicator,
+        request: PeerRequest,
+    ) -> Result<PeerResponse> {
+        let refused = |r: Refusal| Error::Refused(format!("{r:?}"));
+        match request {
+            PeerRequest::Produce(frame) => {
+                let (reply, answer) = oneshot::channel();
+                replicator
+                    .request(Request::Produce { frame, reply })
+                    .await
+                    .map_err(refused)?;
+                Ok(PeerResponse::Produced(
+                    crate::replica::await_produce(answer).await,
+                ))
+            }
+            PeerRequest::CreateTopic {
+                name,
+                config,
+                replicas,
+            } => {
+                let (reply, answer) = oneshot::channel();
+                let request = Request::CreateTopic {
+                    name,
+                    config,
+                    replicas,
+                    reply,
+                };
+                replicator.request(request).await.map_err(refused)?;
+                Ok(PeerResponse::Done(answer.await.map_err(|_| Error::Closed)?))
+            }
+            PeerRequest::DeleteTopic { name } => {
+                let (reply, answer) = oneshot::channel();
+                let request = Request::DeleteTopic { name, reply };
+                replicator.request(request).await.map_err(refused)?;
+                Ok(PeerResponse::Done(answer.await.map_err(|_| Error::Closed)?))
+            }
+            PeerRequest::DescribeTopic { name } => Ok(PeerResponse::Topic(
+                self.describe_topic_here(&name)
+                    .await
+                    .map_err(|e| Refusal::Other(e.to_string())),
+            )),
+            PeerRequest::ListTopics => Ok(PeerResponse::Topics(
+                self.store()?
+                    .list_topics()?
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect(),
+            )),
+            PeerRequest::Replicate(_) => Ok(PeerResponse::Ack),
+        }
+    }
+
+    /// This node's own view of a topic it stores: for the partitions it
+    /// hosts, its replica's epoch, leader, committed offset and head (which
+    /// lag the leader's until the next append or heartbeat reaches it).
+    pub async fn describe_topic_here(&self, name: &str) -> Result<TopicDescription> {
+        let store = self.store()?;
+        let entry = store.topic(name)?;
+        let live = match &self.inner.replicator {
+            Some(replicator) => {
+                let (reply, answer) = oneshot::channel();
+                let request = Request::Describe {
+                    name: name.to_string(),
+                    reply,
+                };
+                if replicator.request(request).await.is_ok() {
+                    answer.await.unwrap_or_default()
+                } else {
+                    Default::default()
+                }
+            }
+            None => Default::default(),
+        };
+        Ok(crate::replica::describe_entry(&store, &entry, &live))
+    }
+
+    /// Creates a topic on every live storage node, with replicas placed by
+    /// rendezvous hash. Creating an existing topic with the same config is a
+    /// no-op; with another config, `TopicExists`.
+    pub(crate) async fn create_topic_in_mesh(
+        &self,
+        name: &str,
+        config: TopicConfig,
+    ) -> Result<TopicDescription> {
+        config.validate()?;
+        crate::store::validate_topic_name(name)?;
+        let nodes = self.live_storage_nodes().await?;
+        if let Ok(existing) = self.describe_topic_in_mesh(name).await {
+            if existing.config == config {
+                return Ok(existing);
+            }
+            return Err(Error::TopicExists(name.to_string()));
+        }
+        let rf = config.effective_replication_factor(nodes.len()) as usize;
+        if rf > nodes.len() || nodes.is_empty() {
+            return Err(Error::NotEnoughNodes(format!(
+                "replication factor {rf} needs {rf} live storage nodes, the mesh has {}",
+                nodes.len()
+            )));
+        }
+        let replicas: Vec<Vec<NodeId>> = (0..config.partitions)
+            .map(|p| placement::target_replicas(name, p, &nodes, rf))
+            .collect();
+        let mut created = 0;
+        let mut last_error = None;
+        for node in &nodes {
+            let request = PeerRequest::CreateTopic {
+                name: name.to_string(),
+                config: config.clone(),
+                replicas: replicas.clone(),
+            };
+            match self.ask(*node, request).await {
+                Ok(PeerResponse::Done(Ok(()))) => created += 1,
+                Ok(other) => last_error = Some(format!("{node}: {other:?}")),
+                Err(e) => last_error = Some(format!("{node}: {e}")),
+            }
+        }
+        if created == 0 {
+            return Err(Error::Refused(
+                last_error.unwrap_or_else(|| "no storage node answered".into()),
+            ));
+        }
+        if let Some(error) = last_error {
+            debug!(
+                topic = name,
+                error, "a storage node did not store the topic; it will learn it from a peer"
+            );
+        }
+        info!(
+            topic = name,
+            partitions = config.partitions,
+            rf,
+            "topic created in the mesh"
+        );
+        self.describe_topic_in_mesh(name).await
+    }
+
+    /// Deletes a topic on every live storage node.
+    pub(crate) async fn delete_topic_in_mesh(&self, name: &str) -> Result<()> {
+        self.describe_topic_in_mesh(name).await?;
+        for node in self.live_storage_nodes().await? {
+            let request = PeerRequest::DeleteTopic {
+                name: name.to_string(),
+            };
+            if let Err(e) = self.ask(node, request).await {
+                debug!(%node, error = %e, "topic delete not confirmed");
+            }
+        }
+        if let Ok(mut topics) = self.inner.remote_topics.lock() {
+            topics.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Topic names known to the mesh: this node's, or the first storage node's that answers.
+    pub(crate) async fn list_topics_in_mesh(&self) -> Result<Vec<String>> {
+        if self.inner.replicator.is_some() {
+            return Ok(self
+                .store()?
+                .list_topics()?
+                .into_iter()
+                .map(|t| t.name)
+                .collect());
+        }
+        for node in self.live_storage_nodes().await? {
+            if let Ok(PeerResponse::Topics(names)) = self.ask(node, PeerRequest::ListTopics).await {
+                return Ok(names);
+            }
+        }
+        Err(Error::NotEnoughNodes("no storage node answered".into()))
+    }
+
+    /// A topic as the mesh describes it: for each partition, the view of a
+    /// node that leads it when one answers, else of any replica.
+    pub(crate) async fn describe_topic_in_mesh(&self, name: &str) -> Result<TopicDescription> {
+        let nodes = self.live_storage_nodes().await?;
+        let mut views = Vec::new();
+        for node in &nodes {
+            let request = PeerRequest::DescribeTopic {
+                name: name.to_string(),
+            };
+            if let Ok(PeerResponse::Topic(Ok(view))) = self.ask(*node, request).await {
+                views.push((*node, view));
+            }
+        }
+        let Some((_, mut merged)) = views.first().cloned() else {
+            return Err(Error::TopicNotFound(name.to_string()));
+        };
+        for partition in &mut merged.partitions {
+            let leading = views.iter().find_map(|(node, view)| {
+                view.partitions
+                    .iter()
+                    .find(|p| p.partition == partition.partition && p.leader == Some(*node))
+            });
+            if let Some(view) = leading {
+                *partition = view.clone();
+            }
+        }
+        if let Ok(mut topics) = self.inner.remote_topics.lock() {
+            topics.insert(name.to_string(), merged.clone());
+        }
+        Ok(merged)
+    }
+
+    /// The topic's description as last learned (asking the mesh the first time).
+    pub(crate) async fn topic_metadata(&self, name: &str) -> Result<TopicDescription> {
+        let known = self
+            .inner
+            .remote_topics
+            .lock()
+            .ok()
+            .and_then(|t| t.get(name).cloned());
+        if let Some(description) = known {
+            return Ok(description);
+        }
+        if let Ok(entry) = self.store()?.topic(name)
+            && !entry.replicas.is_empty()
+        {
+            let store = self.store()?;
+            let description = crate::replica::describe_entry(&store, &entry, &Default::default());
+            return Ok(description);
+        }
+        self.describe_topic_in_mesh(name).await
+    }
+
+    /// Sends a produce request to the partition's leader, following
+    /// `NotLeader` hints and retrying other replicas until `timeout`.
+    /// Retries of an idempotent batch are safe: the leader answers a batch it
+    /// already has with its original offsets.
+    pub(crate) async fn produce_in_mesh(
+        &self,
+        frame: ProduceFrame,
+        timeout: Duration,
+    ) -> Result<Produced> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (topic, partition) = (frame.topic.clone(), frame.partition);
+        let replicas = self
+            .topic_metadata(&topic)
+            .await?
+            .partitions
+            .get(partition as usize)
+            .map(|p| p.replicas.clone())
+            .unwrap_or_default();
+        if replicas.is_empty() {
+            return Err(Error::Store(crate::error::StoreError::PartitionNotFound {
+                topic,
+                partition,
+            }));
+        }
+        let key = (topic.clone(), partition);
+        let cached = self
+            .inner
+            .leaders
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&key).copied());
+        let mut target = cached.unwrap_or(replicas[0]);
+        let mut attempt = 0usize;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            attempt += 1;
+            let answer = self.ask(target, PeerRequest::Produce(frame.clone())).await;
+            let refusal = match answer {
+                Ok(PeerResponse::Produced(Ok(produced))) => {
+                    if let Ok(mut leaders) = self.inner.leaders.lock() {
+                        leaders.insert(key, target);
+                    }
+                    return Ok(produced);
+                }
+                Ok(PeerResponse::Produced(Err(refusal))) => refusal,
+                Ok(other) => Refusal::Other(format!("unexpected answer {other:?}")),
+                Err(e) => Refusal::Other(e.to_string()),
+            };
+            let next = match refusal {
+                Refusal::NotLeader { hint: Some(hint) }
+                    if hint != target && replicas.contains(&hint) =>
+                {
+                    Some(hint)
+                }
+                Refusal::NotLeader { .. } | Refusal::Timeout | Refusal::Other(_) => None,
+                other => return Err(refusal_error(other, &topic, partition)),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout { topic, partition });
+            }
+            match next {
+                Some(hint) => target = hint,
+                None => {
+                    debug!(%topic, partition, attempt, "produce retry");
+                    target = replicas[attempt % replicas.len()];
+                    tokio::time::sleep(backoff.min(deadline - tokio::time::Instant::now())).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+}
+
+/// The API error for a refusal a producer cannot retry its way out of.
+fn refusal_error(refusal: Refusal, topic: &str, partition: u32) -> Error {
+    let topic = topic.to_string();
+    match refusal {
+        Refusal::NotLeader { hint } => Error::NotLeader {
+            topic,
+            partition,
+            hint,
+        },
+        Refusal::NotEnoughReplicas { in_sync, required } => Error::NotEnoughReplicas {
+            topic,
+            partition,
+            in_sync,
+            required,
+        },
+        Refusal::TopicNotFound(t) => Error::TopicNotFound(t),
+        Refusal::PartitionNotFound(t, p) => {
+            Error::Store(crate::error::StoreError::PartitionNotFound {
+                topic: t,
+                partition: p,
+            })
+        }
+        Refusal::RecordTooLarge { size, max } => Error::RecordTooLarge { size, max },
+        Refusal::Timeout => Error::Timeout { topic, partition },
+        Refusal::Other(text) => Error::Refused(text),
+    }
+}

@@ -1,0 +1,174 @@
+//! Replicated partitions between real nodes in one process: real libp2p on
+//! 127.0.0.1, real redb files, the real replication driver.
+
+use std::time::Duration;
+
+use meshlog::core::membership::{MembershipConfig, Role};
+use meshlog::net::{MeshConfig, Multiaddr};
+use meshlog::{Acks, Node, NodeConfig, ProducerConfig, TopicConfig};
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+/// Logs to the test's output, filtered by `RUST_LOG`.
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+fn timings() -> MembershipConfig {
+    MembershipConfig {
+        gossip_interval: Duration::from_millis(200),
+        suspect_after: Duration::from_secs(2),
+        suspicion_timeout: Duration::from_secs(2),
+        ..MembershipConfig::default()
+    }
+}
+
+async fn start(dir: &TempDir, bootstrap: Option<&Multiaddr>, role: Role) -> Node {
+    let mut mesh = MeshConfig::loopback().with_role(role);
+    mesh.membership = timings();
+    mesh.bootstrap.extend(bootstrap.cloned());
+    Node::open(
+        NodeConfig::default()
+            .with_data_dir(dir.path())
+            .with_network(mesh),
+    )
+    .await
+    .expect("open node")
+}
+
+async fn address(node: &Node) -> Multiaddr {
+    let mesh = node.mesh().expect("on the network");
+    mesh.wait_listening(Duration::from_secs(10))
+        .await
+        .expect("listening")
+        .into_iter()
+        .next()
+        .expect("an address within 10 s")
+}
+
+/// Waits until `node` sees `count` live storage nodes (itself included).
+async fn wait_for_storage_nodes(node: &Node, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let nodes = node.live_storage_nodes().await.expect("members");
+        if nodes.len() >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} storage nodes seen",
+            nodes.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Three storage nodes that all see each other.
+async fn three_nodes(dirs: &[TempDir]) -> Vec<Node> {
+    let first = start(&dirs[0], None, Role::Storage).await;
+    let addr = address(&first).await;
+    let mut nodes = vec![first];
+    for dir in &dirs[1..3] {
+        nodes.push(start(dir, Some(&addr), Role::Storage).await);
+    }
+    for node in &nodes {
+        wait_for_storage_nodes(node, 3).await;
+    }
+    nodes
+}
+
+/// Waits until every partition of `topic` has a leader that the mesh reports.
+async fn wait_for_leaders(node: &Node, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let description = node.describe_topic(topic).await.expect("describe");
+        if description.partitions.iter().all(|p| p.leader.is_some()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader for every partition: {description:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_sent_with_acks_all_reach_every_replica() {
+    init_logs();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new().unwrap()).collect();
+    let nodes = three_nodes(&dirs).await;
+    let config = TopicConfig::default()
+        .with_partitions(6)
+        .with_replication_factor(3);
+    nodes[0]
+        .create_topic("orders", config)
+        .await
+        .expect("create");
+    wait_for_leaders(&nodes[1], "orders").await;
+
+    let producer = nodes[2].producer(ProducerConfig::default().with_acks(Acks::All));
+    let mut sent = Vec::new();
+    for i in 0..60u32 {
+        let key = format!("key-{}", i % 7);
+        let meta = producer
+            .send("orders", Some(key.as_bytes()), format!("v{i}").as_bytes())
+            .await
+            .expect("send with acks all");
+        sent.push(meta);
+    }
+
+    // Every replica of every partition reaches the same committed offset and head.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut views = Vec::new();
+        for node in &nodes {
+            let mesh_view = node.describe_topic_here("orders").await.expect("describe");
+            views.push(mesh_view);
+        }
+        let expected: Vec<u64> = (0..6)
+            .map(|p| sent.iter().filter(|m| m.partition == p).count() as u64)
+            .collect();
+        let all_committed = views.iter().all(|v| {
+            v.partitions
+                .iter()
+                .all(|p| p.high_watermark == expected[p.partition as usize])
+        });
+        let heads_agree = (0..6).all(|p| {
+            let heads: Vec<_> = views.iter().map(|v| v.partitions[p].head).collect();
+            heads.windows(2).all(|w| w[0] == w[1])
+        });
+        if all_committed && heads_agree {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in &nodes {
+        node.shutdown().await;
+    }
+    // Each store holds every acknowledged record at its offset with its ID.
+    for dir in &dirs {
+        let store = meshlog::store::Store::open(dir.path(), true).expect("reopen store");
+        for meta in &sent {
+            let read = store
+                .read("orders", meta.partition, meta.offset, 1)
+                .expect("read");
+            let state = store
+                .partition_state("orders", meta.partition)
+                .expect("state");
+            assert!(
+                !read.records.is_empty(),
+                "no record at {meta:?} in {}: {state:?}",
+                dir.path().display()
+            );
+            assert_eq!(read.records[0].id, meta.id, "record at {meta:?}");
+        }
+    }
+}
