@@ -190,7 +190,7 @@ enum Command {
     Members(oneshot::Sender<Vec<MemberView<NodeId>>>),
     Request {
         to: NodeId,
-        request: PeerRequest,
+        request: Box<PeerRequest>,
         reply: Option<oneshot::Sender<Result<PeerResponse, NetError>>>,
     },
     Stats(oneshot::Sender<GossipStats>),
@@ -279,7 +279,7 @@ impl Mesh {
         let (reply, answer) = oneshot::channel();
         let command = Command::Request {
             to,
-            request,
+            request: Box::new(request),
             reply: Some(reply),
         };
         self.commands
@@ -294,7 +294,7 @@ impl Mesh {
     pub async fn send(&self, to: NodeId, request: PeerRequest) -> Result<(), NetError> {
         let command = Command::Request {
             to,
-            request,
+            request: Box::new(request),
             reply: None,
         };
         self.commands
