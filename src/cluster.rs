@@ -21,6 +21,9 @@ use crate::node::{Node, TopicDescription};
 use crate::protocol::{PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal};
 use crate::replica::Request;
 
+/// How long mesh operations wait for enough storage nodes to be known.
+const DISCOVERY_WAIT: Duration = Duration::from_secs(5);
+
 /// How long one request to a peer may take before it is retried elsewhere.
 const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -56,6 +59,19 @@ impl Node {
         }
         nodes.sort();
         Ok(nodes)
+    }
+
+    /// The live storage nodes, waiting up to [`DISCOVERY_WAIT`] until there
+    /// are at least `want` (a light client that just joined knows of none yet).
+    async fn storage_nodes(&self, want: usize) -> Result<Vec<NodeId>> {
+        let deadline = tokio::time::Instant::now() + DISCOVERY_WAIT;
+        loop {
+            let nodes = self.live_storage_nodes().await?;
+            if nodes.len() >= want || tokio::time::Instant::now() >= deadline {
+                return Ok(nodes);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Asks `peer` (or this node, when it is `peer`) one request.
@@ -163,7 +179,8 @@ impl Node {
     ) -> Result<TopicDescription> {
         config.validate()?;
         crate::store::validate_topic_name(name)?;
-        let nodes = self.live_storage_nodes().await?;
+        let wanted = usize::from(config.replication_factor.unwrap_or(1));
+        let nodes = self.storage_nodes(wanted).await?;
         if let Ok(existing) = self.describe_topic_in_mesh(name).await {
             if existing.config == config {
                 return Ok(existing);
@@ -217,7 +234,7 @@ impl Node {
     /// Deletes a topic on every live storage node.
     pub(crate) async fn delete_topic_in_mesh(&self, name: &str) -> Result<()> {
         self.describe_topic_in_mesh(name).await?;
-        for node in self.live_storage_nodes().await? {
+        for node in self.storage_nodes(1).await? {
             let request = PeerRequest::DeleteTopic {
                 name: name.to_string(),
             };
@@ -241,7 +258,7 @@ impl Node {
                 .map(|t| t.name)
                 .collect());
         }
-        for node in self.live_storage_nodes().await? {
+        for node in self.storage_nodes(1).await? {
             if let Ok(PeerResponse::Topics(names)) = self.ask(node, PeerRequest::ListTopics).await {
                 return Ok(names);
             }
@@ -252,7 +269,7 @@ impl Node {
     /// A topic as the mesh describes it: for each partition, the view of a
     /// node that leads it when one answers, else of any replica.
     pub(crate) async fn describe_topic_in_mesh(&self, name: &str) -> Result<TopicDescription> {
-        let nodes = self.live_storage_nodes().await?;
+        let nodes = self.storage_nodes(1).await?;
         let mut views = Vec::new();
         for node in &nodes {
             let request = PeerRequest::DescribeTopic {

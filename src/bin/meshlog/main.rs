@@ -1,8 +1,9 @@
 //! The `meshlog` command line: topics, produce, consume, benchmarks and the demo.
 //!
-//! Every command works on a local data directory (`--data-dir`, or
-//! `$MESHLOG_DATA_DIR`, or the platform data directory). Errors print as one
-//! line on stderr with a non-zero exit code.
+//! Topic, produce and consume commands work on a local data directory
+//! (`--data-dir`, or `$MESHLOG_DATA_DIR`, or the platform data directory), or,
+//! with `--bootstrap-server`, on a running mesh that they join as a light
+//! client. Errors print as one line on stderr with a non-zero exit code.
 
 mod bench;
 mod consume;
@@ -29,6 +30,11 @@ struct Cli {
     /// Acknowledge writes without fsync: faster, but a crash may lose the last records.
     #[arg(long, global = true)]
     no_fsync: bool,
+
+    /// Work on a running mesh, joined as a light client through this node: a
+    /// multiaddr ending in /p2p/<peer id> (repeatable).
+    #[arg(long, global = true, value_name = "MULTIADDR")]
+    bootstrap_server: Vec<meshlog::net::Multiaddr>,
 
     #[command(subcommand)]
     command: Command,
@@ -58,8 +64,21 @@ enum Command {
 }
 
 impl Cli {
-    fn node_config(&self) -> NodeConfig {
-        // These commands work on the local data directory; they do not join the mesh.
+    /// The node a command runs on: the local data directory, or a light
+    /// client of the mesh (with a throwaway data directory) when
+    /// `--bootstrap-server` is given.
+    fn node_config(&self, scratch: &std::path::Path) -> NodeConfig {
+        if !self.bootstrap_server.is_empty() {
+            let mut mesh = meshlog::net::MeshConfig::default()
+                .with_role(meshlog::core::membership::Role::LightClient);
+            mesh.mdns = false;
+            mesh.bootstrap = self.bootstrap_server.clone();
+            mesh.membership.gossip_interval = std::time::Duration::from_millis(200);
+            return NodeConfig::default()
+                .with_data_dir(scratch)
+                .with_fsync(false)
+                .with_network(mesh);
+        }
         let config = NodeConfig::default()
             .with_fsync(!self.no_fsync)
             .without_network();
@@ -119,7 +138,8 @@ where
     F: FnOnce(Node) -> Fut,
     Fut: std::future::Future<Output = CliResult>,
 {
-    let node = Node::open(cli.node_config()).await?;
+    let scratch = tempfile::TempDir::new()?;
+    let node = Node::open(cli.node_config(scratch.path())).await?;
     let result = f(node.clone()).await;
     node.shutdown().await;
     result

@@ -1,7 +1,7 @@
 //! `meshlog produce TOPIC`: one record per line of standard input.
 
 use clap::Args;
-use meshlog::{Node, ProducerConfig, ProducerRecord};
+use meshlog::{Acks, Node, ProducerConfig, ProducerRecord};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::CliResult;
@@ -20,16 +20,40 @@ pub struct ProduceArgs {
     /// Print partition, offset and ID of each record once it is acknowledged.
     #[arg(long)]
     pub print_metadata: bool,
+    /// When a record counts as sent: all (a quorum of replicas has it), leader, none.
+    #[arg(long, value_enum, default_value_t = AcksArg::All)]
+    pub acks: AcksArg,
     /// Most lines sent as one batch.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
+}
+
+/// Kafka's `acks` values, as the command line spells them.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AcksArg {
+    /// A quorum of replicas (at least `min.insync.replicas`) has the records.
+    All,
+    /// The partition's leader has them.
+    Leader,
+    /// Sent; nothing waited for.
+    None,
+}
+
+impl From<AcksArg> for Acks {
+    fn from(acks: AcksArg) -> Acks {
+        match acks {
+            AcksArg::All => Acks::All,
+            AcksArg::Leader => Acks::Leader,
+            AcksArg::None => Acks::None,
+        }
+    }
 }
 
 /// Reads stdin line by line; lines already waiting go out together as one
 /// batch, and each batch is acknowledged before the next is sent.
 pub async fn run(node: Node, args: &ProduceArgs) -> CliResult {
     node.describe_topic(&args.topic).await?;
-    let producer = node.producer(ProducerConfig::default());
+    let producer = node.producer(ProducerConfig::default().with_acks(args.acks.into()));
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut batch = Vec::new();
     let mut sent = 0u64;

@@ -127,6 +127,11 @@ async fn create(node: &Node, args: &CreateArgs) -> CliResult {
     }
 }
 
+/// The last 8 characters of a peer id: enough to tell a mesh's nodes apart.
+fn short_peer(peer: &str) -> String {
+    peer[peer.len().saturating_sub(8)..].to_string()
+}
+
 fn print_description(topic: &TopicDescription) {
     let config = &topic.config;
     let retention_ms = config
@@ -141,14 +146,37 @@ fn print_description(topic: &TopicDescription) {
         "Topic: {}\tPartitionCount: {}\tReplicationFactor: {}\tConfigs: retention.ms={retention_ms},retention.bytes={retention_bytes},segment.bytes={},max.message.bytes={}",
         topic.name,
         config.partitions,
-        config.effective_replication_factor(1),
+        topic
+            .partitions
+            .first()
+            .map(|p| p.replicas.len())
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| usize::from(config.effective_replication_factor(1))),
         config.segment_bytes,
         config.max_message_bytes,
     );
     for p in &topic.partitions {
-        println!(
+        let mut line = format!(
             "\tTopic: {}\tPartition: {}\tEpoch: {}\tLogStartOffset: {}\tHighWatermark: {}\tHead: {}\tBytes: {}",
             topic.name, p.partition, p.epoch, p.log_start_offset, p.high_watermark, p.head, p.bytes
         );
+        if !p.replicas.is_empty() {
+            let ids = |peers: &[meshlog::net::NodeId]| {
+                peers
+                    .iter()
+                    .map(|p| short_peer(&p.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let leader = p
+                .leader
+                .map_or_else(|| "none".to_string(), |l| short_peer(&l.to_string()));
+            line.push_str(&format!(
+                "\tLeader: {leader}\tReplicas: {}\tIsr: {}",
+                ids(&p.replicas),
+                ids(&p.in_sync)
+            ));
+        }
+        println!("{line}");
     }
 }
