@@ -298,6 +298,18 @@ impl Node {
         Ok(merged)
     }
 
+    /// A topic as the node `peer` sees it (see [`Node::describe_topic_here`]).
+    pub async fn describe_topic_at(&self, peer: NodeId, name: &str) -> Result<TopicDescription> {
+        let request = PeerRequest::DescribeTopic {
+            name: name.to_string(),
+        };
+        match self.ask(peer, request).await? {
+            PeerResponse::Topic(Ok(description)) => Ok(description),
+            PeerResponse::Topic(Err(refusal)) => Err(refusal_error(refusal, name, 0)),
+            other => Err(Error::Refused(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     /// The topic's description as last learned (asking the mesh the first time).
     pub(crate) async fn topic_metadata(&self, name: &str) -> Result<TopicDescription> {
         let known = self

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -16,26 +14,7 @@ const SUSPICION_TIMEOUT_MS: u64 = 2000;
 /// Margin for log lines to cross a pipe and for timer granularity.
 const SLACK: Duration = Duration::from_millis(150);
 
-/// One log or output line of a node process, stamped when the test read it.
-struct Line {
-    node: usize,
-    at: Instant,
-    text: String,
-}
-
-/// A running `meshlog node` whose output lines arrive on the shared channel.
-struct NodeProcess {
-    child: Child,
-    peer_id: String,
-    address: String,
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Line, NodeProcess};
 
 fn spawn_node(
     index: usize,
@@ -43,56 +22,15 @@ fn spawn_node(
     bootstrap: Option<&str>,
     lines: &mpsc::Sender<Line>,
 ) -> NodeProcess {
-    let mut cmd = common::meshlog(data_dir);
-    cmd.args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
-        .args(["--gossip-interval-ms", &GOSSIP_MS.to_string()])
-        .args(["--suspect-after-ms", &SUSPECT_AFTER_MS.to_string()])
-        .args(["--suspicion-timeout-ms", &SUSPICION_TIMEOUT_MS.to_string()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(address) = bootstrap {
-        cmd.args(["--bootstrap", address]);
-    }
-    let mut child = cmd.spawn().expect("spawn meshlog node");
-    forward(index, child.stderr.take().expect("stderr"), lines.clone());
-    let (own_tx, own_rx) = mpsc::channel();
-    forward(index, child.stdout.take().expect("stdout"), own_tx);
-    let (mut peer_id, mut address) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while peer_id.is_none() || address.is_none() {
-        let line = own_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("node printed its peer id and address in time");
-        if let Some(id) = line.text.strip_prefix("peer id: ") {
-            peer_id = Some(id.to_string());
-        }
-        if let Some(a) = line.text.strip_prefix("listening on ") {
-            address = Some(a.to_string());
-        }
-    }
-    NodeProcess {
-        child,
-        peer_id: peer_id.unwrap_or_default(),
-        address: address.unwrap_or_default(),
-    }
-}
-
-fn forward(node: usize, stream: impl std::io::Read + Send + 'static, lines: mpsc::Sender<Line>) {
-    std::thread::spawn(move || {
-        for text in BufReader::new(stream).lines().map_while(Result::ok) {
-            if lines
-                .send(Line {
-                    node,
-                    at: Instant::now(),
-                    text,
-                })
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
+    let timings = [
+        "--gossip-interval-ms".to_string(),
+        GOSSIP_MS.to_string(),
+        "--suspect-after-ms".to_string(),
+        SUSPECT_AFTER_MS.to_string(),
+        "--suspicion-timeout-ms".to_string(),
+        SUSPICION_TIMEOUT_MS.to_string(),
+    ];
+    common::spawn_node(index, data_dir, bootstrap, lines, &timings)
 }
 
 fn says(line: &Line, node: usize, event: &str, peer: &str) -> bool {
@@ -220,25 +158,10 @@ fn a_killed_node_is_suspected_then_declared_dead_and_rejoins_with_its_identity()
         .status()
         .expect("run kill");
     assert!(status.success());
-    let exit = wait_exit(&mut second.child, Duration::from_secs(10));
+    let exit = common::wait_exit(&mut second.child, Duration::from_secs(10));
     assert!(
         exit.success(),
         "SIGTERM must end the node cleanly, got {exit}"
     );
     drop((first, restarted));
-}
-
-/// Waits for a child to exit, up to `within`.
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for the node") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the node did not exit within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

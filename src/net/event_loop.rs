@@ -176,7 +176,11 @@ impl EventLoop {
             }
             Command::Request { to, request, reply } => {
                 self.ensure_addresses(&to);
-                let id = self.swarm.behaviour_mut().peer.send_request(&to.0, *request);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .peer
+                    .send_request(&to.0, *request);
                 if let Some(reply) = reply {
                     self.outbound.insert(id, reply);
                 }

@@ -1,0 +1,272 @@
+//! Replicated partitions across real `meshlog node` processes on 127.0.0.1:
+//! a partition leader SIGKILLed mid-stream and restarted later loses no
+//! acknowledged record, duplicates none, and all replicas agree afterwards.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{Line, NodeProcess};
+use meshlog::core::membership::Role;
+use meshlog::net::{MeshConfig, Multiaddr, NodeId, PeerId};
+use meshlog::{
+    Acks, Node, NodeConfig, ProducerConfig, ProducerRecord, RecordMetadata, TopicConfig,
+};
+
+const TOPIC: &str = "events";
+const PARTITIONS: u32 = 6;
+
+fn node_args() -> Vec<String> {
+    [
+        "--gossip-interval-ms",
+        "200",
+        "--suspect-after-ms",
+        "1500",
+        "--suspicion-timeout-ms",
+        "2000",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn spawn(
+    index: usize,
+    dir: &Path,
+    bootstrap: Option<&str>,
+    lines: &mpsc::Sender<Line>,
+) -> NodeProcess {
+    common::spawn_node(index, dir, bootstrap, lines, &node_args())
+}
+
+fn node_id(process: &NodeProcess) -> NodeId {
+    NodeId(PeerId::from_str(&process.peer_id).expect("a peer id"))
+}
+
+/// A light client in the test process, joined through `bootstrap`.
+async fn client(dir: &Path, bootstrap: &str) -> Node {
+    let mut mesh = MeshConfig::loopback().with_role(Role::LightClient);
+    mesh.membership.gossip_interval = Duration::from_millis(200);
+    mesh.bootstrap
+        .push(Multiaddr::from_str(bootstrap).expect("a multiaddr"));
+    Node::open(NodeConfig::default().with_data_dir(dir).with_network(mesh))
+        .await
+        .expect("open the client")
+}
+
+/// Re-checks `condition` every 50 ms until it holds, or fails after `within`.
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The records of one batch: `count` records with key `key`, values
+/// `{key}-{n}`, and fixed timestamps, so a resend is the same batch.
+fn batch(key: &str, first: usize, count: usize) -> Vec<ProducerRecord> {
+    (first..first + count)
+        .map(|n| {
+            ProducerRecord::new(format!("{key}-{n}"))
+                .with_key(key)
+                .with_timestamp(1_700_000_000_000 + n as i64)
+        })
+        .collect()
+}
+
+/// Sends one batch until it is acknowledged (an application's retry loop).
+async fn send_until_acked(
+    producer: &meshlog::Producer,
+    records: Vec<ProducerRecord>,
+) -> Vec<RecordMetadata> {
+    for attempt in 0..20 {
+        match producer.send_batch(TOPIC, records.clone()).await {
+            Ok(sent) => return sent,
+            Err(e) => eprintln!("send attempt {attempt} failed: {e}"),
+        }
+    }
+    panic!("a batch was not acknowledged in 20 attempts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_loses_no_acknowledged_record_and_replicas_agree() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (tx, _lines) = mpsc::channel();
+    let first = spawn(0, dirs[0].path(), None, &tx);
+    let bootstrap = first.address.clone();
+    let mut nodes = vec![
+        Some(first),
+        Some(spawn(1, dirs[1].path(), Some(&bootstrap), &tx)),
+        Some(spawn(2, dirs[2].path(), Some(&bootstrap), &tx)),
+    ];
+    let ids: Vec<NodeId> = nodes.iter().flatten().map(node_id).collect();
+    let client = client(dirs[3].path(), &bootstrap).await;
+    wait_until(
+        "the client sees 3 storage nodes",
+        Duration::from_secs(30),
+        || async { client.live_storage_nodes().await.map_or(0, |n| n.len()) == 3 },
+    )
+    .await;
+    let config = TopicConfig::default()
+        .with_partitions(PARTITIONS)
+        .with_replication_factor(3);
+    client
+        .create_topic(TOPIC, config)
+        .await
+        .expect("create the topic");
+    wait_until(
+        "every partition has a leader",
+        Duration::from_secs(30),
+        || async {
+            client
+                .describe_topic(TOPIC)
+                .await
+                .is_ok_and(|t| t.partitions.iter().all(|p| p.leader.is_some()))
+        },
+    )
+    .await;
+
+    let producer = client.producer(ProducerConfig::default().with_acks(Acks::All));
+    let keys: Vec<String> = (0..12).map(|k| format!("key{k}")).collect();
+    const ROUNDS: usize = 30;
+    const PER_BATCH: usize = 10;
+    let mut acked: Vec<RecordMetadata> = Vec::new();
+    let mut values: BTreeMap<(u32, u64), String> = BTreeMap::new();
+    let mut victim: Option<usize> = None;
+    let mut killed_at = None;
+    let mut failover = None;
+    for round in 0..ROUNDS {
+        if round == ROUNDS / 3 {
+            // SIGKILL the leader of partition 0 mid-stream.
+            let leader = client
+                .describe_topic(TOPIC)
+                .await
+                .expect("describe")
+                .partitions[0]
+                .leader
+                .expect("a leader");
+            let index = ids
+                .iter()
+                .position(|id| *id == leader)
+                .expect("a known node");
+            if let Some(mut process) = nodes[index].take() {
+                process.child.kill().expect("SIGKILL");
+                process.child.wait().expect("reap");
+            }
+            victim = Some(index);
+            killed_at = Some(Instant::now());
+        }
+        if round == 2 * ROUNDS / 3
+            && let Some(index) = victim
+        {
+            let alive = nodes.iter().flatten().next().map(|n| n.address.clone());
+            let restarted = spawn(index, dirs[index].path(), alive.as_deref(), &tx);
+            assert_eq!(
+                node_id(&restarted),
+                ids[index],
+                "same identity after restart"
+            );
+            nodes[index] = Some(restarted);
+        }
+        for key in &keys {
+            let sent = send_until_acked(&producer, batch(key, round * PER_BATCH, PER_BATCH)).await;
+            if killed_at.is_some() && failover.is_none() && sent[0].partition == 0 {
+                failover = killed_at.map(|k| k.elapsed());
+            }
+            for (i, meta) in sent.iter().enumerate() {
+                values.insert(
+                    (meta.partition, meta.offset),
+                    format!("{key}-{}", round * PER_BATCH + i),
+                );
+            }
+            acked.extend(sent);
+        }
+    }
+    println!(
+        "acknowledged {} records; partition 0 accepted writes again {:?} after its leader was killed",
+        acked.len(),
+        failover
+    );
+
+    // Every replica reports the same committed offset and chain head per partition.
+    let mut expected_end = BTreeMap::new();
+    for meta in &acked {
+        let end = expected_end.entry(meta.partition).or_insert(0u64);
+        *end = (*end).max(meta.offset + 1);
+    }
+    wait_until("all replicas agree", Duration::from_secs(30), || async {
+        let mut views = Vec::new();
+        for id in &ids {
+            match client.describe_topic_at(*id, TOPIC).await {
+                Ok(view) => views.push(view),
+                Err(_) => return false,
+            }
+        }
+        (0..PARTITIONS as usize).all(|p| {
+            let first = &views[0].partitions[p];
+            first.high_watermark >= expected_end.get(&(p as u32)).copied().unwrap_or(0)
+                && views.iter().all(|v| {
+                    v.partitions[p].high_watermark == first.high_watermark
+                        && v.partitions[p].head == first.head
+                })
+        })
+    })
+    .await;
+    client.shutdown().await;
+    for process in nodes.iter_mut().flatten() {
+        common::sigterm(&process.child);
+        let status = common::wait_exit(&mut process.child, Duration::from_secs(20));
+        assert!(status.success(), "clean exit, got {status}");
+    }
+
+    // Each store holds every acknowledged record exactly once, at its offset.
+    for dir in &dirs[..3] {
+        let store = meshlog::store::Store::open(dir.path(), true).expect("reopen the store");
+        for partition in 0..PARTITIONS {
+            let mut seen = BTreeSet::new();
+            let mut offset = 0;
+            loop {
+                let read = store.read(TOPIC, partition, offset, 1 << 20).expect("read");
+                if read.records.is_empty() {
+                    break;
+                }
+                for record in read.records {
+                    let value = String::from_utf8_lossy(record.value()).into_owned();
+                    assert!(
+                        seen.insert(value.clone()),
+                        "{value} stored twice in partition {partition}"
+                    );
+                    if let Some(expected) = values.get(&(partition, record.offset)) {
+                        assert_eq!(
+                            &value, expected,
+                            "partition {partition} offset {}",
+                            record.offset
+                        );
+                    }
+                    offset = record.offset + 1;
+                }
+            }
+            store
+                .verify_partition(TOPIC, partition)
+                .expect("the chain verifies");
+        }
+        for meta in &acked {
+            let read = store
+                .read(TOPIC, meta.partition, meta.offset, 1)
+                .expect("read");
+            assert_eq!(
+                read.records.first().map(|r| r.id),
+                Some(meta.id),
+                "{meta:?}"
+            );
+        }
+    }
+}
