@@ -21,6 +21,10 @@ use crate::node::{Node, TopicDescription};
 use crate::protocol::{PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal};
 use crate::replica::Request;
 
+/// The longest one produce attempt waits for its answer before the producer
+/// tries again (the same batch, so the retry is deduplicated).
+const PRODUCE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How long mesh operations wait for enough storage nodes to be known.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(5);
 
@@ -367,7 +371,16 @@ impl Node {
         let mut backoff = Duration::from_millis(20);
         loop {
             attempt += 1;
-            let answer = self.ask(target, PeerRequest::Produce(frame.clone())).await;
+            // A leader that stopped answering (frozen, cut off) must not hold the
+            // producer for long: each attempt gets at most a few seconds.
+            let left = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(PRODUCE_ATTEMPT_TIMEOUT);
+            let ask = self.ask(target, PeerRequest::Produce(frame.clone()));
+            let answer = match tokio::time::timeout(left, ask).await {
+                Ok(answer) => answer,
+                Err(_) => Ok(PeerResponse::Produced(Err(Refusal::Timeout))),
+            };
             let refusal = match answer {
                 Ok(PeerResponse::Produced(Ok(produced))) => {
                     if let Ok(mut leaders) = self.inner.leaders.lock() {

@@ -267,6 +267,12 @@ impl ProducerConfig {
         self.acks = acks;
         self
     }
+
+    /// Sets `delivery_timeout`.
+    pub fn with_delivery_timeout(mut self, timeout: Duration) -> Self {
+        self.delivery_timeout = timeout;
+        self
+    }
 }
 
 /// Where a consumer starts when it has no valid committed offset (`auto.offset.reset`).

@@ -99,6 +99,9 @@ pub struct PartitionDescription {
     pub log_start_offset: u64,
     /// One past the last committed offset: consumers read below it.
     pub high_watermark: u64,
+    /// One past the last stored offset on the describing node; above the
+    /// high watermark while records wait for a quorum.
+    pub log_end_offset: u64,
     /// The chain ID of the last committed record (the genesis ID when empty).
     pub head: MessageId,
     /// Bytes stored.
@@ -317,6 +320,7 @@ impl Node {
                 epoch: state.epoch,
                 log_start_offset: state.log_start_offset,
                 high_watermark: state.high_watermark,
+                log_end_offset: state.log_end_offset,
                 head: state.head,
                 bytes: state.bytes,
                 leader: None,

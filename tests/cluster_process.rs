@@ -82,13 +82,207 @@ fn batch(key: &str, first: usize, count: usize) -> Vec<ProducerRecord> {
         .collect()
 }
 
-/// Sends one batch until it is acknowledged (an application's retry loop).
-async fn send_until_acked(
+/// Three node processes and a light client that sees them all.
+async fn start_cluster(
+    dirs: &[tempfile::TempDir],
+    tx: &mpsc::Sender<Line>,
+) -> (Vec<Option<NodeProcess>>, Vec<NodeId>, Node) {
+    let first = spawn(0, dirs[0].path(), None, tx);
+    let bootstrap = first.address.clone();
+    let nodes = vec![
+        Some(first),
+        Some(spawn(1, dirs[1].path(), Some(&bootstrap), tx)),
+        Some(spawn(2, dirs[2].path(), Some(&bootstrap), tx)),
+    ];
+    let ids: Vec<NodeId> = nodes.iter().flatten().map(node_id).collect();
+    let client = client(dirs[3].path(), &bootstrap).await;
+    wait_until(
+        "the client sees 3 storage nodes",
+        Duration::from_secs(30),
+        || async { client.live_storage_nodes().await.map_or(0, |n| n.len()) == 3 },
+    )
+    .await;
+    (nodes, ids, client)
+}
+
+/// Creates `topic` with RF 3 and waits until every partition has a leader.
+async fn create_replicated(client: &Node, topic: &str, partitions: u32) {
+    let config = TopicConfig::default()
+        .with_partitions(partitions)
+        .with_replication_factor(3);
+    client
+        .create_topic(topic, config)
+        .await
+        .expect("create the topic");
+    wait_until(
+        "every partition has a leader",
+        Duration::from_secs(30),
+        || async {
+            client
+                .describe_topic(topic)
+                .await
+                .is_ok_and(|t| t.partitions.iter().all(|p| p.leader.is_some()))
+        },
+    )
+    .await;
+}
+
+fn signal(process: &NodeProcess, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &process.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal}");
+}
+
+/// Stops every node cleanly and opens each one's store.
+async fn stop_all(client: Node, nodes: &mut [Option<NodeProcess>]) {
+    client.shutdown().await;
+    for process in nodes.iter_mut().flatten() {
+        common::sigterm(&process.child);
+        let status = common::wait_exit(&mut process.child, Duration::from_secs(20));
+        assert!(status.success(), "clean exit, got {status}");
+    }
+}
+
+/// Every record of a partition, from offset 0 up to the high watermark.
+fn all_values(store: &meshlog::store::Store, topic: &str, partition: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let read = store.read(topic, partition, offset, 1 << 20).expect("read");
+        if read.records.is_empty() {
+            return out;
+        }
+        for record in read.records {
+            out.push(String::from_utf8_lossy(record.value()).into_owned());
+            offset = record.offset + 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_followers_cannot_commit_and_its_suffix_is_dropped() {
+    const FENCED: &str = "fenced";
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (tx, _lines) = mpsc::channel();
+    let (mut nodes, ids, client) = start_cluster(&dirs, &tx).await;
+    create_replicated(&client, FENCED, 1).await;
+    let producer = client.producer(ProducerConfig::default());
+    let before = batch("before", 0, 20);
+    send_until_acked_to(&producer, FENCED, before).await;
+
+    // Freeze both followers: the leader is cut off from them.
+    let described = client.describe_topic(FENCED).await.expect("describe");
+    let old = described.partitions[0].leader.expect("a leader");
+    let old_epoch = described.partitions[0].epoch;
+    let leader = ids.iter().position(|id| *id == old).expect("a known node");
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for f in &followers {
+        signal(nodes[*f].as_ref().expect("running"), "-STOP");
+    }
+    let isolated =
+        client.producer(ProducerConfig::default().with_delivery_timeout(Duration::from_secs(2)));
+    let refused = isolated.send_batch(FENCED, batch("isolated", 0, 5)).await;
+    assert!(
+        matches!(refused, Err(meshlog::Error::Timeout { .. })),
+        "a leader without its quorum cannot acknowledge: {refused:?}"
+    );
+    let view = client
+        .describe_topic_at(old, FENCED)
+        .await
+        .expect("the old leader answers");
+    assert_eq!(
+        view.partitions[0].high_watermark, 20,
+        "nothing committed without a quorum"
+    );
+
+    // Freeze the old leader, wake the followers: they elect a new leader.
+    signal(nodes[leader].as_ref().expect("running"), "-STOP");
+    let woken = Instant::now();
+    for f in &followers {
+        signal(nodes[*f].as_ref().expect("running"), "-CONT");
+    }
+    let candidates: Vec<NodeId> = followers.iter().map(|f| ids[*f]).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new_leader = loop {
+        if let Some(elected) = elected(&client, &candidates, old_epoch).await {
+            break elected;
+        }
+        assert!(Instant::now() < deadline, "no new leader within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let takeover = woken.elapsed();
+    println!("a new leader took over {takeover:?} after the followers woke");
+    // Election timeout (1 s) + jitter (up to 1 s) + a vote round trip, with slack.
+    assert!(
+        takeover < Duration::from_secs(4),
+        "takeover took {takeover:?}"
+    );
+    let after = client.producer(ProducerConfig::default());
+    send_until_acked_to(&after, FENCED, batch("after", 0, 10)).await;
+
+    // The old leader comes back: it follows and drops its uncommitted suffix.
+    signal(nodes[leader].as_ref().expect("running"), "-CONT");
+    wait_until(
+        "the old leader follows the new one",
+        Duration::from_secs(20),
+        || async {
+            let Ok(mine) = client.describe_topic_at(old, FENCED).await else {
+                return false;
+            };
+            let Ok(theirs) = client.describe_topic_at(new_leader, FENCED).await else {
+                return false;
+            };
+            let (m, t) = (&mine.partitions[0], &theirs.partitions[0]);
+            m.leader == Some(new_leader) && m.high_watermark == t.high_watermark && m.head == t.head
+        },
+    )
+    .await;
+    stop_all(client, &mut nodes).await;
+    let mut ends = Vec::new();
+    for dir in &dirs[..3] {
+        let store = meshlog::store::Store::open(dir.path(), true).expect("reopen the store");
+        let values = all_values(&store, FENCED, 0);
+        assert_eq!(values.len(), 30, "20 before and 10 after: {values:?}");
+        assert!(
+            values.iter().all(|v| !v.starts_with("isolated")),
+            "{values:?}"
+        );
+        let state = store.partition_state(FENCED, 0).expect("state");
+        assert_eq!(
+            state.log_end_offset, state.high_watermark,
+            "no uncommitted suffix is left"
+        );
+        ends.push((state.log_end_offset, state.head));
+    }
+    assert!(
+        ends.windows(2).all(|w| w[0] == w[1]),
+        "replicas agree: {ends:?}"
+    );
+}
+
+/// The candidate that reports itself leader of `fenced` in an epoch after `old_epoch`.
+async fn elected(client: &Node, candidates: &[NodeId], old_epoch: u64) -> Option<NodeId> {
+    for candidate in candidates {
+        if let Ok(view) = client.describe_topic_at(*candidate, "fenced").await {
+            let p = &view.partitions[0];
+            if p.leader == Some(*candidate) && p.epoch > old_epoch {
+                return Some(*candidate);
+            }
+        }
+    }
+    None
+}
+
+/// Sends one batch to `topic` until it is acknowledged.
+async fn send_until_acked_to(
     producer: &meshlog::Producer,
+    topic: &str,
     records: Vec<ProducerRecord>,
 ) -> Vec<RecordMetadata> {
     for attempt in 0..20 {
-        match producer.send_batch(TOPIC, records.clone()).await {
+        match producer.send_batch(topic, records.clone()).await {
             Ok(sent) => return sent,
             Err(e) => eprintln!("send attempt {attempt} failed: {e}"),
         }
@@ -177,7 +371,8 @@ async fn a_killed_leader_loses_no_acknowledged_record_and_replicas_agree() {
             nodes[index] = Some(restarted);
         }
         for key in &keys {
-            let sent = send_until_acked(&producer, batch(key, round * PER_BATCH, PER_BATCH)).await;
+            let records = batch(key, round * PER_BATCH, PER_BATCH);
+            let sent = send_until_acked_to(&producer, TOPIC, records).await;
             if killed_at.is_some() && failover.is_none() && sent[0].partition == 0 {
                 failover = killed_at.map(|k| k.elapsed());
             }
@@ -220,12 +415,7 @@ async fn a_killed_leader_loses_no_acknowledged_record_and_replicas_agree() {
         })
     })
     .await;
-    client.shutdown().await;
-    for process in nodes.iter_mut().flatten() {
-        common::sigterm(&process.child);
-        let status = common::wait_exit(&mut process.child, Duration::from_secs(20));
-        assert!(status.success(), "clean exit, got {status}");
-    }
+    stop_all(client, &mut nodes).await;
 
     // Each store holds every acknowledged record exactly once, at its offset.
     for dir in &dirs[..3] {

@@ -541,6 +541,7 @@ pub(crate) fn describe_entry(
                     || state.as_ref().map_or(0, |s| s.high_watermark),
                     |s| s.high_watermark,
                 ),
+                log_end_offset: state.as_ref().map_or(0, |s| s.log_end_offset),
                 head: status.map_or_else(
                     || state.as_ref().map_or(MessageId([0; 32]), |s| s.head),
                     |s| s.head,
