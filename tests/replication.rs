@@ -172,3 +172,63 @@ async fn records_sent_with_acks_all_reach_every_replica() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_of_two_replicas_down_acks_all_fails_fast_and_acks_leader_succeeds() {
+    init_logs();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new().unwrap()).collect();
+    let nodes = three_nodes(&dirs).await;
+    let mut config = TopicConfig::default()
+        .with_partitions(1)
+        .with_replication_factor(2);
+    config.min_insync_replicas = Some(2);
+    nodes[0].create_topic("pairs", config).await.expect("create");
+    wait_for_leaders(&nodes[0], "pairs").await;
+    let all = nodes[0].producer(ProducerConfig::default().with_acks(Acks::All));
+    all.send("pairs", None, b"both up").await.expect("acks all with both replicas");
+
+    // Stop the follower.
+    let described = nodes[0].describe_topic("pairs").await.expect("describe");
+    let partition = &described.partitions[0];
+    let leader = partition.leader.expect("a leader");
+    let follower = partition
+        .replicas
+        .iter()
+        .find(|r| **r != leader)
+        .copied()
+        .expect("a follower");
+    let index_of = |id| nodes.iter().position(|n| n.peer_id() == Some(id)).expect("a node");
+    let (leader_node, follower_node) = (index_of(leader.0), index_of(follower.0));
+    nodes[follower_node].shutdown().await;
+    // Once the leader counts the follower out of sync, acks=all fails at once.
+    let via = &nodes[leader_node];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = via.describe_topic_here("pairs").await.expect("describe");
+        if view.partitions[0].in_sync == vec![leader] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the follower stays in sync: {view:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all = via.producer(ProducerConfig::default().with_acks(Acks::All));
+    let started = Instant::now();
+    let refused = all.send("pairs", None, b"needs two").await;
+    let took = started.elapsed();
+    assert!(
+        matches!(refused, Err(meshlog::Error::NotEnoughReplicas { in_sync: 1, required: 2, .. })),
+        "{refused:?}"
+    );
+    assert!(took < Duration::from_secs(1), "fails fast, took {took:?}");
+    let leader_only = via.producer(ProducerConfig::default().with_acks(Acks::Leader));
+    let sent = leader_only
+        .send("pairs", None, b"the leader has it")
+        .await
+        .expect("acks=leader succeeds with one replica");
+    assert_eq!(sent.offset, 1);
+    for (i, node) in nodes.iter().enumerate() {
+        if i != follower_node {
+            node.shutdown().await;
+        }
+    }
+}
