@@ -135,6 +135,8 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         election_timeout: Duration::from_millis(300),
         election_jitter: Duration::from_millis(300),
         heartbeat_interval: Duration::from_millis(60),
+        // Small chunks, so that catching up takes many appends.
+        max_append_entries: 1 + rng.below(8),
         injected_fault: inject,
         ..ReplicationConfig::default()
     };

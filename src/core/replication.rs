@@ -56,6 +56,9 @@ pub struct ReplicationConfig {
     pub heartbeat_interval: Duration,
     /// Replicas that must hold an entry durably before it commits, if more than a majority.
     pub min_insync: usize,
+    /// Most entries in one append, so that a follower far behind catches up in
+    /// bounded messages, one chunk per round trip. Default 64.
+    pub max_append_entries: usize,
     /// A deliberate bug, for proving that the simulation's checkers catch one.
     #[cfg(feature = "fault-injection")]
     pub injected_fault: Option<ReplicationFault>,
@@ -77,6 +80,7 @@ impl Default for ReplicationConfig {
             election_jitter: Duration::from_secs(1),
             heartbeat_interval: Duration::from_millis(200),
             min_insync: 0,
+            max_append_entries: 64,
             #[cfg(feature = "fault-injection")]
             injected_fault: None,
         }
@@ -489,9 +493,10 @@ impl<P: PeerKey> Replica<P> {
             return;
         };
         let start = (*from).min(log_len);
-        *from = log_len;
+        let end = log_len.min(start + self.config.max_append_entries.max(1) as u64);
+        *from = end;
         let prev_id = self.id_before(start).unwrap_or(self.genesis);
-        let entries = self.log[start as usize..].to_vec();
+        let entries = self.log[start as usize..end as usize].to_vec();
         let message = Message::Append {
             epoch,
             prev_offset: start,
@@ -760,7 +765,13 @@ impl<P: PeerKey> Replica<P> {
             last_ack.insert(from.clone(), now);
             let m = matched.entry(from.clone()).or_default();
             *m = (*m).max(log_end);
-            next.insert(from, log_end);
+            let sent_up_to = next.get(&from).copied().unwrap_or(log_end);
+            next.insert(from.clone(), log_end.max(sent_up_to));
+            // A follower catching up gets the next chunk as soon as it has one.
+            if sent_up_to <= log_end && log_end < self.log.len() as u64 {
+                next.insert(from.clone(), log_end);
+                self.replicate_to(from, actions);
+            }
             self.advance_commit(now, actions);
         } else {
             // Walk back to where the follower's log may still match ours.
