@@ -182,10 +182,15 @@ async fn with_one_of_two_replicas_down_acks_all_fails_fast_and_acks_leader_succe
         .with_partitions(1)
         .with_replication_factor(2);
     config.min_insync_replicas = Some(2);
-    nodes[0].create_topic("pairs", config).await.expect("create");
+    nodes[0]
+        .create_topic("pairs", config)
+        .await
+        .expect("create");
     wait_for_leaders(&nodes[0], "pairs").await;
     let all = nodes[0].producer(ProducerConfig::default().with_acks(Acks::All));
-    all.send("pairs", None, b"both up").await.expect("acks all with both replicas");
+    all.send("pairs", None, b"both up")
+        .await
+        .expect("acks all with both replicas");
 
     // Stop the follower.
     let described = nodes[0].describe_topic("pairs").await.expect("describe");
@@ -197,7 +202,12 @@ async fn with_one_of_two_replicas_down_acks_all_fails_fast_and_acks_leader_succe
         .find(|r| **r != leader)
         .copied()
         .expect("a follower");
-    let index_of = |id| nodes.iter().position(|n| n.peer_id() == Some(id)).expect("a node");
+    let index_of = |id| {
+        nodes
+            .iter()
+            .position(|n| n.peer_id() == Some(id))
+            .expect("a node")
+    };
     let (leader_node, follower_node) = (index_of(leader.0), index_of(follower.0));
     nodes[follower_node].shutdown().await;
     // Once the leader counts the follower out of sync, acks=all fails at once.
@@ -208,7 +218,10 @@ async fn with_one_of_two_replicas_down_acks_all_fails_fast_and_acks_leader_succe
         if view.partitions[0].in_sync == vec![leader] {
             break;
         }
-        assert!(Instant::now() < deadline, "the follower stays in sync: {view:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the follower stays in sync: {view:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let all = via.producer(ProducerConfig::default().with_acks(Acks::All));
@@ -216,7 +229,14 @@ async fn with_one_of_two_replicas_down_acks_all_fails_fast_and_acks_leader_succe
     let refused = all.send("pairs", None, b"needs two").await;
     let took = started.elapsed();
     assert!(
-        matches!(refused, Err(meshlog::Error::NotEnoughReplicas { in_sync: 1, required: 2, .. })),
+        matches!(
+            refused,
+            Err(meshlog::Error::NotEnoughReplicas {
+                in_sync: 1,
+                required: 2,
+                ..
+            })
+        ),
         "{refused:?}"
     );
     assert!(took < Duration::from_secs(1), "fails fast, took {took:?}");

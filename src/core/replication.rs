@@ -35,14 +35,76 @@ use super::rng::Rng;
 use crate::chain::{self, MessageId};
 
 /// One log entry as replication sees it: the payload's digest and the chain ID.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {
     /// The epoch of the leader that appended it.
     pub epoch: u64,
-    /// The digest of the payload (zero for an epoch-start marker).
+    /// The digest of the payload (zero for an epoch-start marker; the hash of
+    /// `config` for a configuration entry).
     pub digest: MessageId,
     /// Its partition-chain ID.
     pub id: MessageId,
+    /// For a configuration entry: the encoded [`ReplicaSet`] that takes effect
+    /// from this entry on.
+    #[serde(with = "serde_bytes")]
+    pub config: Option<Vec<u8>>,
+}
+
+impl LogEntry {
+    /// Whether the entry carries records (neither a marker nor a configuration).
+    pub fn has_payload(&self) -> bool {
+        self.config.is_none() && self.digest != MessageId([0; 32])
+    }
+}
+
+/// Who takes part in a partition: voters elect and count toward the quorum;
+/// learners only receive the log, until they are promoted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSet<P> {
+    /// Replicas that vote and count for commits.
+    pub voters: Vec<P>,
+    /// Replicas catching up, not counted.
+    pub learners: Vec<P>,
+}
+
+impl<P: PeerKey> ReplicaSet<P> {
+    /// Voters only.
+    pub fn of_voters(voters: Vec<P>) -> Self {
+        ReplicaSet {
+            voters,
+            learners: Vec::new(),
+        }
+    }
+
+    /// Whether `peer` takes part (as voter or learner).
+    pub fn contains(&self, peer: &P) -> bool {
+        self.voters.contains(peer) || self.learners.contains(peer)
+    }
+
+    /// Whether `next` differs from this set by one step: one learner added or
+    /// removed, one learner promoted, or one voter removed.
+    pub fn is_one_step_to(&self, next: &ReplicaSet<P>) -> bool {
+        let sorted = |v: &[P]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v
+        };
+        let (v0, l0, v1, l1) = (
+            sorted(&self.voters),
+            sorted(&self.learners),
+            sorted(&next.voters),
+            sorted(&next.learners),
+        );
+        let minus = |a: &[P], b: &[P]| a.iter().filter(|x| !b.contains(x)).count();
+        let learner_changed = v0 == v1 && minus(&l0, &l1) + minus(&l1, &l0) == 1;
+        let promoted = minus(&v1, &v0) == 1
+            && minus(&v0, &v1) == 0
+            && minus(&l0, &l1) == 1
+            && minus(&l1, &l0) == 0
+            && v1.iter().any(|v| l0.contains(v));
+        let removed = l0 == l1 && minus(&v0, &v1) == 1 && minus(&v1, &v0) == 0 && !v1.is_empty();
+        learner_changed || promoted || removed
+    }
 }
 
 /// Timings and quorum of a partition.
@@ -233,7 +295,13 @@ impl<P> Default for DurableState<P> {
 /// One replica of one partition.
 pub struct Replica<P> {
     me: P,
-    voters: Vec<P>,
+    /// The replica set before any configuration entry (the partition's first).
+    initial: ReplicaSet<P>,
+    /// The replica set in force: that of the last configuration entry in the
+    /// log, committed or not (Raft's single-server changes).
+    members: ReplicaSet<P>,
+    /// Index of that configuration entry, if any.
+    members_index: Option<u64>,
     config: ReplicationConfig,
     genesis: MessageId,
     epoch: u64,
@@ -267,9 +335,12 @@ impl<P: PeerKey> Replica<P> {
             log,
         } = durable;
         let durable = log.len() as u64;
+        let initial = ReplicaSet::of_voters(voters);
         let mut replica = Replica {
             me,
-            voters,
+            members: initial.clone(),
+            initial,
+            members_index: None,
             config,
             genesis,
             epoch,
@@ -282,8 +353,9 @@ impl<P: PeerKey> Replica<P> {
             pending_reply: None,
             rng: Rng::new(seed),
         };
+        replica.refresh_members();
         replica.reset_election_deadline(now);
-        if replica.voters.len() == 1 && replica.voters[0] == replica.me {
+        if replica.members.voters == [replica.me.clone()] {
             // Alone: no one to wait for, stand at the first tick.
             replica.election_deadline = now;
         }
@@ -328,7 +400,95 @@ impl<P: PeerKey> Replica<P> {
 
     /// The replicas that vote in this partition.
     pub fn voters(&self) -> &[P] {
-        &self.voters
+        &self.members.voters
+    }
+
+    /// The replica set in force (voters and learners).
+    pub fn members(&self) -> &ReplicaSet<P> {
+        &self.members
+    }
+
+    /// For each follower and learner, the log prefix it is known to hold
+    /// durably (leader only; empty elsewhere).
+    pub fn progress(&self) -> BTreeMap<P, u64> {
+        match &self.role {
+            Role::Leader { matched, .. } => matched.clone(),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    /// Whether the replica set may change now: this replica leads, an entry
+    /// of its own epoch is committed, and the last change is committed.
+    pub fn can_reconfigure(&self) -> bool {
+        let own_committed = self.commit > 0
+            && self
+                .log
+                .get(self.commit as usize - 1)
+                .is_some_and(|e| e.epoch == self.epoch);
+        self.is_leader() && own_committed && self.members_index.is_none_or(|i| i < self.commit)
+    }
+
+    /// The leader appends a configuration entry moving the replica set one step
+    /// to `next`; it takes effect at once. Refused (`false`) unless
+    /// [`Self::can_reconfigure`] and `next` is one step away.
+    pub fn propose_members(
+        &mut self,
+        next: ReplicaSet<P>,
+        now: Duration,
+    ) -> (bool, Vec<Action<P>>) {
+        if !self.can_reconfigure() || !self.members.is_one_step_to(&next) {
+            return (false, Vec::new());
+        }
+        let Ok(bytes) = postcard::to_stdvec(&next) else {
+            return (false, Vec::new());
+        };
+        let digest = MessageId(*blake3::hash(&bytes).as_bytes());
+        let offset = self.append_local(digest, Some(bytes));
+        self.refresh_members();
+        let mut actions = vec![Action::PersistLog {
+            from: offset,
+            entries: vec![self.log[offset as usize].clone()],
+        }];
+        self.replicate(now, &mut actions);
+        (true, actions)
+    }
+
+    /// Recomputes the replica set in force from the log, and (as leader) who
+    /// to replicate to.
+    fn refresh_members(&mut self) {
+        let last = self
+            .log
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, e)| e.config.as_ref().map(|c| (i as u64, c)));
+        let (members, index) = match last {
+            Some((i, bytes)) => match postcard::from_bytes::<ReplicaSet<P>>(bytes) {
+                Ok(set) => (set, Some(i)),
+                Err(_) => (self.initial.clone(), None),
+            },
+            None => (self.initial.clone(), None),
+        };
+        self.members = members;
+        self.members_index = index;
+        let log_len = self.log.len() as u64;
+        let me = self.me.clone();
+        let wanted: Vec<P> = self
+            .members
+            .voters
+            .iter()
+            .chain(&self.members.learners)
+            .filter(|p| **p != me)
+            .cloned()
+            .collect();
+        if let Role::Leader { matched, next, .. } = &mut self.role {
+            matched.retain(|p, _| wanted.contains(p));
+            next.retain(|p, _| wanted.contains(p));
+            for p in wanted {
+                matched.entry(p.clone()).or_insert(0);
+                next.entry(p).or_insert(log_len);
+            }
+        }
     }
 
     /// How many entries the driver has confirmed durable.
@@ -357,7 +517,7 @@ impl<P: PeerKey> Replica<P> {
         if self.config.injected_fault == Some(ReplicationFault::CommitWithoutQuorum) {
             return 1;
         }
-        (self.voters.len() / 2 + 1).max(self.config.min_insync)
+        (self.members.voters.len() / 2 + 1).max(self.config.min_insync)
     }
 
     fn head(&self) -> MessageId {
@@ -384,22 +544,23 @@ impl<P: PeerKey> Replica<P> {
         if !self.is_leader() {
             return (None, Vec::new());
         }
-        let offset = self.append_local(digest);
+        let offset = self.append_local(digest, None);
         let mut actions = vec![Action::PersistLog {
             from: offset,
-            entries: vec![self.log[offset as usize]],
+            entries: vec![self.log[offset as usize].clone()],
         }];
         self.replicate(now, &mut actions);
         (Some(offset), actions)
     }
 
-    fn append_local(&mut self, digest: MessageId) -> u64 {
+    fn append_local(&mut self, digest: MessageId, config: Option<Vec<u8>>) -> u64 {
         let offset = self.log.len() as u64;
         let id = chain::partition_link(&self.head(), self.epoch, offset, None, &digest);
         self.log.push(LogEntry {
             epoch: self.epoch,
             digest,
             id,
+            config,
         });
         offset
     }
@@ -423,7 +584,12 @@ impl<P: PeerKey> Replica<P> {
                 self.replicate(now, actions);
             }
         } else if now >= self.election_deadline {
-            self.start_election(now, actions);
+            if self.members.voters.contains(&self.me) {
+                self.start_election(now, actions);
+            } else {
+                // A learner, or a replica removed from the set: it never stands.
+                self.reset_election_deadline(now);
+            }
         }
     }
 
@@ -444,7 +610,7 @@ impl<P: PeerKey> Replica<P> {
             last_epoch: self.log.last().map_or(0, |e| e.epoch),
             log_end: self.log.len() as u64,
         };
-        for to in self.voters.iter().filter(|v| **v != self.me) {
+        for to in self.members.voters.iter().filter(|v| **v != self.me) {
             actions.push(Action::Send {
                 to: to.clone(),
                 message: request.clone(),
@@ -457,10 +623,15 @@ impl<P: PeerKey> Replica<P> {
         let Role::Candidate { votes } = &self.role else {
             return;
         };
-        if votes.len() < self.voters.len() / 2 + 1 {
+        if votes.len() < self.members.voters.len() / 2 + 1 {
             return;
         }
-        let others = self.voters.iter().filter(|v| **v != self.me);
+        let others = self
+            .members
+            .voters
+            .iter()
+            .chain(&self.members.learners)
+            .filter(|v| **v != self.me);
         let next = others
             .clone()
             .map(|v| (v.clone(), self.log.len() as u64))
@@ -474,10 +645,10 @@ impl<P: PeerKey> Replica<P> {
         };
         actions.push(Action::BecameLeader { epoch: self.epoch });
         // The epoch-start marker: committing it commits everything before it.
-        let offset = self.append_local(MessageId([0; 32]));
+        let offset = self.append_local(MessageId([0; 32]), None);
         actions.push(Action::PersistLog {
             from: offset,
-            entries: vec![self.log[offset as usize]],
+            entries: vec![self.log[offset as usize].clone()],
         });
         self.replicate(now, actions);
     }
@@ -562,7 +733,16 @@ impl<P: PeerKey> Replica<P> {
         now: Duration,
         actions: &mut Vec<Action<P>>,
     ) {
-        if !self.voters.contains(&from) {
+        // Votes only among voters; appends from whoever leads (a replica may
+        // not know the set that made it a learner yet); replies from members.
+        let allowed = match &message {
+            Message::RequestVote { .. } | Message::Vote { .. } => {
+                self.members.voters.contains(&from)
+            }
+            Message::Append { .. } => true,
+            Message::AppendReply { .. } => self.members.contains(&from),
+        };
+        if !allowed {
             return;
         }
         let their_epoch = match &message {
@@ -690,7 +870,7 @@ impl<P: PeerKey> Replica<P> {
             let message = Message::AppendReply {
                 epoch: self.epoch,
                 success: false,
-                log_end: self.log.len().min(prev_offset.saturating_sub(1) as usize) as u64,
+                log_end: self.walk_back_hint(prev_offset),
             };
             actions.push(Action::Send { to: from, message });
             return;
@@ -717,6 +897,10 @@ impl<P: PeerKey> Replica<P> {
             self.log.truncate(at);
             self.durable = self.durable.min(at as u64);
             self.log.extend_from_slice(&entries[i..]);
+            let cut_config = self.members_index.is_some_and(|c| c >= at as u64);
+            if cut_config || entries[i..].iter().any(|e| e.config.is_some()) {
+                self.refresh_members();
+            }
             actions.push(Action::PersistLog {
                 from: at as u64,
                 entries: entries[i..].to_vec(),
@@ -738,6 +922,26 @@ impl<P: PeerKey> Replica<P> {
         } else {
             self.pending_reply = Some((from, self.epoch, log_end));
         }
+    }
+
+    /// Where the leader should try next after an append at `prev_offset` did
+    /// not match: our log end when we lack the entry before it; otherwise the
+    /// start of our run of entries of that entry's epoch (never below the
+    /// commit point), so a divergent suffix is skipped one epoch at a time
+    /// instead of one entry per round trip.
+    fn walk_back_hint(&self, prev_offset: u64) -> u64 {
+        let len = self.log.len() as u64;
+        if prev_offset > len {
+            return len;
+        }
+        let mut at = prev_offset.saturating_sub(1);
+        let Some(epoch) = self.log.get(at as usize).map(|e| e.epoch) else {
+            return at;
+        };
+        while at > self.commit && self.log[at as usize - 1].epoch == epoch {
+            at -= 1;
+        }
+        at
     }
 
     fn on_append_reply(
@@ -785,8 +989,15 @@ impl<P: PeerKey> Replica<P> {
         let Role::Leader { matched, .. } = &self.role else {
             return;
         };
-        let mut ends: Vec<u64> = matched.values().copied().collect();
-        ends.push(self.durable);
+        let voters = &self.members.voters;
+        let mut ends: Vec<u64> = matched
+            .iter()
+            .filter(|(p, _)| voters.contains(p))
+            .map(|(_, end)| *end)
+            .collect();
+        if voters.contains(&self.me) {
+            ends.push(self.durable);
+        }
         ends.sort_unstable_by(|a, b| b.cmp(a));
         let Some(&quorum_end) = ends.get(self.quorum() - 1) else {
             return;
@@ -800,6 +1011,12 @@ impl<P: PeerKey> Replica<P> {
         if own_epoch && quorum_end > self.commit {
             self.commit = quorum_end;
             actions.push(Action::Committed { upto: self.commit });
+            // A leader whose removal is committed steps down for good.
+            let removed = !self.members.voters.contains(&self.me)
+                && self.members_index.is_some_and(|i| i < self.commit);
+            if removed {
+                self.role = Role::Follower { leader: None };
+            }
         }
     }
 }
@@ -931,6 +1148,7 @@ mod tests {
                     epoch,
                     digest,
                     id: prev,
+                    config: None,
                 }
             })
             .collect()
@@ -1011,6 +1229,91 @@ mod tests {
             t,
         );
         assert!(fresh.iter().any(is_success), "{fresh:?}");
+    }
+
+    /// Proposes `next` at the current leader and runs what follows.
+    fn reconfigure(c: &mut Cluster, next: ReplicaSet<u32>) {
+        let leader = c.leader().expect("a leader");
+        let now = c.now;
+        let (accepted, actions) = c
+            .replicas
+            .get_mut(&leader)
+            .unwrap()
+            .propose_members(next.clone(), now);
+        assert!(accepted, "one step to {next:?} is refused");
+        c.run(leader, actions);
+        c.tick_until(c.now.as_millis() as u64 + 500);
+    }
+
+    #[test]
+    fn a_learner_catches_up_is_promoted_and_a_removed_voter_no_longer_counts() {
+        let mut c = Cluster::new(3);
+        // A fourth replica, started with the partition's first replica set.
+        let fourth = Replica::new(
+            3,
+            vec![0, 1, 2],
+            ReplicationConfig::default(),
+            MessageId([9; 32]),
+            DurableState::default(),
+            Duration::ZERO,
+            4,
+        );
+        c.replicas.insert(3, fourth);
+        c.tick_until(3000);
+        let leader = c.leader().expect("a leader");
+        for n in 1..=5 {
+            c.propose(n).expect("the leader accepts");
+        }
+        c.tick_until(3500);
+        // Two steps at once are refused.
+        let now = c.now;
+        let jump = ReplicaSet::of_voters(vec![0, 1, 2, 3]);
+        let (accepted, _) = c
+            .replicas
+            .get_mut(&leader)
+            .unwrap()
+            .propose_members(jump, now);
+        assert!(!accepted, "adding a voter directly is two steps");
+
+        reconfigure(
+            &mut c,
+            ReplicaSet {
+                voters: vec![0, 1, 2],
+                learners: vec![3],
+            },
+        );
+        assert_eq!(
+            c.replicas[&3].log(),
+            c.replicas[&leader].log(),
+            "the learner caught up"
+        );
+        assert!(
+            !c.replicas[&3].voters().contains(&3),
+            "a learner does not vote"
+        );
+        reconfigure(&mut c, ReplicaSet::of_voters(vec![0, 1, 2, 3]));
+        let removed = (0..3).find(|r| *r != leader).unwrap();
+        let remaining: Vec<u32> = (0..4).filter(|r| *r != removed).collect();
+        reconfigure(&mut c, ReplicaSet::of_voters(remaining.clone()));
+        for r in &remaining {
+            assert_eq!(c.replicas[r].voters(), &remaining[..], "replica {r}");
+        }
+        // Without the removed replica, commits need two of the three remaining.
+        c.cut.insert(removed);
+        c.propose(9).expect("the leader accepts");
+        c.tick_until(c.now.as_millis() as u64 + 500);
+        let end = c.replicas[&leader].log().len() as u64;
+        assert_eq!(c.replicas[&leader].commit(), end);
+        assert_eq!(
+            c.replicas[&3].commit(),
+            end,
+            "the promoted replica follows the commit"
+        );
+        // The old leader cut off, the promoted replica can be elected.
+        c.cut.insert(leader);
+        c.tick_until(c.now.as_millis() as u64 + 6000);
+        let new = c.leader().expect("a new leader among the remaining");
+        assert!(remaining.contains(&new) && new != leader);
     }
 
     #[test]

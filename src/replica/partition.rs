@@ -175,7 +175,7 @@ impl PartitionReplica {
             .iter()
             .map(|r| (r.base_offset, r.count))
             .collect();
-        let entries: Vec<LogEntry> = log.entries.iter().map(|r| r.entry).collect();
+        let entries: Vec<LogEntry> = log.entries.iter().map(|r| r.entry.clone()).collect();
         let durable = entries.len() as u64;
         let mut replication = settings.replication.clone();
         replication.min_insync = config.min_insync_replicas.map_or(0, usize::from);

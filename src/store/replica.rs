@@ -83,7 +83,7 @@ impl Store {
         let mut index = truncate_from;
         for (replicated, batch) in entries.iter().zip(decoded) {
             let row = EntryRow {
-                entry: replicated.entry,
+                entry: replicated.entry.clone(),
                 base_offset: state.log_end_offset,
                 count: batch.as_ref().map_or(0, |b| b.records.len() as u32),
             };

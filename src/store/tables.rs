@@ -60,7 +60,7 @@ pub struct TopicEntry {
 }
 
 /// One entry of a replicated partition's log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryRow {
     /// The entry as replication sees it (its digest is the batch's last record ID).
     pub entry: LogEntry,
