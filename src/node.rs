@@ -114,6 +114,11 @@ pub struct PartitionDescription {
     /// The replicas in sync, as the leader sees them (empty unless the
     /// describing node leads the partition).
     pub in_sync: Vec<crate::net::NodeId>,
+    /// Replicas catching up before they are promoted to voters.
+    pub learners: Vec<crate::net::NodeId>,
+    /// Where placement wants the replicas: the top live storage nodes by
+    /// rendezvous hash (empty when the describing node does not host it).
+    pub target_replicas: Vec<crate::net::NodeId>,
 }
 
 /// One partition of a consumer group's position, as `meshlog group describe` shows it.
@@ -326,6 +331,8 @@ impl Node {
                 leader: None,
                 replicas: Vec::new(),
                 in_sync: Vec::new(),
+                learners: Vec::new(),
+                target_replicas: Vec::new(),
             });
         }
         Ok(TopicDescription {

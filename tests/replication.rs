@@ -252,3 +252,91 @@ async fn with_one_of_two_replicas_down_acks_all_fails_fast_and_acks_leader_succe
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_takes_over_only_the_partitions_whose_target_changed() {
+    init_logs();
+    const PARTITIONS: u32 = 12;
+    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new().unwrap()).collect();
+    let mut nodes = three_nodes(&dirs[..3]).await;
+    let config = TopicConfig::default()
+        .with_partitions(PARTITIONS)
+        .with_replication_factor(3);
+    nodes[0]
+        .create_topic("spread", config)
+        .await
+        .expect("create");
+    wait_for_leaders(&nodes[0], "spread").await;
+    let producer = nodes[0].producer(ProducerConfig::default());
+    for p in 0..PARTITIONS {
+        for i in 0..5 {
+            let record = meshlog::ProducerRecord::new(format!("p{p}-{i}")).with_partition(p);
+            producer.send_record("spread", record).await.expect("send");
+        }
+    }
+    let before = nodes[0].describe_topic("spread").await.expect("describe");
+    let sorted = |mut v: Vec<meshlog::net::NodeId>| {
+        v.sort();
+        v
+    };
+
+    // A fourth storage node joins.
+    let addr = address(&nodes[0]).await;
+    nodes.push(start(&dirs[3], Some(&addr), Role::Storage).await);
+    for node in &nodes {
+        wait_for_storage_nodes(node, 4).await;
+    }
+    let all: Vec<meshlog::net::NodeId> = nodes
+        .iter()
+        .map(|n| meshlog::net::NodeId(n.peer_id().expect("on the network")))
+        .collect();
+    let expected_moves = (0..PARTITIONS)
+        .filter(|p| {
+            let target = meshlog::core::placement::target_replicas("spread", *p, &all, 3);
+            sorted(target) != sorted(before.partitions[*p as usize].replicas.clone())
+        })
+        .count();
+
+    // Every partition's actual replica set reaches its target.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let view = nodes[0].describe_topic("spread").await.expect("describe");
+        let settled = view.partitions.iter().all(|p| {
+            let target = meshlog::core::placement::target_replicas("spread", p.partition, &all, 3);
+            p.learners.is_empty() && sorted(p.replicas.clone()) == sorted(target)
+        });
+        if settled {
+            break view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica sets did not reach their targets: {view:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let moved: Vec<u32> = (0..PARTITIONS)
+        .filter(|p| {
+            sorted(after.partitions[*p as usize].replicas.clone())
+                != sorted(before.partitions[*p as usize].replicas.clone())
+        })
+        .collect();
+    println!(
+        "a fourth node joined: {} of {PARTITIONS} partitions moved, {expected_moves} expected",
+        moved.len()
+    );
+    assert_eq!(moved.len(), expected_moves);
+    // The new node holds every moved partition's committed log.
+    let newcomer = nodes[3]
+        .describe_topic_here("spread")
+        .await
+        .expect("describe");
+    for p in &moved {
+        let leader_view = &after.partitions[*p as usize];
+        let mine = &newcomer.partitions[*p as usize];
+        assert_eq!(mine.high_watermark, 5, "partition {p} on the new node");
+        assert_eq!(mine.head, leader_view.head, "partition {p} on the new node");
+    }
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}

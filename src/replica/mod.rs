@@ -25,6 +25,8 @@ use tracing::{debug, info, warn};
 
 use crate::chain::MessageId;
 use crate::config::TopicConfig;
+use crate::core::membership::{Role, Status};
+use crate::core::placement;
 use crate::core::replication::ReplicationConfig;
 use crate::net::{InboundRequest, Mesh, NodeId};
 use crate::node::{PartitionDescription, TopicDescription, WriteQueue, now_ms};
@@ -35,6 +37,9 @@ use partition::{Effect, PartitionReplica, PartitionSettings, ProduceReply, Write
 
 /// How often replicas get a tick (elections, heartbeats, timeouts).
 const TICK: Duration = Duration::from_millis(50);
+
+/// How often leaders move their replica sets toward their targets.
+const PLACEMENT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Requests from the node to its replicator.
 pub(crate) enum Request {
@@ -66,6 +71,9 @@ pub(crate) enum Request {
 #[derive(Clone, Debug)]
 pub(crate) struct ReplicaStatus {
     pub epoch: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub target: Vec<NodeId>,
     pub leader: Option<NodeId>,
     pub in_sync: Vec<NodeId>,
     pub high_watermark: u64,
@@ -103,6 +111,8 @@ impl Replicator {
             },
             pending: FuturesOrdered::new(),
             unknown_topics: BTreeMap::new(),
+            live: Vec::new(),
+            placed_at: Instant::now(),
         };
         let handle = tokio::spawn(task.run(receiver, inbound, stop));
         (Replicator { requests }, handle)
@@ -142,6 +152,10 @@ struct Task {
     /// Topics a peer replicates to us that we do not know yet, with when we
     /// last asked about them.
     unknown_topics: BTreeMap<String, Instant>,
+    /// The storage nodes not known dead (this one included), as of `placed_at`.
+    live: Vec<NodeId>,
+    /// When leaders last moved their replica sets toward their targets.
+    placed_at: Instant,
 }
 
 impl Task {
@@ -193,36 +207,59 @@ impl Task {
         }
     }
 
+    /// Opens the replicas of `topic` this node hosts: those of its first
+    /// replica sets, and those it joined later (it holds their log).
     fn open_topic(&mut self, topic: &TopicEntry) {
         for (partition, voters) in topic.replicas.iter().enumerate() {
             let partition = partition as u32;
-            let key = (topic.name.clone(), partition);
-            if !voters.contains(&self.me) || self.replicas.contains_key(&key) {
-                continue;
+            let joined_later = || {
+                self.store
+                    .replica_log(&topic.name, partition)
+                    .is_ok_and(|log| !log.entries.is_empty())
+            };
+            if voters.contains(&self.me) || joined_later() {
+                self.open_partition(topic, partition);
             }
-            let seed = seed_for(&self.me, &topic.name, partition);
-            match PartitionReplica::open(
-                &self.store,
-                self.me,
-                &topic.name,
-                partition,
-                topic.config.clone(),
-                voters.clone(),
-                self.settings.clone(),
-                self.now(),
-                seed,
-            ) {
-                Ok(replica) => {
-                    self.replicas.insert(key, replica);
-                }
-                Err(error) => {
-                    warn!(topic = %topic.name, partition, %error, "cannot open replica");
-                }
+        }
+    }
+
+    /// Opens one replica (a no-op when it is open). The replica starts with
+    /// the partition's first replica set and learns later ones from its log.
+    fn open_partition(&mut self, topic: &TopicEntry, partition: u32) {
+        let key = (topic.name.clone(), partition);
+        let Some(voters) = topic.replicas.get(partition as usize) else {
+            return;
+        };
+        if self.replicas.contains_key(&key) {
+            return;
+        }
+        let seed = seed_for(&self.me, &topic.name, partition);
+        match PartitionReplica::open(
+            &self.store,
+            self.me,
+            &topic.name,
+            partition,
+            topic.config.clone(),
+            voters.clone(),
+            self.settings.clone(),
+            self.now(),
+            seed,
+        ) {
+            Ok(replica) => {
+                self.replicas.insert(key, replica);
+            }
+            Err(error) => {
+                warn!(topic = %topic.name, partition, %error, "cannot open replica");
             }
         }
     }
 
     async fn on_tick(&mut self) {
+        if self.placed_at.elapsed() >= PLACEMENT_INTERVAL {
+            self.placed_at = Instant::now();
+            self.refresh_live().await;
+            self.place().await;
+        }
         let now = self.now();
         let keys: Vec<Key> = self.replicas.keys().cloned().collect();
         for key in keys {
@@ -230,6 +267,55 @@ impl Task {
                 continue;
             };
             let effects = replica.tick(now);
+            self.run_effects(&key, effects).await;
+        }
+    }
+
+    /// Learns which storage nodes are not dead, from the membership.
+    async fn refresh_live(&mut self) {
+        let Ok(members) = self.mesh.members().await else {
+            return;
+        };
+        let mut live: Vec<NodeId> = members
+            .into_iter()
+            .filter(|m| m.status != Status::Dead)
+            .filter(|m| {
+                m.meta
+                    .as_ref()
+                    .is_some_and(|meta| meta.role == Role::Storage)
+            })
+            .map(|m| m.peer)
+            .collect();
+        live.push(self.me);
+        live.sort();
+        live.dedup();
+        self.live = live;
+    }
+
+    /// The partition's target replicas: the top-RF live storage nodes by
+    /// rendezvous hash.
+    fn target(&self, topic: &str, partition: u32, rf: usize) -> Vec<NodeId> {
+        placement::target_replicas(topic, partition, &self.live, rf)
+    }
+
+    /// Each partition this node leads takes one step toward its target.
+    async fn place(&mut self) {
+        let now = self.now();
+        let keys: Vec<Key> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.core().is_leader())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let Some(rf) = self.replicas.get(&key).map(PartitionReplica::rf) else {
+                continue;
+            };
+            let target = self.target(&key.0, key.1, rf);
+            let Some(replica) = self.replicas.get_mut(&key) else {
+                continue;
+            };
+            let effects = replica.reconfigure(&target, now);
             self.run_effects(&key, effects).await;
         }
     }
@@ -261,9 +347,12 @@ impl Task {
         self.replicas
             .iter()
             .filter(|((topic, _), _)| topic == name)
-            .map(|((_, partition), r)| {
+            .map(|((topic, partition), r)| {
                 let status = ReplicaStatus {
                     epoch: r.core().epoch(),
+                    voters: r.core().members().voters.clone(),
+                    learners: r.core().members().learners.clone(),
+                    target: self.target(topic, *partition, r.rf()),
                     leader: r.core().leader_hint().copied(),
                     in_sync: r.in_sync(now),
                     high_watermark: r.high_watermark(),
@@ -364,6 +453,10 @@ impl Task {
         let key = (frame.topic.clone(), frame.partition);
         if !self.replicas.contains_key(&key) {
             self.learn_topic(from, &frame.topic).await;
+            // A leader replicates to us: we are a new replica (a learner) of it.
+            if let Ok(topic) = self.store.topic(&frame.topic) {
+                self.open_partition(&topic, frame.partition);
+            }
         }
         let now = self.now();
         let Some(replica) = self.replicas.get_mut(&key) else {
@@ -527,12 +620,17 @@ pub(crate) fn describe_entry(
     let partitions = (0..topic.config.partitions)
         .map(|partition| {
             let state = store.partition_state(&topic.name, partition).ok();
-            let replicas = topic
-                .replicas
-                .get(partition as usize)
-                .cloned()
-                .unwrap_or_default();
             let status = live.get(&partition);
+            let replicas = status.map_or_else(
+                || {
+                    topic
+                        .replicas
+                        .get(partition as usize)
+                        .cloned()
+                        .unwrap_or_default()
+                },
+                |s| s.voters.clone(),
+            );
             PartitionDescription {
                 partition,
                 epoch: status.map_or_else(|| state.as_ref().map_or(0, |s| s.epoch), |s| s.epoch),
@@ -550,6 +648,8 @@ pub(crate) fn describe_entry(
                 leader: status.and_then(|s| s.leader),
                 replicas,
                 in_sync: status.map(|s| s.in_sync.clone()).unwrap_or_default(),
+                learners: status.map(|s| s.learners.clone()).unwrap_or_default(),
+                target_replicas: status.map(|s| s.target.clone()).unwrap_or_default(),
             }
         })
         .collect();

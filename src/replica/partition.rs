@@ -148,6 +148,8 @@ pub(crate) struct PartitionReplica {
     committed: u64,
     /// The leader epoch this replica last led, to notice when it stops leading.
     led: Option<u64>,
+    /// The replication factor: the size of the partition's first replica set.
+    rf: usize,
 }
 
 impl PartitionReplica {
@@ -177,6 +179,7 @@ impl PartitionReplica {
             .collect();
         let entries: Vec<LogEntry> = log.entries.iter().map(|r| r.entry.clone()).collect();
         let durable = entries.len() as u64;
+        let rf = voters.len();
         let mut replication = settings.replication.clone();
         replication.min_insync = config.min_insync_replicas.map_or(0, usize::from);
         let core = Replica::new(
@@ -206,7 +209,13 @@ impl PartitionReplica {
             durable,
             committed: 0,
             led: None,
+            rf,
         })
+    }
+
+    /// The replication factor (the size of the partition's first replica set).
+    pub fn rf(&self) -> usize {
+        self.rf
     }
 
     /// The core state machine (read-only).
@@ -248,6 +257,60 @@ impl PartitionReplica {
             .rev()
             .find(|i| self.spans[*i].1 > 0)
             .map_or(self.start_prev_id, |i| log[i].digest)
+    }
+
+    /// As leader, moves the replica set one step toward `target` (the top
+    /// live storage nodes by rendezvous hash), when the last step is committed:
+    /// add a missing target node as a learner; promote a learner once it holds
+    /// everything committed; then remove a voter that is no longer a target,
+    /// but only while there are more voters than `rf`, so the set never
+    /// shrinks below the replication factor. Each step goes through the log,
+    /// so old and new majorities always overlap.
+    pub fn reconfigure(&mut self, target: &[NodeId], now: Duration) -> Vec<Effect> {
+        let rf = self.rf;
+        if !self.core.can_reconfigure() {
+            return Vec::new();
+        }
+        let current = self.core.members().clone();
+        let progress = self.core.progress();
+        let commit = self.core.commit();
+        let mut next = current.clone();
+        if let Some(new) = target.iter().find(|n| !current.contains(n)) {
+            next.learners.push(*new);
+        } else if let Some(ready) = current
+            .learners
+            .iter()
+            .find(|l| target.contains(l) && progress.get(*l).is_some_and(|m| *m >= commit))
+        {
+            next.learners.retain(|l| l != ready);
+            next.voters.push(*ready);
+        } else if let Some(stray) = current.learners.iter().find(|l| !target.contains(l)) {
+            next.learners.retain(|l| l != stray);
+        } else if current.voters.len() > rf {
+            // Remove a voter that is no longer a target; this replica last.
+            let me = self.core.leader_hint().copied();
+            let mut out: Vec<NodeId> = current
+                .voters
+                .iter()
+                .filter(|v| !target.contains(v))
+                .copied()
+                .collect();
+            out.sort_by_key(|v| Some(*v) == me);
+            match out.first() {
+                Some(gone) => next.voters.retain(|v| v != gone),
+                None => return Vec::new(),
+            }
+        } else {
+            return Vec::new();
+        }
+        let (accepted, actions) = self.core.propose_members(next.clone(), now);
+        if !accepted {
+            return Vec::new();
+        }
+        tracing::info!(topic = %self.topic, partition = self.partition, voters = ?next.voters, learners = ?next.learners, "replica set changes");
+        let mut effects = self.apply(actions, None);
+        self.notice_role(&mut effects);
+        effects
     }
 
     /// Time passes.
@@ -299,7 +362,7 @@ impl PartitionReplica {
         let mut out = BTreeMap::new();
         for (i, entry) in entries.iter().enumerate() {
             let index = prev_offset + i as u64;
-            if entry.digest == MessageId([0; 32]) {
+            if !entry.has_payload() {
                 out.insert(index, Incoming::Marker);
                 continue;
             }
@@ -740,7 +803,7 @@ impl PartitionReplica {
         };
         let mut out = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
-            if entry.digest == MessageId([0; 32]) {
+            if !entry.has_payload() {
                 continue;
             }
             let index = prev_offset + i as u64;
@@ -767,7 +830,7 @@ impl PartitionReplica {
         };
         let mut slots = batches.iter_mut();
         for (i, entry) in entries.iter().enumerate() {
-            if entry.digest == MessageId([0; 32]) {
+            if !entry.has_payload() {
                 continue;
             }
             let Some(slot) = slots.next() else { return };

@@ -133,12 +133,19 @@ impl Store {
         let mut out = Vec::with_capacity(entries.len());
         for replicated in entries {
             let Some(bytes) = &replicated.batch else {
-                if replicated.entry.digest != MessageId([0; 32]) {
+                if replicated.entry.has_payload() {
                     return Err(self.diverged(topic, key.1, "an entry with records has no batch"));
                 }
                 out.push(None);
                 continue;
             };
+            if !replicated.entry.has_payload() {
+                return Err(self.diverged(
+                    topic,
+                    key.1,
+                    "a marker or configuration entry has a batch",
+                ));
+            }
             let batch = wire::decode_batch(bytes)?;
             let h = &batch.header;
             let ids = batch.ids();
