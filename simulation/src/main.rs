@@ -122,8 +122,8 @@ fn sweep(
 
 fn print_replication_report(r: &replication::Report) {
     println!(
-        "replication: {} replicas, {} elections, {} records acknowledged, {} events, trace {}",
-        r.replicas, r.elections, r.acked, r.events, r.trace_hash
+        "replication: {} replicas, {} elections, {} replica-set changes, {} records acknowledged, {} events, trace {}",
+        r.replicas, r.elections, r.reconfigurations, r.acked, r.events, r.trace_hash
     );
     match (&r.violation, r.recovery) {
         (Some(v), _) => println!("FAILED {v}"),

@@ -1,16 +1,19 @@
 //! Replication under faults: the real `core::replication` state machine for
 //! one partition with 3 or 5 replicas, a simulated network, and simulated
 //! disks where a write not yet confirmed is lost on a crash (and the write in
-//! progress may be torn). A client proposes records to whoever leads.
+//! progress may be torn). A client proposes records to whoever leads. One
+//! spare node runs too, and placement moves the replica set around: every
+//! few seconds a new target set is drawn, and the leader walks toward it one
+//! step at a time (learner, promotion, removal) while the faults go on.
 //!
 //! Checkers, on every event:
 //! - **fencing**: at most one leader per epoch;
 //! - **agreement**: every replica that commits an offset commits the same ID
 //!   there (equal IDs mean equal prefixes);
 //! - **no acknowledged loss**: after the faults heal, every acknowledged record
-//!   is in every replica's log at its offset;
+//!   is in the log of every voter of the final replica set, at its offset;
 //! - **liveness**: after the last fault heals, a new record commits on every
-//!   replica within a bound, and the run reports how long it took.
+//!   voter within a bound, and the run reports how long it took.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -45,6 +48,8 @@ pub struct Report {
     pub acked: usize,
     /// Leader elections won.
     pub elections: usize,
+    /// Replica-set changes proposed (learner added, promoted, removed).
+    pub reconfigurations: usize,
     /// Trace hash.
     pub trace_hash: String,
     /// Events handled.
@@ -73,6 +78,10 @@ enum Event {
         entries: Vec<LogEntry>,
     },
     Propose,
+    /// The leader takes one step toward the target replica set.
+    Reconfigure,
+    /// Placement draws a new target replica set.
+    NewTarget,
     Crash(u32),
     Restart(u32),
     Cut {
@@ -100,7 +109,12 @@ struct World {
     rng: Rng,
     net: SimNet,
     nodes: BTreeMap<u32, Node>,
+    /// The partition's first replica set.
     voters: Vec<u32>,
+    /// Where placement wants the replicas now.
+    target: Vec<u32>,
+    /// Replicas the partition should have.
+    rf: usize,
     config: ReplicationConfig,
     genesis: MessageId,
     trace: blake3::Hasher,
@@ -117,6 +131,7 @@ struct World {
     /// Acknowledged records: offset → ID.
     acked: BTreeMap<u64, MessageId>,
     next_record: u64,
+    reconfigurations: usize,
 }
 
 /// Runs the replication scenario of `seed`, with an optional injected bug.
@@ -147,6 +162,8 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         net: SimNet::new(net),
         nodes: BTreeMap::new(),
         voters: (0..replicas).collect(),
+        target: (0..replicas).collect(),
+        rf: replicas as usize,
         config,
         genesis: chain::partition_genesis("sim", 0),
         trace: blake3::Hasher::new(),
@@ -158,8 +175,10 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         proposals: Vec::new(),
         acked: BTreeMap::new(),
         next_record: 0,
+        reconfigurations: 0,
     };
-    for node in 0..replicas {
+    // The replicas, and one spare that placement may move the partition to.
+    for node in 0..=replicas {
         world.nodes.insert(
             node,
             Node {
@@ -173,11 +192,13 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         world.schedule(Duration::ZERO, Event::Restart(node));
     }
     world.schedule(Duration::from_millis(10), Event::Propose);
+    world.schedule(Duration::from_millis(500), Event::Reconfigure);
+    world.schedule(Duration::from_secs(2), Event::NewTarget);
     schedule_faults(&mut world, &mut rng, replicas);
 
     world.run_until(FAULT_PHASE);
     world.schedule(FAULT_PHASE, Event::Heal);
-    for node in 0..replicas {
+    for node in 0..=replicas {
         if world.nodes.get(&node).is_some_and(|n| n.replica.is_none()) {
             world.schedule(FAULT_PHASE, Event::Restart(node));
         }
@@ -189,6 +210,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         replicas,
         acked: world.acked.len(),
         elections: world.leaders.len(),
+        reconfigurations: world.reconfigurations,
         trace_hash: world.trace.finalize().to_hex()[..16].to_string(),
         events: world.events,
         recovery,
@@ -292,6 +314,20 @@ impl World {
                     self.schedule(next, Event::Propose);
                 }
             }
+            Event::Reconfigure => {
+                self.reconfigure();
+                let next = self.now + Duration::from_millis(100 + self.rng.below(900) as u64);
+                if next < FAULT_PHASE {
+                    self.schedule(next, Event::Reconfigure);
+                }
+            }
+            Event::NewTarget => {
+                self.new_target();
+                let next = self.now + Duration::from_millis(2_000 + self.rng.below(6_000) as u64);
+                if next < FAULT_PHASE {
+                    self.schedule(next, Event::NewTarget);
+                }
+            }
             Event::Crash(node) => self.crash(node),
             Event::Restart(node) => self.restart(node),
             Event::Cut { from, to } => self.net.cut(from, to),
@@ -308,6 +344,63 @@ impl World {
         let actions = replica.handle(input, now);
         self.apply(node, actions);
         true
+    }
+
+    /// Draws a new target: the replica set with one member swapped for the
+    /// node outside it.
+    fn new_target(&mut self) {
+        let all: Vec<u32> = self.nodes.keys().copied().collect();
+        let out = all[self.rng.below(all.len())];
+        self.target = all.into_iter().filter(|n| *n != out).collect();
+        self.trace
+            .update(format!("{:?} target {:?}\n", self.now, self.target).as_bytes());
+    }
+
+    /// The current leader (the one of the highest epoch, if several think so).
+    fn leader(&self) -> Option<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|(id, n)| {
+                n.replica
+                    .as_ref()
+                    .filter(|r| r.is_leader())
+                    .map(|r| (r.epoch(), *id))
+            })
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    fn reconfigure(&mut self) {
+        let Some(leader) = self.leader() else { return };
+        let (target, rf, now) = (self.target.clone(), self.rf, self.now);
+        let Some(replica) = self.nodes.get_mut(&leader).and_then(|n| n.replica.as_mut()) else {
+            return;
+        };
+        let Some(next) = replica.step_toward(&target, rf) else {
+            return;
+        };
+        let (accepted, actions) = replica.propose_members(next.clone(), now);
+        if accepted {
+            self.reconfigurations += 1;
+            self.trace.update(
+                format!(
+                    "{now:?} {leader} reconfigures to {:?} + {:?}\n",
+                    next.voters, next.learners
+                )
+                .as_bytes(),
+            );
+            self.apply(leader, actions);
+        }
+    }
+
+    /// The voters of the replica set in force at the most advanced replica.
+    fn final_voters(&self) -> Vec<u32> {
+        self.nodes
+            .values()
+            .filter_map(|n| n.replica.as_ref())
+            .max_by_key(|r| (r.is_leader(), r.epoch(), r.commit()))
+            .map(|r| r.voters().to_vec())
+            .unwrap_or_default()
     }
 
     fn propose(&mut self) {
@@ -547,11 +640,17 @@ impl World {
     }
 
     fn committed_everywhere(&self, offset: u64, id: MessageId) -> bool {
-        self.nodes.values().all(|n| {
-            n.replica.as_ref().is_some_and(|r| {
-                r.commit() > offset && r.log().get(offset as usize).map(|e| e.id) == Some(id)
+        let voters = self.final_voters();
+        !voters.is_empty()
+            && voters.iter().all(|v| {
+                self.nodes
+                    .get(v)
+                    .and_then(|n| n.replica.as_ref())
+                    .is_some_and(|r| {
+                        r.commit() > offset
+                            && r.log().get(offset as usize).map(|e| e.id) == Some(id)
+                    })
             })
-        })
     }
 
     fn check_acked_everywhere(&mut self) {
@@ -559,8 +658,9 @@ impl World {
             return;
         }
         let mut lost = None;
+        let voters = self.final_voters();
         for (offset, id) in &self.acked {
-            for (node, n) in &self.nodes {
+            for (node, n) in self.nodes.iter().filter(|(id, _)| voters.contains(id)) {
                 let held = n
                     .replica
                     .as_ref()

@@ -428,6 +428,49 @@ impl<P: PeerKey> Replica<P> {
         self.is_leader() && own_committed && self.members_index.is_none_or(|i| i < self.commit)
     }
 
+    /// The next replica set on the way to `target` (the placement's choice),
+    /// if this leader may change it now: add a missing target as a learner;
+    /// promote a learner once it holds everything committed (it is caught up
+    /// before it counts); drop a learner that is no longer a target; then
+    /// remove a voter that is no longer a target, but only while there are
+    /// more voters than `rf`, so the set never shrinks below the replication
+    /// factor (this replica last, as it would step down).
+    pub fn step_toward(&self, target: &[P], rf: usize) -> Option<ReplicaSet<P>> {
+        if !self.can_reconfigure() {
+            return None;
+        }
+        let current = &self.members;
+        let mut next = current.clone();
+        let caught_up = |p: &P| match &self.role {
+            Role::Leader { matched, .. } => matched.get(p).is_some_and(|m| *m >= self.commit),
+            _ => false,
+        };
+        if let Some(new) = target.iter().find(|n| !current.contains(n)) {
+            next.learners.push(new.clone());
+        } else if let Some(ready) = current
+            .learners
+            .iter()
+            .find(|l| target.contains(l) && caught_up(l))
+        {
+            next.learners.retain(|l| l != ready);
+            next.voters.push(ready.clone());
+        } else if let Some(stray) = current.learners.iter().find(|l| !target.contains(l)) {
+            next.learners.retain(|l| l != stray);
+        } else if current.voters.len() > rf {
+            let mut out: Vec<&P> = current
+                .voters
+                .iter()
+                .filter(|v| !target.contains(v))
+                .collect();
+            out.sort_by_key(|v| **v == self.me);
+            let gone = (*out.first()?).clone();
+            next.voters.retain(|v| *v != gone);
+        } else {
+            return None;
+        }
+        Some(next)
+    }
+
     /// The leader appends a configuration entry moving the replica set one step
     /// to `next`; it takes effect at once. Refused (`false`) unless
     /// [`Self::can_reconfigure`] and `next` is one step away.

@@ -260,49 +260,13 @@ impl PartitionReplica {
     }
 
     /// As leader, moves the replica set one step toward `target` (the top
-    /// live storage nodes by rendezvous hash), when the last step is committed:
-    /// add a missing target node as a learner; promote a learner once it holds
-    /// everything committed; then remove a voter that is no longer a target,
-    /// but only while there are more voters than `rf`, so the set never
-    /// shrinks below the replication factor. Each step goes through the log,
-    /// so old and new majorities always overlap.
+    /// live storage nodes by rendezvous hash) once the last step is committed
+    /// (see [`Replica::step_toward`]). Each step goes through the log, so old
+    /// and new majorities always overlap.
     pub fn reconfigure(&mut self, target: &[NodeId], now: Duration) -> Vec<Effect> {
-        let rf = self.rf;
-        if !self.core.can_reconfigure() {
+        let Some(next) = self.core.step_toward(target, self.rf) else {
             return Vec::new();
-        }
-        let current = self.core.members().clone();
-        let progress = self.core.progress();
-        let commit = self.core.commit();
-        let mut next = current.clone();
-        if let Some(new) = target.iter().find(|n| !current.contains(n)) {
-            next.learners.push(*new);
-        } else if let Some(ready) = current
-            .learners
-            .iter()
-            .find(|l| target.contains(l) && progress.get(*l).is_some_and(|m| *m >= commit))
-        {
-            next.learners.retain(|l| l != ready);
-            next.voters.push(*ready);
-        } else if let Some(stray) = current.learners.iter().find(|l| !target.contains(l)) {
-            next.learners.retain(|l| l != stray);
-        } else if current.voters.len() > rf {
-            // Remove a voter that is no longer a target; this replica last.
-            let me = self.core.leader_hint().copied();
-            let mut out: Vec<NodeId> = current
-                .voters
-                .iter()
-                .filter(|v| !target.contains(v))
-                .copied()
-                .collect();
-            out.sort_by_key(|v| Some(*v) == me);
-            match out.first() {
-                Some(gone) => next.voters.retain(|v| v != gone),
-                None => return Vec::new(),
-            }
-        } else {
-            return Vec::new();
-        }
+        };
         let (accepted, actions) = self.core.propose_members(next.clone(), now);
         if !accepted {
             return Vec::new();
