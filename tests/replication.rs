@@ -176,8 +176,14 @@ async fn records_sent_with_acks_all_reach_every_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_of_two_replicas_down_acks_all_fails_fast_and_acks_leader_succeeds() {
     init_logs();
-    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new().unwrap()).collect();
-    let nodes = three_nodes(&dirs).await;
+    // Two storage nodes: with one down there is nowhere to re-replicate to.
+    let dirs: Vec<TempDir> = (0..2).map(|_| TempDir::new().unwrap()).collect();
+    let first = start(&dirs[0], None, Role::Storage).await;
+    let addr = address(&first).await;
+    let nodes = vec![first, start(&dirs[1], Some(&addr), Role::Storage).await];
+    for node in &nodes {
+        wait_for_storage_nodes(node, 2).await;
+    }
     let mut config = TopicConfig::default()
         .with_partitions(1)
         .with_replication_factor(2);

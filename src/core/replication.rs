@@ -381,18 +381,20 @@ impl<P: PeerKey> Replica<P> {
         }
     }
 
-    /// The replicas that are in sync, as the leader sees them: itself and every
-    /// follower that confirmed an append within `max_lag` of `now` (Kafka's
-    /// ISR with `replica.lag.time.max.ms`). Empty on a replica that does not lead.
+    /// The voters that are in sync, as the leader sees them: itself and every
+    /// voter that confirmed an append within `max_lag` of `now` (Kafka's ISR
+    /// with `replica.lag.time.max.ms`; learners are not in it). Empty on a
+    /// replica that does not lead.
     pub fn in_sync(&self, now: Duration, max_lag: Duration) -> Vec<P> {
         let Role::Leader { last_ack, .. } = &self.role else {
             return Vec::new();
         };
-        let mut out = vec![self.me.clone()];
+        let voters = &self.members.voters;
+        let mut out: Vec<P> = voters.iter().filter(|v| **v == self.me).cloned().collect();
         out.extend(
             last_ack
                 .iter()
-                .filter(|(_, at)| now.saturating_sub(**at) <= max_lag)
+                .filter(|(p, at)| voters.contains(p) && now.saturating_sub(**at) <= max_lag)
                 .map(|(p, _)| p.clone()),
         );
         out
