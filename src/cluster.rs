@@ -16,6 +16,7 @@ use crate::config::TopicConfig;
 use crate::core::membership::{Role, Status};
 use crate::core::placement;
 use crate::error::{Error, Result};
+use crate::meta::{self, MetaCommand};
 use crate::net::{NetError, NodeId};
 use crate::node::{Node, TopicDescription};
 use crate::protocol::{PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal};
@@ -24,6 +25,9 @@ use crate::replica::Request;
 /// The longest one produce attempt waits for its answer before the producer
 /// tries again (the same batch, so the retry is deduplicated).
 const PRODUCE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a topic change waits for the metadata log.
+const META_WAIT: Duration = Duration::from_secs(15);
 
 /// How long mesh operations wait for enough storage nodes to be known.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(5);
@@ -112,27 +116,6 @@ impl Node {
                     crate::replica::await_produce(answer).await,
                 ))
             }
-            PeerRequest::CreateTopic {
-                name,
-                config,
-                replicas,
-            } => {
-                let (reply, answer) = oneshot::channel();
-                let request = Request::CreateTopic {
-                    name,
-                    config,
-                    replicas,
-                    reply,
-                };
-                replicator.request(request).await.map_err(refused)?;
-                Ok(PeerResponse::Done(answer.await.map_err(|_| Error::Closed)?))
-            }
-            PeerRequest::DeleteTopic { name } => {
-                let (reply, answer) = oneshot::channel();
-                let request = Request::DeleteTopic { name, reply };
-                replicator.request(request).await.map_err(refused)?;
-                Ok(PeerResponse::Done(answer.await.map_err(|_| Error::Closed)?))
-            }
             PeerRequest::DescribeTopic { name } => Ok(PeerResponse::Topic(
                 self.describe_topic_here(&name)
                     .await
@@ -143,6 +126,7 @@ impl Node {
                     .list_topics()?
                     .into_iter()
                     .map(|t| t.name)
+                    .filter(|n| !meta::is_internal(n))
                     .collect(),
             )),
             PeerRequest::Replicate(_) => Ok(PeerResponse::Ack),
@@ -173,9 +157,10 @@ impl Node {
         Ok(crate::replica::describe_entry(&store, &entry, &live))
     }
 
-    /// Creates a topic on every live storage node, with replicas placed by
-    /// rendezvous hash. Creating an existing topic with the same config is a
-    /// no-op; with another config, `TopicExists`.
+    /// Creates a topic through the metadata log, with replicas placed by
+    /// rendezvous hash over the live storage nodes. The log decides between
+    /// concurrent creates: creating an existing topic with the same config is
+    /// a no-op; with another config, `TopicExists`.
     pub(crate) async fn create_topic_in_mesh(
         &self,
         name: &str,
@@ -183,14 +168,17 @@ impl Node {
     ) -> Result<TopicDescription> {
         config.validate()?;
         crate::store::validate_topic_name(name)?;
+        if meta::is_internal(name) {
+            return Err(Error::Config(crate::error::ConfigError::Invalid {
+                name: "topic",
+                reason: format!("'{name}' is reserved: names starting with __ are internal"),
+            }));
+        }
+        if let Ok(existing) = self.describe_topic_in_mesh(name).await {
+            return same_config(existing, &config, name);
+        }
         let wanted = usize::from(config.replication_factor.unwrap_or(1));
         let nodes = self.storage_nodes(wanted).await?;
-        if let Ok(existing) = self.describe_topic_in_mesh(name).await {
-            if existing.config == config {
-                return Ok(existing);
-            }
-            return Err(Error::TopicExists(name.to_string()));
-        }
         let rf = config.effective_replication_factor(nodes.len()) as usize;
         if rf > nodes.len() || nodes.is_empty() {
             return Err(Error::NotEnoughNodes(format!(
@@ -201,55 +189,92 @@ impl Node {
         let replicas: Vec<Vec<NodeId>> = (0..config.partitions)
             .map(|p| placement::target_replicas(name, p, &nodes, rf))
             .collect();
-        let mut created = 0;
-        let mut last_error = None;
-        for node in &nodes {
-            let request = PeerRequest::CreateTopic {
-                name: name.to_string(),
-                config: config.clone(),
-                replicas: replicas.clone(),
-            };
-            match self.ask(*node, request).await {
-                Ok(PeerResponse::Done(Ok(()))) => created += 1,
-                Ok(other) => last_error = Some(format!("{node}: {other:?}")),
-                Err(e) => last_error = Some(format!("{node}: {e}")),
-            }
-        }
-        if created == 0 {
-            return Err(Error::Refused(
-                last_error.unwrap_or_else(|| "no storage node answered".into()),
-            ));
-        }
-        if let Some(error) = last_error {
-            debug!(
-                topic = name,
-                error, "a storage node did not store the topic; it will learn it from a peer"
-            );
-        }
+        let command = MetaCommand::CreateTopic {
+            name: name.to_string(),
+            config: config.clone(),
+            replicas,
+        };
+        self.append_meta(command).await?;
+        let created = self.wait_for_topic(name, true).await?;
         info!(
             topic = name,
             partitions = config.partitions,
             rf,
             "topic created in the mesh"
         );
-        self.describe_topic_in_mesh(name).await
+        same_config(created, &config, name)
     }
 
-    /// Deletes a topic on every live storage node.
+    /// Deletes a topic through the metadata log.
     pub(crate) async fn delete_topic_in_mesh(&self, name: &str) -> Result<()> {
         self.describe_topic_in_mesh(name).await?;
-        for node in self.storage_nodes(1).await? {
-            let request = PeerRequest::DeleteTopic {
-                name: name.to_string(),
-            };
-            if let Err(e) = self.ask(node, request).await {
-                debug!(%node, error = %e, "topic delete not confirmed");
-            }
-        }
+        self.append_meta(MetaCommand::DeleteTopic {
+            name: name.to_string(),
+        })
+        .await?;
         if let Ok(mut topics) = self.inner.remote_topics.lock() {
             topics.remove(name);
         }
+        self.wait_for_topic(name, false).await?;
         Ok(())
+    }
+
+    /// Appends a command to the metadata log and waits until it is committed.
+    async fn append_meta(&self, command: MetaCommand) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + META_WAIT;
+        // A mesh that was just founded may not have elected its metadata leader yet.
+        loop {
+            let ready = self
+                .describe_topic_in_mesh(meta::META_TOPIC)
+                .await
+                .is_ok_and(|t| t.partitions.iter().all(|p| p.leader.is_some()));
+            if ready {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::NotEnoughNodes(
+                    "no storage node holds the mesh's metadata log yet".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let value = crate::wire::encode(&command).map_err(crate::error::StoreError::Wire)?;
+        let frame = ProduceFrame {
+            topic: meta::META_TOPIC.to_string(),
+            partition: 0,
+            acks: crate::config::Acks::All,
+            producer: None,
+            records: vec![crate::record::Record::new(value, crate::node::now_ms())],
+        };
+        self.produce_in_mesh(frame, META_WAIT).await?;
+        Ok(())
+    }
+
+    /// Waits until the mesh reports the topic (when `exists`) or stops
+    /// reporting it; returns the last description seen.
+    async fn wait_for_topic(&self, name: &str, exists: bool) -> Result<TopicDescription> {
+        let deadline = tokio::time::Instant::now() + META_WAIT;
+        loop {
+            let described = self.describe_topic_in_mesh(name).await;
+            match (&described, exists) {
+                (Ok(_), true) | (Err(_), false) => {
+                    return described.or_else(|_| {
+                        Ok(TopicDescription {
+                            name: name.to_string(),
+                            config: TopicConfig::default(),
+                            partitions: Vec::new(),
+                        })
+                    });
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Refused(format!(
+                    "the metadata change to '{name}' committed but was not applied within {META_WAIT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Topic names known to the mesh: this node's, or the first storage node's that answers.
@@ -260,6 +285,7 @@ impl Node {
                 .list_topics()?
                 .into_iter()
                 .map(|t| t.name)
+                .filter(|n| !meta::is_internal(n))
                 .collect());
         }
         for node in self.storage_nodes(1).await? {
@@ -414,6 +440,19 @@ impl Node {
                 }
             }
         }
+    }
+}
+
+/// The existing topic when its config is `config`; otherwise `TopicExists`.
+fn same_config(
+    existing: TopicDescription,
+    config: &TopicConfig,
+    name: &str,
+) -> Result<TopicDescription> {
+    if existing.config == *config {
+        Ok(existing)
+    } else {
+        Err(Error::TopicExists(name.to_string()))
     }
 }
 

@@ -45,6 +45,7 @@ pub mod config;
 pub mod consumer;
 pub mod core;
 pub mod error;
+pub mod meta;
 pub mod net;
 pub mod node;
 pub mod producer;

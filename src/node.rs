@@ -188,6 +188,11 @@ impl Node {
         let storage_mesh = mesh
             .as_ref()
             .filter(|_| config.network.as_ref().is_some_and(|m| m.role_is_storage()));
+        let founding = match &config.network {
+            Some(m) if !m.bootstrap.is_empty() => crate::replica::Founding::Never,
+            Some(m) if m.mdns => crate::replica::Founding::LowestId,
+            _ => crate::replica::Founding::Alone,
+        };
         let (replicator, replicator_task) = match storage_mesh {
             Some(mesh) => {
                 let inbound = mesh.take_inbound().ok_or(Error::Closed)?;
@@ -198,6 +203,7 @@ impl Node {
                     mesh.clone(),
                     inbound,
                     stop.subscribe(),
+                    founding,
                 );
                 (Some(replicator), Some(task))
             }

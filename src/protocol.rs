@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::chain::MessageId;
-use crate::config::{Acks, TopicConfig};
+use crate::config::Acks;
 use crate::core::replication::Message;
 use crate::net::NodeId;
 use crate::node::TopicDescription;
@@ -24,20 +24,6 @@ pub enum PeerRequest {
     Replicate(ReplicateFrame),
     /// Append records to a partition at its leader.
     Produce(ProduceFrame),
-    /// Store a topic (sent by the node that creates it to every storage node).
-    CreateTopic {
-        /// Its name.
-        name: String,
-        /// Its settings.
-        config: TopicConfig,
-        /// Each partition's replicas.
-        replicas: Vec<Vec<NodeId>>,
-    },
-    /// Delete a topic here.
-    DeleteTopic {
-        /// Its name.
-        name: String,
-    },
     /// The topics this node knows.
     ListTopics,
     /// One topic as this node sees it.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use meshlog::core::membership::{MembershipConfig, Role};
 use meshlog::net::{MeshConfig, Multiaddr};
-use meshlog::{Acks, Node, NodeConfig, ProducerConfig, TopicConfig};
+use meshlog::{Acks, Error, Node, NodeConfig, ProducerConfig, TopicConfig};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -342,6 +342,70 @@ async fn a_fourth_node_takes_over_only_the_partitions_whose_target_changed() {
         assert_eq!(mine.high_watermark, 5, "partition {p} on the new node");
         assert_eq!(mine.head, leader_view.head, "partition {p} on the new node");
     }
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_name_get_one_answer_and_late_joiners_learn_it() {
+    init_logs();
+    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new().unwrap()).collect();
+    let mut nodes = three_nodes(&dirs[..3]).await;
+    let two = TopicConfig::default()
+        .with_partitions(2)
+        .with_replication_factor(3);
+    let four = TopicConfig::default()
+        .with_partitions(4)
+        .with_replication_factor(3);
+    let (a, b) = tokio::join!(
+        nodes[0].create_topic("contested", two.clone()),
+        nodes[1].create_topic("contested", four.clone())
+    );
+    let winner = match (&a, &b) {
+        (Ok(_), Err(Error::TopicExists(_))) => two,
+        (Err(Error::TopicExists(_)), Ok(_)) => four,
+        other => panic!("exactly one create must win: {other:?}"),
+    };
+    // Every storage node applied the same, single answer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in &nodes {
+        loop {
+            match node.describe_topic_here("contested").await {
+                Ok(view) => {
+                    assert_eq!(view.config, winner);
+                    break;
+                }
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "a node never applied the create");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    // A node that joins later receives the metadata log and applies it.
+    let addr = address(&nodes[0]).await;
+    nodes.push(start(&dirs[3], Some(&addr), Role::Storage).await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(view) = nodes[3].describe_topic_here("contested").await {
+            assert_eq!(view.config, winner);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late joiner never learned the topic"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !nodes[3]
+            .list_topics()
+            .await
+            .expect("list")
+            .contains(&"__meta".to_string()),
+        "internal topics are not listed"
+    );
     for node in &nodes {
         node.shutdown().await;
     }

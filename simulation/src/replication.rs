@@ -376,7 +376,7 @@ impl World {
         let Some(replica) = self.nodes.get_mut(&leader).and_then(|n| n.replica.as_mut()) else {
             return;
         };
-        let Some(next) = replica.step_toward(&target, rf) else {
+        let Some(next) = replica.step_toward(&target, &[], rf) else {
             return;
         };
         let (accepted, actions) = replica.propose_members(next.clone(), now);

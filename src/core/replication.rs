@@ -436,8 +436,10 @@ impl<P: PeerKey> Replica<P> {
     /// before it counts); drop a learner that is no longer a target; then
     /// remove a voter that is no longer a target, but only while there are
     /// more voters than `rf`, so the set never shrinks below the replication
-    /// factor (this replica last, as it would step down).
-    pub fn step_toward(&self, target: &[P], rf: usize) -> Option<ReplicaSet<P>> {
+    /// factor (this replica last, as it would step down). `observers` are
+    /// nodes that should hold the log as learners without voting (every
+    /// storage node holds the metadata log this way).
+    pub fn step_toward(&self, target: &[P], observers: &[P], rf: usize) -> Option<ReplicaSet<P>> {
         if !self.can_reconfigure() {
             return None;
         }
@@ -447,7 +449,12 @@ impl<P: PeerKey> Replica<P> {
             Role::Leader { matched, .. } => matched.get(p).is_some_and(|m| *m >= self.commit),
             _ => false,
         };
-        if let Some(new) = target.iter().find(|n| !current.contains(n)) {
+        let wanted = |p: &P| target.contains(p) || observers.contains(p);
+        if let Some(new) = target
+            .iter()
+            .chain(observers)
+            .find(|n| !current.contains(n))
+        {
             next.learners.push(new.clone());
         } else if let Some(ready) = current
             .learners
@@ -456,7 +463,7 @@ impl<P: PeerKey> Replica<P> {
         {
             next.learners.retain(|l| l != ready);
             next.voters.push(ready.clone());
-        } else if let Some(stray) = current.learners.iter().find(|l| !target.contains(l)) {
+        } else if let Some(stray) = current.learners.iter().find(|l| !wanted(l)) {
             next.learners.retain(|l| l != stray);
         } else if current.voters.len() > rf {
             let mut out: Vec<&P> = current

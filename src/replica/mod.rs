@@ -28,6 +28,7 @@ use crate::config::TopicConfig;
 use crate::core::membership::{Role, Status};
 use crate::core::placement;
 use crate::core::replication::ReplicationConfig;
+use crate::meta::{META_TOPIC, MetaCommand};
 use crate::net::{InboundRequest, Mesh, NodeId};
 use crate::node::{PartitionDescription, TopicDescription, WriteQueue, now_ms};
 use crate::protocol::{PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal, ReplicateFrame};
@@ -47,18 +48,6 @@ pub(crate) enum Request {
     Produce {
         frame: ProduceFrame,
         reply: ProduceReply,
-    },
-    /// Store a topic here and open the replicas this node hosts.
-    CreateTopic {
-        name: String,
-        config: TopicConfig,
-        replicas: Vec<Vec<NodeId>>,
-        reply: oneshot::Sender<Result<(), Refusal>>,
-    },
-    /// Close a topic's replicas and delete it here.
-    DeleteTopic {
-        name: String,
-        reply: oneshot::Sender<Result<(), Refusal>>,
     },
     /// The live state of the replicas of a topic hosted here.
     Describe {
@@ -95,6 +84,7 @@ impl Replicator {
         mesh: Arc<Mesh>,
         inbound: mpsc::Receiver<InboundRequest>,
         stop: watch::Receiver<bool>,
+        founding: Founding,
     ) -> (Replicator, tokio::task::JoinHandle<()>) {
         let (requests, receiver) = mpsc::channel(1024);
         let task = Task {
@@ -113,6 +103,7 @@ impl Replicator {
             unknown_topics: BTreeMap::new(),
             live: Vec::new(),
             placed_at: Instant::now(),
+            founding,
         };
         let handle = tokio::spawn(task.run(receiver, inbound, stop));
         (Replicator { requests }, handle)
@@ -156,7 +147,26 @@ struct Task {
     live: Vec<NodeId>,
     /// When leaders last moved their replica sets toward their targets.
     placed_at: Instant,
+    /// Whether this node may start the metadata log of a new mesh.
+    founding: Founding,
 }
+
+/// When a storage node that has no metadata log starts one (founds a mesh)
+/// instead of waiting to receive it from a peer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Founding {
+    /// Never: it joins through bootstrap peers, which hold the log.
+    Never,
+    /// After [`FOUNDING_WAIT`] without receiving the log.
+    Alone,
+    /// After [`FOUNDING_WAIT`], and only if it has the lowest peer id of the
+    /// storage nodes it knows (nodes that find each other by mDNS), so that
+    /// nodes started together found one mesh.
+    LowestId,
+}
+
+/// How long a node without the metadata log waits for a peer to send it.
+const FOUNDING_WAIT: Duration = Duration::from_secs(2);
 
 impl Task {
     fn now(&self) -> Duration {
@@ -258,8 +268,10 @@ impl Task {
         if self.placed_at.elapsed() >= PLACEMENT_INTERVAL {
             self.placed_at = Instant::now();
             self.refresh_live().await;
+            self.found_mesh().await;
             self.place().await;
         }
+        self.apply_meta().await;
         let now = self.now();
         let keys: Vec<Key> = self.replicas.keys().cloned().collect();
         for key in keys {
@@ -298,6 +310,112 @@ impl Task {
         placement::target_replicas(topic, partition, &self.live, rf)
     }
 
+    /// Nodes that should hold a partition's log without voting: every other
+    /// live storage node, for the metadata log; nobody, for other topics.
+    fn observers(&self, topic: &str, target: &[NodeId]) -> Vec<NodeId> {
+        if topic != META_TOPIC {
+            return Vec::new();
+        }
+        self.live
+            .iter()
+            .filter(|n| !target.contains(n))
+            .copied()
+            .collect()
+    }
+
+    /// Starts the metadata log of a new mesh, when this node may (see
+    /// [`Founding`]) and has not received one.
+    async fn found_mesh(&mut self) {
+        if self.store.topic(META_TOPIC).is_ok() || self.start.elapsed() < FOUNDING_WAIT {
+            return;
+        }
+        let may = match self.founding {
+            Founding::Never => false,
+            Founding::Alone => true,
+            Founding::LowestId => self.live.first() == Some(&self.me),
+        };
+        if !may {
+            return;
+        }
+        info!("no mesh found: starting a new one (this node holds its metadata log)");
+        let config = TopicConfig::default();
+        if let Err(refusal) = self
+            .create_topic(META_TOPIC.to_string(), config, vec![vec![self.me]])
+            .await
+        {
+            warn!(?refusal, "cannot start the metadata log");
+        }
+    }
+
+    /// Applies newly committed records of the metadata log to the topic table,
+    /// in offset order, and opens or closes the replicas they concern.
+    async fn apply_meta(&mut self) {
+        let key = (META_TOPIC.to_string(), 0);
+        let Some(committed) = self
+            .replicas
+            .get(&key)
+            .map(PartitionReplica::high_watermark)
+        else {
+            return;
+        };
+        let Ok(applied) = self.store.meta_applied() else {
+            return;
+        };
+        if committed <= applied {
+            return;
+        }
+        let Ok(read) = self.store.read(META_TOPIC, 0, applied, 1 << 20) else {
+            return;
+        };
+        for record in read.records {
+            let command: Option<MetaCommand> = crate::wire::decode(record.value()).ok();
+            if command.is_none() {
+                warn!(
+                    offset = record.offset,
+                    "skipping an unreadable metadata record"
+                );
+            }
+            let op = WriteOp::ApplyMeta {
+                offset: record.offset,
+                command: command.clone(),
+                now_ms: now_ms(),
+            };
+            if let Err(error) = self.writes.write(op).await {
+                warn!(%error, "cannot apply a metadata record");
+                return;
+            }
+            match command {
+                Some(MetaCommand::CreateTopic { name, .. }) => {
+                    if let Ok(topic) = self.store.topic(&name) {
+                        info!(topic = %name, partitions = topic.config.partitions, "topic created");
+                        self.open_topic(&topic);
+                    }
+                }
+                Some(MetaCommand::DeleteTopic { name }) => {
+                    if self.store.topic(&name).is_err() {
+                        info!(topic = %name, "topic deleted");
+                        self.close_topic(&name);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn close_topic(&mut self, name: &str) {
+        let keys: Vec<Key> = self
+            .replicas
+            .keys()
+            .filter(|(t, _)| t == name)
+            .cloned()
+            .collect();
+        for key in keys {
+            if let Some(mut replica) = self.replicas.remove(&key) {
+                replica.close();
+            }
+        }
+    }
+
     /// Each partition this node leads takes one step toward its target.
     async fn place(&mut self) {
         let now = self.now();
@@ -312,10 +430,11 @@ impl Task {
                 continue;
             };
             let target = self.target(&key.0, key.1, rf);
+            let observers = self.observers(&key.0, &target);
             let Some(replica) = self.replicas.get_mut(&key) else {
                 continue;
             };
-            let effects = replica.reconfigure(&target, now);
+            let effects = replica.reconfigure(&target, &observers, now);
             self.run_effects(&key, effects).await;
         }
     }
@@ -323,19 +442,6 @@ impl Task {
     async fn on_request(&mut self, request: Request) {
         match request {
             Request::Produce { frame, reply } => self.produce(frame, reply).await,
-            Request::CreateTopic {
-                name,
-                config,
-                replicas,
-                reply,
-            } => {
-                let result = self.create_topic(name, config, replicas).await;
-                let _ = reply.send(result);
-            }
-            Request::DeleteTopic { name, reply } => {
-                let result = self.delete_topic(&name).await;
-                let _ = reply.send(result);
-            }
             Request::Describe { name, reply } => {
                 let _ = reply.send(self.statuses(&name));
             }
@@ -413,23 +519,16 @@ impl Task {
                     let _ = reply.send(PeerResponse::Produced(outcome));
                 });
             }
-            PeerRequest::CreateTopic {
-                name,
-                config,
-                replicas,
-            } => {
-                let result = self.create_topic(name, config, replicas).await;
-                let _ = reply.send(PeerResponse::Done(result));
-            }
-            PeerRequest::DeleteTopic { name } => {
-                let result = self.delete_topic(&name).await;
-                let _ = reply.send(PeerResponse::Done(result));
-            }
             PeerRequest::ListTopics => {
                 let names = self
                     .store
                     .list_topics()
-                    .map(|t| t.into_iter().map(|t| t.name).collect())
+                    .map(|t| {
+                        t.into_iter()
+                            .map(|t| t.name)
+                            .filter(|n| !crate::meta::is_internal(n))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let _ = reply.send(PeerResponse::Topics(names));
             }
@@ -519,39 +618,12 @@ impl Task {
         match self.writes.write(op).await {
             Ok(WriteOutcome::TopicCreated { topic, created }) => {
                 if created {
-                    info!(topic = %name, partitions = topic.config.partitions, "topic created");
+                    debug!(topic = %name, "topic stored");
                 }
                 self.open_topic(&topic);
                 Ok(())
             }
             Ok(_) => Err(Refusal::Other("unexpected write outcome".into())),
-            Err(e) => Err(Refusal::Other(e.to_string())),
-        }
-    }
-
-    async fn delete_topic(&mut self, name: &str) -> Result<(), Refusal> {
-        let keys: Vec<Key> = self
-            .replicas
-            .keys()
-            .filter(|(t, _)| t == name)
-            .cloned()
-            .collect();
-        for key in keys {
-            if let Some(mut replica) = self.replicas.remove(&key) {
-                replica.close();
-            }
-        }
-        match self
-            .writes
-            .write(WriteOp::DeleteTopic {
-                name: name.to_string(),
-            })
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(crate::error::Error::Store(crate::error::StoreError::TopicNotFound(t))) => {
-                Err(Refusal::TopicNotFound(t))
-            }
             Err(e) => Err(Refusal::Other(e.to_string())),
         }
     }

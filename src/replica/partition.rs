@@ -179,7 +179,11 @@ impl PartitionReplica {
             .collect();
         let entries: Vec<LogEntry> = log.entries.iter().map(|r| r.entry.clone()).collect();
         let durable = entries.len() as u64;
-        let rf = voters.len();
+        let rf = if topic == crate::meta::META_TOPIC {
+            crate::meta::META_VOTERS
+        } else {
+            voters.len()
+        };
         let mut replication = settings.replication.clone();
         replication.min_insync = config.min_insync_replicas.map_or(0, usize::from);
         let core = Replica::new(
@@ -263,8 +267,13 @@ impl PartitionReplica {
     /// live storage nodes by rendezvous hash) once the last step is committed
     /// (see [`Replica::step_toward`]). Each step goes through the log, so old
     /// and new majorities always overlap.
-    pub fn reconfigure(&mut self, target: &[NodeId], now: Duration) -> Vec<Effect> {
-        let Some(next) = self.core.step_toward(target, self.rf) else {
+    pub fn reconfigure(
+        &mut self,
+        target: &[NodeId],
+        observers: &[NodeId],
+        now: Duration,
+    ) -> Vec<Effect> {
+        let Some(next) = self.core.step_toward(target, observers, self.rf) else {
             return Vec::new();
         };
         let (accepted, actions) = self.core.propose_members(next.clone(), now);

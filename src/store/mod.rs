@@ -388,6 +388,13 @@ impl Store {
         Ok(out)
     }
 
+    /// One past the last offset of `__meta` this store has applied.
+    pub fn meta_applied(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get(META_APPLIED)?.map_or(0, |v| v.value()))
+    }
+
     /// The consumer groups that have committed offsets, sorted.
     pub fn list_groups(&self) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_read()?;

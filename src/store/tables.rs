@@ -16,7 +16,11 @@ use crate::error::StoreError;
 use crate::net::NodeId;
 use crate::wire::ProducerBatch;
 
-/// Counters and the schema version: `"next_topic_id"`, `"schema_version"`.
+/// The key in [`META`] of one past the last applied offset of `__meta`.
+pub(super) const META_APPLIED: &str = "meta_applied";
+
+/// Counters and the schema version: `"next_topic_id"`, `"schema_version"`,
+/// and [`META_APPLIED`].
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Topic name → [`TopicEntry`].
 pub(super) const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");

@@ -18,6 +18,7 @@ use super::tables::*;
 use crate::chain::{self, MessageId, ProducerId};
 use crate::config::TopicConfig;
 use crate::error::StoreError;
+use crate::meta::MetaCommand;
 use crate::net::NodeId;
 use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch};
 
@@ -110,6 +111,16 @@ pub enum WriteOp {
         /// The vote.
         vote: VoteRow,
     },
+    /// Apply the metadata command committed at `offset` of `__meta` (skipped
+    /// when already applied: the applied offset is stored with the change).
+    ApplyMeta {
+        /// Its offset in `__meta`.
+        offset: u64,
+        /// The command (`None`: an unreadable record, skipped).
+        command: Option<MetaCommand>,
+        /// When it is applied, ms since the Unix epoch.
+        now_ms: i64,
+    },
     /// Drop expired segments of every partition.
     EnforceRetention {
         /// The current time, ms since the Unix epoch.
@@ -122,7 +133,10 @@ impl WriteOp {
     fn is_metadata(&self) -> bool {
         matches!(
             self,
-            WriteOp::CreateTopic { .. } | WriteOp::DeleteTopic { .. } | WriteOp::SetVote { .. }
+            WriteOp::CreateTopic { .. }
+                | WriteOp::DeleteTopic { .. }
+                | WriteOp::SetVote { .. }
+                | WriteOp::ApplyMeta { .. }
         )
     }
 }
@@ -311,6 +325,11 @@ impl Store {
             } => self
                 .apply_vote(t, cache, &topic, partition, &vote)
                 .map(|()| WriteOutcome::Done),
+            WriteOp::ApplyMeta {
+                offset,
+                command,
+                now_ms,
+            } => self.apply_meta(t, cache, offset, command, now_ms),
             WriteOp::EnforceRetention { now_ms } => {
                 // Retention reads whole partitions from the tables: write back first.
                 self.flush_cache(t, std::mem::take(cache))?;
@@ -370,6 +389,44 @@ impl Store {
             topic: entry,
             created: true,
         })
+    }
+
+    fn apply_meta(
+        &self,
+        t: &mut Tables<'_>,
+        cache: &mut TxnCache,
+        offset: u64,
+        command: Option<MetaCommand>,
+        now_ms: i64,
+    ) -> Result<WriteOutcome, StoreError> {
+        let applied = t.meta.get(META_APPLIED)?.map_or(0, |v| v.value());
+        if offset < applied {
+            return Ok(WriteOutcome::Done);
+        }
+        t.meta.insert(META_APPLIED, offset + 1)?;
+        let Some(command) = command else {
+            return Ok(WriteOutcome::Done);
+        };
+        // A command the table refuses (the topic exists with another config,
+        // or is already gone) is a no-op: the log's first word stands.
+        let outcome = match command {
+            MetaCommand::CreateTopic {
+                name,
+                config,
+                replicas,
+            } => match self.cached_topic(t, cache, &name)? {
+                Some(_) => return Ok(WriteOutcome::Done),
+                None => self.apply_create_topic(t, cache, name, config, now_ms, replicas),
+            },
+            MetaCommand::DeleteTopic { name } => match self.cached_topic(t, cache, &name)? {
+                Some(_) => self.apply_delete_topic(t, cache, &name),
+                None => return Ok(WriteOutcome::Done),
+            },
+        };
+        match outcome {
+            Err(e) if !is_fatal(&e) => Ok(WriteOutcome::Done),
+            other => other,
+        }
     }
 
     fn apply_delete_topic(
