@@ -29,6 +29,10 @@ const PRODUCE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a topic change waits for the metadata log.
 const META_WAIT: Duration = Duration::from_secs(15);
 
+/// How long a topic change waits for every storage node to apply it before
+/// settling for one.
+const APPLY_WAIT_ALL: Duration = Duration::from_secs(5);
+
 /// How long mesh operations wait for enough storage nodes to be known.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(5);
 
@@ -250,23 +254,40 @@ impl Node {
         Ok(())
     }
 
-    /// Waits until the mesh reports the topic (when `exists`) or stops
-    /// reporting it; returns the last description seen.
+    /// Waits until the storage nodes have applied a topic change: the topic
+    /// exists (when `exists`) or is gone on every one of them, or, after
+    /// [`APPLY_WAIT_ALL`], on at least one. Returns the topic as described.
     async fn wait_for_topic(&self, name: &str, exists: bool) -> Result<TopicDescription> {
-        let deadline = tokio::time::Instant::now() + META_WAIT;
+        let started = tokio::time::Instant::now();
+        let deadline = started + META_WAIT;
         loop {
-            let described = self.describe_topic_in_mesh(name).await;
-            match (&described, exists) {
-                (Ok(_), true) | (Err(_), false) => {
-                    return described.or_else(|_| {
-                        Ok(TopicDescription {
-                            name: name.to_string(),
-                            config: TopicConfig::default(),
-                            partitions: Vec::new(),
-                        })
-                    });
-                }
-                _ => {}
+            let nodes = self.storage_nodes(1).await?;
+            let mut applied = 0;
+            for node in &nodes {
+                let request = PeerRequest::DescribeTopic {
+                    name: name.to_string(),
+                };
+                let has = matches!(
+                    self.ask(*node, request).await,
+                    Ok(PeerResponse::Topic(Ok(_)))
+                );
+                applied += usize::from(has == exists);
+            }
+            let enough = if started.elapsed() < APPLY_WAIT_ALL {
+                applied == nodes.len()
+            } else {
+                applied > 0
+            };
+            if enough && !nodes.is_empty() {
+                return match self.describe_topic_in_mesh(name).await {
+                    Ok(description) => Ok(description),
+                    Err(_) if !exists => Ok(TopicDescription {
+                        name: name.to_string(),
+                        config: TopicConfig::default(),
+                        partitions: Vec::new(),
+                    }),
+                    Err(e) => Err(e),
+                };
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::Refused(format!(
@@ -424,7 +445,13 @@ impl Node {
                 {
                     Some(hint)
                 }
-                Refusal::NotLeader { .. } | Refusal::Timeout | Refusal::Other(_) => None,
+                // A replica that has not applied the topic's creation yet
+                // answers TopicNotFound: the mesh knows the topic (above).
+                Refusal::NotLeader { .. }
+                | Refusal::Timeout
+                | Refusal::Other(_)
+                | Refusal::TopicNotFound(_)
+                | Refusal::PartitionNotFound(..) => None,
                 other => return Err(refusal_error(other, &topic, partition)),
             };
             if tokio::time::Instant::now() >= deadline {

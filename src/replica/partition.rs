@@ -186,6 +186,12 @@ impl PartitionReplica {
         };
         let mut replication = settings.replication.clone();
         replication.min_insync = config.min_insync_replicas.map_or(0, usize::from);
+        if voters.first() == Some(&me) {
+            // The preferred leader (first by rendezvous hash) stands first, so
+            // leadership spreads over the nodes like the partitions do.
+            replication.election_timeout /= 2;
+            replication.election_jitter = Duration::ZERO;
+        }
         let core = Replica::new(
             me,
             voters,
