@@ -615,7 +615,9 @@ impl World {
             for (id, n) in &self.nodes {
                 if let Some(r) = &n.replica {
                     eprintln!(
-                        "node {id}: epoch {} leader {} hint {:?} log {} durable {} commit {} last {:?} disk {}",
+                        "node {id}: voters {:?} learners {:?} epoch {} leader {} hint {:?} log {} durable {} commit {} last {:?} disk {}",
+                        r.members().voters,
+                        r.members().learners,
                         r.epoch(),
                         r.is_leader(),
                         r.leader_hint(),

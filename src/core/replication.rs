@@ -312,6 +312,8 @@ pub struct Replica<P> {
     commit: u64,
     role: Role<P>,
     election_deadline: Duration,
+    /// When this replica last heard from a leader of its epoch (or led).
+    leader_seen: Option<Duration>,
     /// A follower's answer waiting for its entries to be durable: (leader, epoch, log end).
     pending_reply: Option<(P, u64, u64)>,
     rng: Rng,
@@ -350,6 +352,7 @@ impl<P: PeerKey> Replica<P> {
             commit: 0,
             role: Role::Follower { leader: None },
             election_deadline: Duration::ZERO,
+            leader_seen: None,
             pending_reply: None,
             rng: Rng::new(seed),
         };
@@ -583,6 +586,15 @@ impl<P: PeerKey> Replica<P> {
         }
     }
 
+    /// Whether a leader is in charge: this replica leads, or heard from its
+    /// leader within the election timeout.
+    fn hears_leader(&self, now: Duration) -> bool {
+        self.is_leader()
+            || self
+                .leader_seen
+                .is_some_and(|at| now.saturating_sub(at) < self.config.election_timeout)
+    }
+
     fn reset_election_deadline(&mut self, now: Duration) {
         let jitter_ms = self.config.election_jitter.as_millis() as usize;
         let jitter = Duration::from_millis(self.rng.below(jitter_ms + 1) as u64);
@@ -785,12 +797,14 @@ impl<P: PeerKey> Replica<P> {
         now: Duration,
         actions: &mut Vec<Action<P>>,
     ) {
-        // Votes only among voters; appends from whoever leads (a replica may
-        // not know the set that made it a learner yet); replies from members.
+        // Vote requests from anyone: a voter whose replica set is stale may
+        // not know the candidate yet (Raft §4.1), but a replica that hears
+        // from a leader ignores them (§4.2.3), so a removed replica cannot
+        // disrupt the partition. Promises count only from voters; appends
+        // come from whoever leads; replies from members.
         let allowed = match &message {
-            Message::RequestVote { .. } | Message::Vote { .. } => {
-                self.members.voters.contains(&from)
-            }
+            Message::RequestVote { .. } => !self.hears_leader(now),
+            Message::Vote { .. } => self.members.voters.contains(&from),
             Message::Append { .. } => true,
             Message::AppendReply { .. } => self.members.contains(&from),
         };
@@ -916,6 +930,7 @@ impl<P: PeerKey> Replica<P> {
         self.role = Role::Follower {
             leader: Some(from.clone()),
         };
+        self.leader_seen = Some(now);
         self.reset_election_deadline(now);
         if self.id_before(prev_offset) != Some(prev_id) {
             // Our entry before theirs differs or is missing: the leader walks back.
