@@ -11,6 +11,15 @@
 //! - [`store`]: the redb log store (batches, segments, retention, producer
 //!   state, committed offsets) with group commit.
 //! - [`config`]: [`NodeConfig`], [`TopicConfig`], [`ProducerConfig`], [`ConsumerConfig`].
+//! - [`core`]: pure state machines (membership, placement, replication): events
+//!   in, actions out, no I/O and no clock, so the simulation drives them too.
+//! - [`net`]: the libp2p shell (the only module that imports libp2p).
+//! - [`protocol`]: what peers ask each other (produce, replication, topics).
+//! - [`meta`]: the metadata log `__meta` that orders topic changes.
+//! - `replica` (private): the replication driver, one task running every
+//!   partition replica a node hosts over the core, the store and the mesh.
+//! - `cluster` (private): a node's requests across the mesh (topic changes,
+//!   descriptions, produce routing to leaders).
 //! - [`node`]: [`Node`], the handle an application embeds; it owns the store's writer.
 //! - [`producer`], [`consumer`]: the client API.
 //! - [`error`]: one error enum per layer and the umbrella [`Error`].
