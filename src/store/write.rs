@@ -82,7 +82,7 @@ pub enum WriteOp {
         offsets: Vec<(String, u32, u64)>,
     },
     /// Cut a replicated partition's log before entry `truncate_from`, then
-    /// append `entries` (see [`super::replica`]).
+    /// append `entries`: the one way entries enter a replicated log.
     ReplicateLog {
         /// The topic.
         topic: String,
