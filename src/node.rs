@@ -181,6 +181,9 @@ impl Node {
                     .await
                     .map_err(Error::Net)?;
                 info!(peer_id = %mesh.peer_id(), "joined the network");
+                if let Some(mesh_id) = store.mesh_id()? {
+                    mesh.set_mesh_id(mesh_id).await.map_err(Error::Net)?;
+                }
                 Some(Arc::new(mesh))
             }
             None => None,

@@ -410,3 +410,57 @@ async fn concurrent_creates_of_one_name_get_one_answer_and_late_joiners_learn_it
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_meshes_refuse_each_other_instead_of_merging() {
+    init_logs();
+    let (dir_a, dir_b) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let a = start(&dir_a, None, Role::Storage).await;
+    let b = start(&dir_b, None, Role::Storage).await;
+    let one = TopicConfig::default().with_replication_factor(1);
+    a.create_topic("only-in-a", one.clone())
+        .await
+        .expect("mesh A founded");
+    b.create_topic("only-in-b", one)
+        .await
+        .expect("mesh B founded");
+    b.shutdown().await;
+
+    // B comes back pointed at A: each refuses the other.
+    let mut events = a.mesh().expect("on the network").subscribe();
+    let addr = address(&a).await;
+    let b = start(&dir_b, Some(&addr), Role::Storage).await;
+    let b_id = meshlog::net::NodeId(b.peer_id().expect("on the network"));
+    let refused = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match events.recv().await {
+                Ok(meshlog::core::membership::MembershipEvent::ForeignMesh { peer, .. })
+                    if peer == b_id =>
+                {
+                    return true;
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(refused, Ok(true), "A refuses B's mesh");
+    // Neither counts the other as a storage node, and their topics stay apart.
+    assert_eq!(a.live_storage_nodes().await.expect("members").len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.live_storage_nodes().await.expect("members").len() != 1 {
+        assert!(Instant::now() < deadline, "B never refused A");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        a.list_topics().await.expect("list"),
+        vec!["only-in-a".to_string()]
+    );
+    assert_eq!(
+        b.list_topics().await.expect("list"),
+        vec!["only-in-b".to_string()]
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

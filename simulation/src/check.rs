@@ -93,6 +93,13 @@ impl MembershipChecker {
                     detail: format!("node {observer} refused {peer} speaking version {version}"),
                 });
             }
+            MembershipEvent::ForeignMesh { peer, mesh_id } => {
+                return Err(Violation {
+                    at,
+                    invariant: "one mesh",
+                    detail: format!("node {observer} refused {peer} of mesh {mesh_id:x}"),
+                });
+            }
         }
         Ok(())
     }

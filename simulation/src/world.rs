@@ -229,6 +229,7 @@ impl World {
                     listen_addrs: vec![format!("sim://{node}")],
                     free_disk_bytes: Some(1 << 30),
                     zone: None,
+                    mesh_id: None,
                 };
                 let mut membership =
                     Membership::new(node, meta, incarnation, self.config.clone(), seed);

@@ -80,6 +80,10 @@ pub struct MemberMeta {
     pub free_disk_bytes: Option<u64>,
     /// An optional failure zone (rack, site), for placement.
     pub zone: Option<String>,
+    /// The mesh it belongs to, once it knows (set by the mesh's founder and
+    /// learned by every node that joins). Members of two meshes refuse each
+    /// other, so two meshes never merge silently.
+    pub mesh_id: Option<u64>,
 }
 
 /// A member's liveness as seen locally.
@@ -265,6 +269,13 @@ pub enum MembershipEvent<P> {
         peer: P,
         /// The version it speaks.
         version: u32,
+    },
+    /// A peer belongs to another mesh and was refused.
+    ForeignMesh {
+        /// Who.
+        peer: P,
+        /// Its mesh.
+        mesh_id: u64,
     },
 }
 
@@ -682,6 +693,22 @@ impl<P: PeerKey> Membership<P> {
             self.refuse(entry.peer, meta.protocol_version, actions);
             return;
         }
+        if let (Some(theirs), Some(ours)) = (
+            entry.meta.as_ref().and_then(|m| m.mesh_id),
+            self.my_meta.mesh_id,
+        ) && theirs != ours
+        {
+            self.forget_seed(&entry.peer);
+            let peer = entry.peer;
+            let was_member = self.members.remove(&peer).is_some();
+            if self.refused.insert(peer.clone()) || was_member {
+                actions.push(Action::Event(MembershipEvent::ForeignMesh {
+                    peer,
+                    mesh_id: theirs,
+                }));
+            }
+            return;
+        }
         if self.refused.contains(&entry.peer) {
             return;
         }
@@ -758,6 +785,7 @@ mod tests {
 
     fn meta(role: Role) -> MemberMeta {
         MemberMeta {
+            mesh_id: None,
             role,
             protocol_version: PROTOCOL_VERSION,
             listen_addrs: vec![],

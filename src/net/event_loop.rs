@@ -87,6 +87,7 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             free_disk_bytes: None,
             zone: config.zone.clone(),
+            mesh_id: None,
         };
         let incarnation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -184,6 +185,10 @@ impl EventLoop {
                 if let Some(reply) = reply {
                     self.outbound.insert(id, reply);
                 }
+            }
+            Command::SetMeshId(mesh_id) => {
+                self.meta.mesh_id = Some(mesh_id);
+                self.membership.set_meta(self.meta.clone());
             }
             Command::Shutdown(done) => {
                 let _ = done.send(());
@@ -428,6 +433,10 @@ impl EventLoop {
             MembershipEvent::Died { peer } => warn!(%peer, "peer dead"),
             MembershipEvent::Refused { peer, version } => {
                 warn!(%peer, "refusing peer: it speaks protocol version {version}, this node speaks {PROTOCOL_VERSION}");
+                let _ = self.swarm.disconnect_peer_id(peer.0);
+            }
+            MembershipEvent::ForeignMesh { peer, mesh_id } => {
+                warn!(%peer, "refusing peer: it belongs to mesh {mesh_id:016x}, this node to mesh {:016x}; two meshes never merge", self.meta.mesh_id.unwrap_or(0));
                 let _ = self.swarm.disconnect_peer_id(peer.0);
             }
         }

@@ -188,6 +188,7 @@ const INBOUND_DEPTH: usize = 4096;
 
 enum Command {
     Members(oneshot::Sender<Vec<MemberView<NodeId>>>),
+    SetMeshId(u64),
     Request {
         to: NodeId,
         request: Box<PeerRequest>,
@@ -299,6 +300,15 @@ impl Mesh {
         };
         self.commands
             .send(command)
+            .await
+            .map_err(|_| NetError::Closed)
+    }
+
+    /// Announces the mesh this node belongs to; from then on members of any
+    /// other mesh are refused.
+    pub async fn set_mesh_id(&self, mesh_id: u64) -> Result<(), NetError> {
+        self.commands
+            .send(Command::SetMeshId(mesh_id))
             .await
             .map_err(|_| NetError::Closed)
     }

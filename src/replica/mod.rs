@@ -337,7 +337,15 @@ impl Task {
         if !may {
             return;
         }
-        info!("no mesh found: starting a new one (this node holds its metadata log)");
+        let mesh_id = {
+            use std::hash::BuildHasher;
+            std::hash::RandomState::new().hash_one((self.me, now_ms()))
+        };
+        info!(mesh = %format!("{mesh_id:016x}"), "no mesh found: starting a new one (this node holds its metadata log)");
+        if let Err(error) = self.adopt_mesh(mesh_id).await {
+            warn!(%error, "cannot record the new mesh");
+            return;
+        }
         let config = TopicConfig::default();
         if let Err(refusal) = self
             .create_topic(META_TOPIC.to_string(), config, vec![vec![self.me]])
@@ -345,6 +353,43 @@ impl Task {
         {
             warn!(?refusal, "cannot start the metadata log");
         }
+    }
+
+    /// Joins the mesh of `peer`, which sends us the metadata log: adopts its
+    /// mesh id unless this node belongs to another mesh already (then
+    /// refuses, and says so).
+    async fn join_mesh_of(&mut self, peer: NodeId) -> bool {
+        let theirs = match self.mesh.members().await {
+            Ok(members) => members
+                .into_iter()
+                .find(|m| m.peer == peer)
+                .and_then(|m| m.meta)
+                .and_then(|meta| meta.mesh_id),
+            Err(_) => None,
+        };
+        let ours = self.store.mesh_id().ok().flatten();
+        match (theirs, ours) {
+            (Some(theirs), Some(ours)) if theirs != ours => {
+                warn!(%peer, "refusing the metadata log of mesh {theirs:016x}: this node belongs to mesh {ours:016x}");
+                false
+            }
+            (Some(theirs), None) => {
+                info!(mesh = %format!("{theirs:016x}"), %peer, "joining the mesh");
+                self.adopt_mesh(theirs).await.is_ok()
+            }
+            (Some(_), Some(_)) => true,
+            // The peer's mesh id has not reached us yet: ask again later.
+            (None, _) => false,
+        }
+    }
+
+    /// Records the mesh this node belongs to and announces it in its gossip.
+    async fn adopt_mesh(&mut self, mesh_id: u64) -> Result<(), crate::error::Error> {
+        self.writes.write(WriteOp::SetMeshId { mesh_id }).await?;
+        self.mesh
+            .set_mesh_id(mesh_id)
+            .await
+            .map_err(crate::error::Error::Net)
     }
 
     /// Applies newly committed records of the metadata log to the topic table,
@@ -584,6 +629,9 @@ impl Task {
         let answer =
             tokio::time::timeout(Duration::from_secs(5), self.mesh.request(from, request)).await;
         if let Ok(Ok(PeerResponse::Topic(Ok(description)))) = answer {
+            if name == META_TOPIC && !self.join_mesh_of(from).await {
+                return;
+            }
             let replicas = description
                 .partitions
                 .iter()

@@ -388,6 +388,13 @@ impl Store {
         Ok(out)
     }
 
+    /// The mesh this node belongs to, once it founded or joined one.
+    pub fn mesh_id(&self) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get(MESH_ID)?.map(|v| v.value()))
+    }
+
     /// One past the last offset of `__meta` this store has applied.
     pub fn meta_applied(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;

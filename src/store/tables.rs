@@ -16,6 +16,9 @@ use crate::error::StoreError;
 use crate::net::NodeId;
 use crate::wire::ProducerBatch;
 
+/// The key in [`META`] of the mesh this node belongs to.
+pub(super) const MESH_ID: &str = "mesh_id";
+
 /// The key in [`META`] of one past the last applied offset of `__meta`.
 pub(super) const META_APPLIED: &str = "meta_applied";
 

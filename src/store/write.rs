@@ -121,6 +121,11 @@ pub enum WriteOp {
         /// When it is applied, ms since the Unix epoch.
         now_ms: i64,
     },
+    /// Record the mesh this node belongs to (always made durable).
+    SetMeshId {
+        /// The mesh.
+        mesh_id: u64,
+    },
     /// Drop expired segments of every partition.
     EnforceRetention {
         /// The current time, ms since the Unix epoch.
@@ -137,6 +142,7 @@ impl WriteOp {
                 | WriteOp::DeleteTopic { .. }
                 | WriteOp::SetVote { .. }
                 | WriteOp::ApplyMeta { .. }
+                | WriteOp::SetMeshId { .. }
         )
     }
 }
@@ -330,6 +336,10 @@ impl Store {
                 command,
                 now_ms,
             } => self.apply_meta(t, cache, offset, command, now_ms),
+            WriteOp::SetMeshId { mesh_id } => {
+                t.meta.insert(MESH_ID, mesh_id)?;
+                Ok(WriteOutcome::Done)
+            }
             WriteOp::EnforceRetention { now_ms } => {
                 // Retention reads whole partitions from the tables: write back first.
                 self.flush_cache(t, std::mem::take(cache))?;
