@@ -133,7 +133,7 @@ impl Node {
                     .filter(|n| !meta::is_internal(n))
                     .collect(),
             )),
-            PeerRequest::Replicate(_) => Ok(PeerResponse::Ack),
+            PeerRequest::Replicate(_) | PeerRequest::Ownership(_) => Ok(PeerResponse::Ack),
         }
     }
 
@@ -407,13 +407,22 @@ impl Node {
             }));
         }
         let key = (topic.clone(), partition);
-        let cached = self
+        // Route by the gossiped ownership first, then by the last leader that
+        // answered here, then to the first replica (which redirects).
+        let gossiped = self
             .inner
-            .leaders
+            .ownership
             .lock()
             .ok()
-            .and_then(|l| l.get(&key).copied());
-        let mut target = cached.unwrap_or(replicas[0]);
+            .and_then(|t| t.leader(&topic, partition).copied());
+        let answered = || {
+            self.inner
+                .leaders
+                .lock()
+                .ok()
+                .and_then(|l| l.get(&key).copied())
+        };
+        let mut target = gossiped.or_else(answered).unwrap_or(replicas[0]);
         let mut attempt = 0usize;
         let mut backoff = Duration::from_millis(20);
         loop {

@@ -54,6 +54,8 @@ pub(crate) struct NodeInner {
     pub(crate) replicator: Option<Replicator>,
     /// The leader last seen for each partition, for routing produce requests.
     pub(crate) leaders: Mutex<std::collections::HashMap<(String, u32), crate::net::NodeId>>,
+    /// Who leads what, as the leaders gossip it (storage nodes).
+    pub(crate) ownership: Arc<Mutex<crate::core::ownership::OwnershipTable<NodeId>>>,
     /// Topics learned from peers (light clients and routing), by name.
     pub(crate) remote_topics: Mutex<std::collections::HashMap<String, TopicDescription>>,
     /// Background work to stop on shutdown; `None` once stopped.
@@ -196,6 +198,7 @@ impl Node {
             Some(m) if m.mdns => crate::replica::Founding::LowestId,
             _ => crate::replica::Founding::Alone,
         };
+        let ownership = Arc::new(Mutex::new(crate::core::ownership::OwnershipTable::new()));
         let (replicator, replicator_task) = match storage_mesh {
             Some(mesh) => {
                 let inbound = mesh.take_inbound().ok_or(Error::Closed)?;
@@ -207,6 +210,7 @@ impl Node {
                     inbound,
                     stop.subscribe(),
                     founding,
+                    ownership.clone(),
                 );
                 (Some(replicator), Some(task))
             }
@@ -223,6 +227,7 @@ impl Node {
                 mesh,
                 replicator,
                 leaders: Mutex::new(Default::default()),
+                ownership,
                 remote_topics: Mutex::new(Default::default()),
                 tasks: Mutex::new(Some(NodeTasks {
                     writer,

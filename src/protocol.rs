@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chain::MessageId;
 use crate::config::Acks;
+use crate::core::ownership::OwnershipRecord;
 use crate::core::replication::Message;
 use crate::net::NodeId;
 use crate::node::TopicDescription;
@@ -24,6 +25,8 @@ pub enum PeerRequest {
     Replicate(ReplicateFrame),
     /// Append records to a partition at its leader.
     Produce(ProduceFrame),
+    /// Ownership records of partitions the sender leads (gossip; one-way).
+    Ownership(Vec<OwnershipRecord<NodeId>>),
     /// The topics this node knows.
     ListTopics,
     /// One topic as this node sees it.

@@ -13,6 +13,7 @@
 //! - [`replication`]: one partition's log among its replicas (Raft rules, hash-chained).
 
 pub mod membership;
+pub mod ownership;
 pub mod placement;
 pub mod replication;
 pub mod rng;

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::chain::MessageId;
 use crate::config::TopicConfig;
 use crate::core::membership::{Role, Status};
+use crate::core::ownership::{OwnershipRecord, OwnershipTable};
 use crate::core::placement;
 use crate::core::replication::ReplicationConfig;
 use crate::meta::{META_TOPIC, MetaCommand};
@@ -85,6 +86,7 @@ impl Replicator {
         inbound: mpsc::Receiver<InboundRequest>,
         stop: watch::Receiver<bool>,
         founding: Founding,
+        ownership: SharedOwnership,
     ) -> (Replicator, tokio::task::JoinHandle<()>) {
         let (requests, receiver) = mpsc::channel(1024);
         let task = Task {
@@ -104,6 +106,7 @@ impl Replicator {
             live: Vec::new(),
             placed_at: Instant::now(),
             founding,
+            ownership,
         };
         let handle = tokio::spawn(task.run(receiver, inbound, stop));
         (Replicator { requests }, handle)
@@ -149,7 +152,12 @@ struct Task {
     placed_at: Instant,
     /// Whether this node may start the metadata log of a new mesh.
     founding: Founding,
+    /// Who leads what: merged from this node's own leadership and peers' gossip.
+    ownership: SharedOwnership,
 }
+
+/// The ownership table a node's tasks share.
+pub(crate) type SharedOwnership = Arc<std::sync::Mutex<OwnershipTable<NodeId>>>;
 
 /// When a storage node that has no metadata log starts one (founds a mesh)
 /// instead of waiting to receive it from a peer.
@@ -270,6 +278,7 @@ impl Task {
             self.refresh_live().await;
             self.found_mesh().await;
             self.place().await;
+            self.announce_ownership().await;
         }
         self.apply_meta().await;
         let now = self.now();
@@ -440,6 +449,9 @@ impl Task {
                     if self.store.topic(&name).is_err() {
                         info!(topic = %name, "topic deleted");
                         self.close_topic(&name);
+                        if let Ok(mut table) = self.ownership.lock() {
+                            table.forget_topic(&name);
+                        }
                     }
                 }
                 None => {}
@@ -457,6 +469,49 @@ impl Task {
         for key in keys {
             if let Some(mut replica) = self.replicas.remove(&key) {
                 replica.close();
+            }
+        }
+    }
+
+    /// Tells every other live storage node which partitions this node leads
+    /// (epoch, replicas, committed offset, head); they keep the highest epoch.
+    async fn announce_ownership(&mut self) {
+        let records: Vec<OwnershipRecord<NodeId>> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.core().is_leader())
+            .map(|((topic, partition), r)| OwnershipRecord {
+                topic: topic.clone(),
+                partition: *partition,
+                epoch: r.core().epoch(),
+                leader: self.me,
+                replicas: r.core().voters().to_vec(),
+                committed: r.high_watermark(),
+                head: r.committed_head(),
+            })
+            .collect();
+        if records.is_empty() {
+            return;
+        }
+        self.merge_ownership(records.clone());
+        let peers: Vec<NodeId> = self
+            .live
+            .iter()
+            .filter(|p| **p != self.me)
+            .copied()
+            .collect();
+        for peer in peers {
+            let request = PeerRequest::Ownership(records.clone());
+            if let Err(error) = self.mesh.send(peer, request).await {
+                debug!(%peer, %error, "ownership not sent");
+            }
+        }
+    }
+
+    fn merge_ownership(&self, records: Vec<OwnershipRecord<NodeId>>) {
+        if let Ok(mut table) = self.ownership.lock() {
+            for record in records {
+                table.merge(record);
             }
         }
     }
@@ -493,9 +548,13 @@ impl Task {
         }
     }
 
+    /// The state of a topic's partitions as this node knows it: its own
+    /// replicas' live state, and for the partitions it does not host, what
+    /// their leaders gossiped.
     fn statuses(&self, name: &str) -> BTreeMap<u32, ReplicaStatus> {
         let now = self.now();
-        self.replicas
+        let mut out: BTreeMap<u32, ReplicaStatus> = self
+            .replicas
             .iter()
             .filter(|((topic, _), _)| topic == name)
             .map(|((topic, partition), r)| {
@@ -511,7 +570,29 @@ impl Task {
                 };
                 (*partition, status)
             })
-            .collect()
+            .collect();
+        let partitions = self.store.topic(name).map_or(0, |t| t.config.partitions);
+        if let Ok(table) = self.ownership.lock() {
+            for partition in 0..partitions {
+                if out.contains_key(&partition) {
+                    continue;
+                }
+                if let Some(record) = table.get(name, partition) {
+                    let status = ReplicaStatus {
+                        epoch: record.epoch,
+                        voters: record.replicas.clone(),
+                        learners: Vec::new(),
+                        target: Vec::new(),
+                        leader: Some(record.leader),
+                        in_sync: Vec::new(),
+                        high_watermark: record.committed,
+                        head: record.head,
+                    };
+                    out.insert(partition, status);
+                }
+            }
+        }
+        out
     }
 
     async fn produce(&mut self, frame: ProduceFrame, reply: ProduceReply) {
@@ -563,6 +644,10 @@ impl Task {
                         .unwrap_or(Err(Refusal::Other("the node is shutting down".into())));
                     let _ = reply.send(PeerResponse::Produced(outcome));
                 });
+            }
+            PeerRequest::Ownership(records) => {
+                let _ = reply.send(PeerResponse::Ack);
+                self.merge_ownership(records);
             }
             PeerRequest::ListTopics => {
                 let names = self
