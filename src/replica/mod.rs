@@ -196,11 +196,7 @@ impl Task {
                 Some(request) = requests.recv() => self.on_request(request).await,
                 Some(request) = inbound.recv() => self.on_inbound(request).await,
                 Some((key, kind, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
-                    let now = self.now();
-                    if let Some(replica) = self.replicas.get_mut(&key) {
-                        let effects = replica.on_written(kind, outcome, now);
-                        self.run_effects(&key, effects).await;
-                    }
+                    self.on_written(key, kind, outcome).await;
                 }
                 _ = tick.tick() => self.on_tick().await,
             }
@@ -237,6 +233,32 @@ impl Task {
             };
             if voters.contains(&self.me) || joined_later() {
                 self.open_partition(topic, partition);
+            }
+        }
+    }
+
+    /// A store write of a partition finished. A log write the store refused
+    /// (a batch that does not extend the log, a full disk) leaves the replica
+    /// believing in entries its disk does not hold: it restarts from what
+    /// the disk holds, as after a crash, and catches up again.
+    async fn on_written(
+        &mut self,
+        key: Key,
+        kind: WriteKind,
+        outcome: Result<Option<crate::store::LogEnd>, crate::error::StoreError>,
+    ) {
+        let now = self.now();
+        let failed_log = matches!(kind, WriteKind::Log) && outcome.is_err();
+        let Some(replica) = self.replicas.get_mut(&key) else {
+            return;
+        };
+        let effects = replica.on_written(kind, outcome, now);
+        self.run_effects(&key, effects).await;
+        if failed_log && let Some(mut replica) = self.replicas.remove(&key) {
+            warn!(topic = %key.0, partition = key.1, "restarting the replica from its durable log");
+            replica.close();
+            if let Ok(topic) = self.store.topic(&key.0) {
+                self.open_partition(&topic, key.1);
             }
         }
     }
