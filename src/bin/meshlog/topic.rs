@@ -14,7 +14,9 @@ pub enum TopicCommand {
     Create(CreateArgs),
     /// List topic names.
     List,
-    /// Show each partition's offsets and chain head (all topics when no name is given).
+    /// Show each partition's epoch, offsets and chain head, and in a mesh its
+    /// leader, replicas, in-sync replicas and target replicas (all topics
+    /// when no name is given).
     Describe {
         /// The topic.
         name: Option<String>,
@@ -176,6 +178,12 @@ fn print_description(topic: &TopicDescription) {
                 ids(&p.replicas),
                 ids(&p.in_sync)
             ));
+            if !p.learners.is_empty() {
+                line.push_str(&format!("\tLearners: {}", ids(&p.learners)));
+            }
+            if !p.target_replicas.is_empty() {
+                line.push_str(&format!("\tTarget: {}", ids(&p.target_replicas)));
+            }
         }
         println!("{line}");
     }
