@@ -25,7 +25,7 @@ use crate::consumer::Consumer;
 use crate::error::{Error, Result, StoreError};
 use crate::net::{Mesh, NodeId, PeerId, identity};
 use crate::producer::Producer;
-use crate::replica::Replicator;
+use crate::replica::{Replicator, ReplicatorSetup};
 use crate::store::{Store, TopicEntry, WriteOp, WriteOutcome};
 
 /// Write requests waiting for the writer; senders wait when it is full.
@@ -202,16 +202,16 @@ impl Node {
         let (replicator, replicator_task) = match storage_mesh {
             Some(mesh) => {
                 let inbound = mesh.take_inbound().ok_or(Error::Closed)?;
-                let (replicator, task) = Replicator::start(
-                    NodeId(mesh.peer_id()),
-                    store.clone(),
-                    WriteQueue { tx: writes.clone() },
-                    mesh.clone(),
+                let (replicator, task) = Replicator::start(ReplicatorSetup {
+                    me: NodeId(mesh.peer_id()),
+                    store: store.clone(),
+                    writes: WriteQueue { tx: writes.clone() },
+                    mesh: mesh.clone(),
                     inbound,
-                    stop.subscribe(),
+                    stop: stop.subscribe(),
                     founding,
-                    ownership.clone(),
-                );
+                    ownership: ownership.clone(),
+                });
                 (Some(replicator), Some(task))
             }
             None => (None, None),

@@ -76,18 +76,39 @@ pub(crate) struct Replicator {
     requests: mpsc::Sender<Request>,
 }
 
+/// What the replication task runs with.
+pub(crate) struct ReplicatorSetup {
+    /// This node.
+    pub me: NodeId,
+    /// Its store, for reads.
+    pub store: Arc<Store>,
+    /// Its writer's queue.
+    pub writes: WriteQueue,
+    /// Its place in the mesh.
+    pub mesh: Arc<Mesh>,
+    /// Peers' requests.
+    pub inbound: mpsc::Receiver<InboundRequest>,
+    /// Turns true when the node shuts down.
+    pub stop: watch::Receiver<bool>,
+    /// Whether it may found a mesh.
+    pub founding: Founding,
+    /// The ownership table it shares with the node.
+    pub ownership: SharedOwnership,
+}
+
 impl Replicator {
-    /// Starts the task for the node `me`.
-    pub fn start(
-        me: NodeId,
-        store: Arc<Store>,
-        writes: WriteQueue,
-        mesh: Arc<Mesh>,
-        inbound: mpsc::Receiver<InboundRequest>,
-        stop: watch::Receiver<bool>,
-        founding: Founding,
-        ownership: SharedOwnership,
-    ) -> (Replicator, tokio::task::JoinHandle<()>) {
+    /// Starts the task.
+    pub fn start(setup: ReplicatorSetup) -> (Replicator, tokio::task::JoinHandle<()>) {
+        let ReplicatorSetup {
+            me,
+            store,
+            writes,
+            mesh,
+            inbound,
+            stop,
+            founding,
+            ownership,
+        } = setup;
         let (requests, receiver) = mpsc::channel(1024);
         let task = Task {
             me,
@@ -467,16 +488,14 @@ impl Task {
                         self.open_topic(&topic);
                     }
                 }
-                Some(MetaCommand::DeleteTopic { name }) => {
-                    if self.store.topic(&name).is_err() {
-                        info!(topic = %name, "topic deleted");
-                        self.close_topic(&name);
-                        if let Ok(mut table) = self.ownership.lock() {
-                            table.forget_topic(&name);
-                        }
+                Some(MetaCommand::DeleteTopic { name }) if self.store.topic(&name).is_err() => {
+                    info!(topic = %name, "topic deleted");
+                    self.close_topic(&name);
+                    if let Ok(mut table) = self.ownership.lock() {
+                        table.forget_topic(&name);
                     }
                 }
-                None => {}
+                Some(MetaCommand::DeleteTopic { .. }) | None => {}
             }
         }
     }
