@@ -737,10 +737,12 @@ impl Task {
         self.run_effects(&key, effects).await;
     }
 
-    /// A peer replicates a topic we do not know (we were down when it was
-    /// created): ask it for the topic, at most once a second.
+    /// A peer replicates a topic we do not know. Topics come only from the
+    /// metadata log, so for any other topic we wait until our copy of the log
+    /// has it (the leader retries). The metadata log itself is how a node
+    /// joins a mesh: ask the peer for it, at most once a second.
     async fn learn_topic(&mut self, from: NodeId, name: &str) {
-        if self.store.topic(name).is_ok() {
+        if name != META_TOPIC || self.store.topic(name).is_ok() {
             return;
         }
         if let Some(at) = self.unknown_topics.get(name)

@@ -834,7 +834,9 @@ impl PartitionReplica {
 
     /// Forgets cached batches every replica has (below the commit point, with a margin).
     fn prune_payloads(&mut self) {
-        const KEEP_COMMITTED: u64 = 1024;
+        // Up to 32 batches of 256 KiB: a follower further behind is served
+        // from the store.
+        const KEEP_COMMITTED: u64 = 32;
         let below = self.committed.saturating_sub(KEEP_COMMITTED);
         self.payloads = self.payloads.split_off(&below);
     }
