@@ -245,7 +245,8 @@ async fn with_one_of_two_replicas_down_acks_all_fails_fast_and_acks_leader_succe
         ),
         "{refused:?}"
     );
-    assert!(took < Duration::from_secs(1), "fails fast, took {took:?}");
+    // Fast: no wait for the 30 s delivery timeout.
+    assert!(took < Duration::from_secs(5), "fails fast, took {took:?}");
     let leader_only = via.producer(ProducerConfig::default().with_acks(Acks::Leader));
     let sent = leader_only
         .send("pairs", None, b"the leader has it")
