@@ -19,7 +19,9 @@ use crate::error::{Error, Result};
 use crate::meta::{self, MetaCommand};
 use crate::net::{NetError, NodeId};
 use crate::node::{Node, TopicDescription};
-use crate::protocol::{PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal};
+use crate::protocol::{
+    FetchFrame, Fetched, PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal,
+};
 use crate::replica::Request;
 
 /// The longest one produce attempt waits for its answer before the producer
@@ -133,6 +135,16 @@ impl Node {
                     .filter(|n| !meta::is_internal(n))
                     .collect(),
             )),
+            PeerRequest::Fetch(frame) => {
+                let (reply, answer) = oneshot::channel();
+                replicator
+                    .request(Request::Fetch { frame, reply })
+                    .await
+                    .map_err(refused)?;
+                Ok(PeerResponse::Fetched(answer.await.unwrap_or(Err(
+                    Refusal::Other("the node is shutting down".into()),
+                ))))
+            }
             PeerRequest::Replicate(_) | PeerRequest::Ownership(_) => Ok(PeerResponse::Ack),
         }
     }
@@ -479,6 +491,57 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Reads committed records of a partition from one of its replicas: the
+    /// leader as gossiped, else the first replica, following `NotLeader`
+    /// hints. The replica waits up to `frame.max_wait_ms` for records to
+    /// arrive (long poll).
+    pub(crate) async fn fetch_in_mesh(&self, frame: FetchFrame) -> Result<Fetched> {
+        let (topic, partition) = (frame.topic.clone(), frame.partition);
+        let replicas = self
+            .topic_metadata(&topic)
+            .await?
+            .partitions
+            .get(partition as usize)
+            .map(|p| p.replicas.clone())
+            .unwrap_or_default();
+        if replicas.is_empty() {
+            return Err(Error::Store(crate::error::StoreError::PartitionNotFound {
+                topic,
+                partition,
+            }));
+        }
+        let gossiped = self
+            .inner
+            .ownership
+            .lock()
+            .ok()
+            .and_then(|t| t.leader(&topic, partition).copied());
+        let mut target = gossiped.unwrap_or(replicas[0]);
+        let patience = Duration::from_millis(u64::from(frame.max_wait_ms)) + PEER_REQUEST_TIMEOUT;
+        let mut last = Refusal::Other("no replica answered".into());
+        for attempt in 0..replicas.len() + 3 {
+            let ask = self.ask(target, PeerRequest::Fetch(frame.clone()));
+            let refusal = match tokio::time::timeout(patience, ask).await {
+                Ok(Ok(PeerResponse::Fetched(Ok(fetched)))) => return Ok(fetched),
+                Ok(Ok(PeerResponse::Fetched(Err(refusal)))) => refusal,
+                Ok(Ok(other)) => Refusal::Other(format!("unexpected answer {other:?}")),
+                Ok(Err(e)) => Refusal::Other(e.to_string()),
+                Err(_) => Refusal::Timeout,
+            };
+            target = match &refusal {
+                Refusal::NotLeader { hint: Some(hint) } if *hint != target => *hint,
+                Refusal::OffsetOutOfRange { .. } => {
+                    return Err(refusal_error(refusal, &topic, partition));
+                }
+                _ => replicas[attempt % replicas.len()],
+            };
+            last = refusal;
+        }
+        Err(refusal_error(last, &topic, partition))
+    }
+}
+
 /// The existing topic when its config is `config`; otherwise `TopicExists`.
 fn same_config(
     existing: TopicDescription,
@@ -516,6 +579,15 @@ fn refusal_error(refusal: Refusal, topic: &str, partition: u32) -> Error {
         }
         Refusal::RecordTooLarge { size, max } => Error::RecordTooLarge { size, max },
         Refusal::Timeout => Error::Timeout { topic, partition },
+        Refusal::OffsetOutOfRange { start, end } => {
+            Error::Store(crate::error::StoreError::OffsetOutOfRange {
+                topic,
+                partition,
+                offset: 0,
+                start,
+                end,
+            })
+        }
         Refusal::Other(text) => Error::Refused(text),
     }
 }

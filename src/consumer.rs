@@ -66,6 +66,14 @@ impl Consumer {
     /// Subscribes to `topics`, replacing the previous subscription, and takes
     /// every partition of them. Unknown topics are `Error::TopicNotFound`.
     pub fn subscribe(&mut self, topics: &[&str]) -> Result<()> {
+        if self.node.in_mesh() {
+            // The partitions are looked up in the mesh at the next poll.
+            self.subscriptions = topics.iter().map(|t| t.to_string()).collect();
+            self.assignment.clear();
+            self.positions.clear();
+            self.next_partition = 0;
+            return Ok(());
+        }
         let mut assignment = Vec::new();
         for topic in topics {
             let entry = self.node.store()?.topic(topic)?;
@@ -96,6 +104,9 @@ impl Consumer {
     /// batch re-delivers it. If the poll fails, no position moves past a
     /// record it did not return.
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
+        if self.node.in_mesh() {
+            return self.poll_mesh(timeout).await;
+        }
         self.maybe_auto_commit().await?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -116,6 +127,124 @@ impl Consumer {
                 Err(_elapsed) => return Ok(Vec::new()),
             }
         }
+    }
+
+    /// `poll` in a mesh: every assigned partition is fetched from one of its
+    /// replicas, all at once; with nothing available, each fetch waits at
+    /// the replica (long poll, up to a second per round) and the first
+    /// records to arrive are returned.
+    async fn poll_mesh(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
+        self.maybe_auto_commit().await?;
+        self.resolve_assignment().await?;
+        let deadline = Instant::now() + timeout;
+        let mut wait = Duration::ZERO;
+        loop {
+            for tp in self.assignment.clone() {
+                if !self.positions.contains_key(&tp) {
+                    self.init_position_in_mesh(&tp).await?;
+                }
+            }
+            let (records, advanced, failures) = self.fetch_round(wait).await?;
+            if !records.is_empty() {
+                self.positions.extend(advanced);
+                return Ok(records);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            if failures == self.assignment.len() && failures > 0 {
+                // No replica answered: back off before the next round.
+                tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
+            }
+            wait = (deadline - Instant::now()).min(Duration::from_secs(1));
+        }
+    }
+
+    /// One fetch of every assigned partition at once, each waiting up to
+    /// `wait` at its replica. With `wait` zero, all answers are gathered; with
+    /// a wait, the first partition to return records ends the round.
+    async fn fetch_round(
+        &mut self,
+        wait: Duration,
+    ) -> Result<(Vec<ConsumerRecord>, Positions, usize)> {
+        use futures::StreamExt;
+        let mut fetches = futures::stream::FuturesUnordered::new();
+        for tp in &self.assignment {
+            let frame = crate::protocol::FetchFrame {
+                topic: tp.0.clone(),
+                partition: tp.1,
+                offset: self.positions.get(tp).copied(),
+                max_bytes: u32::try_from(self.config.max_partition_fetch_bytes).unwrap_or(u32::MAX),
+                max_wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+            };
+            let node = self.node.clone();
+            let tp = tp.clone();
+            fetches.push(async move { (tp, node.fetch_in_mesh(frame).await) });
+        }
+        let (mut out, mut advanced, mut failures) = (Vec::new(), Vec::new(), 0);
+        while let Some((tp, result)) = fetches.next().await {
+            match result {
+                Ok(fetched) if !fetched.records.is_empty() => {
+                    let mut records = fetched.records;
+                    records.truncate(self.config.max_poll_records.saturating_sub(out.len()));
+                    if let Some(last) = records.last() {
+                        advanced.push((tp, last.offset + 1));
+                    }
+                    out.append(&mut records);
+                    if !wait.is_zero() || out.len() >= self.config.max_poll_records {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(Error::Store(StoreError::OffsetOutOfRange { start, end, .. })) => {
+                    let reset = self.reset_offset(&tp, start, end)?;
+                    tracing::info!(topic = %tp.0, partition = tp.1, to = reset, "position out of range; reset");
+                    self.positions.insert(tp, reset);
+                }
+                Err(e) => {
+                    tracing::debug!(topic = %tp.0, partition = tp.1, error = %e, "fetch failed");
+                    failures += 1;
+                }
+            }
+        }
+        Ok((out, advanced, failures))
+    }
+
+    /// Looks up the partitions of the subscribed topics in the mesh, once.
+    async fn resolve_assignment(&mut self) -> Result<()> {
+        if !self.assignment.is_empty() || self.subscriptions.is_empty() {
+            return Ok(());
+        }
+        let mut assignment = Vec::new();
+        for topic in &self.subscriptions {
+            let description = self.node.topic_metadata(topic).await?;
+            assignment.extend((0..description.config.partitions).map(|p| (topic.clone(), p)));
+        }
+        self.assignment = assignment;
+        Ok(())
+    }
+
+    /// The starting position of a partition read through the mesh: the
+    /// committed offset when it is in the log, else `auto_offset_reset`.
+    async fn init_position_in_mesh(&mut self, tp: &TopicPartition) -> Result<()> {
+        let bounds = self
+            .node
+            .fetch_in_mesh(crate::protocol::FetchFrame {
+                topic: tp.0.clone(),
+                partition: tp.1,
+                offset: None,
+                max_bytes: 0,
+                max_wait_ms: 0,
+            })
+            .await?;
+        let (start, end) = (bounds.log_start_offset, bounds.high_watermark);
+        let position = match self.committed(&tp.0, tp.1)? {
+            Some(offset) if (start..=end).contains(&offset) => offset,
+            _ => self.reset_offset(tp, start, end)?,
+        };
+        self.positions.insert(tp.clone(), position);
+        Ok(())
     }
 
     /// Reads from each assigned partition in turn, up to `max_poll_records`.

@@ -211,6 +211,7 @@ impl Node {
                     stop: stop.subscribe(),
                     founding,
                     ownership: ownership.clone(),
+                    appended: appended.subscribe(),
                 });
                 (Some(replicator), Some(task))
             }

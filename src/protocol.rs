@@ -15,7 +15,7 @@ use crate::core::ownership::OwnershipRecord;
 use crate::core::replication::Message;
 use crate::net::NodeId;
 use crate::node::TopicDescription;
-use crate::record::Record;
+use crate::record::{ConsumerRecord, Record};
 use crate::wire::ProducerBatch;
 
 /// A request from one peer to another.
@@ -25,6 +25,8 @@ pub enum PeerRequest {
     Replicate(ReplicateFrame),
     /// Append records to a partition at its leader.
     Produce(ProduceFrame),
+    /// Committed records of a partition, from any replica (long poll).
+    Fetch(FetchFrame),
     /// Ownership records of partitions the sender leads (gossip; one-way).
     Ownership(Vec<OwnershipRecord<NodeId>>),
     /// The topics this node knows.
@@ -62,6 +64,34 @@ pub struct ProduceFrame {
     pub producer: Option<ProducerBatch>,
     /// The records.
     pub records: Vec<Record>,
+}
+
+/// A consumer's read of one partition.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FetchFrame {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The first offset wanted; `None` asks only for the partition's bounds.
+    pub offset: Option<u64>,
+    /// Stop after the batch that brings the answer to this many bytes (at
+    /// least one record is returned when any is available).
+    pub max_bytes: u32,
+    /// With nothing to return yet, wait up to this long for records to be
+    /// committed (`fetch.max.wait.ms`).
+    pub max_wait_ms: u32,
+}
+
+/// Committed records and the partition's bounds on the replica that answered.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Fetched {
+    /// Records from the requested offset on, in offset order.
+    pub records: Vec<ConsumerRecord>,
+    /// The first offset still stored.
+    pub log_start_offset: u64,
+    /// One past the last committed offset.
+    pub high_watermark: u64,
 }
 
 /// Where produced records landed.
@@ -105,6 +135,13 @@ pub enum Refusal {
     },
     /// The records were not acknowledged in time.
     Timeout,
+    /// A fetch asked for an offset outside the partition's log.
+    OffsetOutOfRange {
+        /// The first offset still stored.
+        start: u64,
+        /// One past the last committed offset.
+        end: u64,
+    },
     /// Anything else, as text.
     Other(String),
 }
@@ -122,4 +159,6 @@ pub enum PeerResponse {
     Topics(Vec<String>),
     /// One topic.
     Topic(Result<TopicDescription, Refusal>),
+    /// The outcome of a fetch.
+    Fetched(Result<Fetched, Refusal>),
 }

@@ -78,7 +78,7 @@ impl Record {
 }
 
 /// A record handed to a consumer, with where it lives and its chain ID.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerRecord {
     /// The topic the record was read from.
     pub topic: String,

@@ -14,7 +14,8 @@ use common::{Line, NodeProcess};
 use meshlog::core::membership::Role;
 use meshlog::net::{MeshConfig, Multiaddr, NodeId, PeerId};
 use meshlog::{
-    Acks, Node, NodeConfig, ProducerConfig, ProducerRecord, RecordMetadata, TopicConfig,
+    Acks, ConsumerConfig, Node, NodeConfig, OffsetReset, ProducerConfig, ProducerRecord,
+    RecordMetadata, TopicConfig,
 };
 
 const TOPIC: &str = "events";
@@ -415,6 +416,37 @@ async fn a_killed_leader_loses_no_acknowledged_record_and_replicas_agree() {
         })
     })
     .await;
+    // A consumer on the light client reads every partition from its
+    // replicas over the mesh: each acknowledged record, once, at its offset.
+    let mut consumer = client
+        .consumer(ConsumerConfig::default().with_auto_offset_reset(OffsetReset::Earliest))
+        .expect("consumer");
+    consumer.subscribe(&[TOPIC]).expect("subscribe");
+    let mut consumed: BTreeMap<(u32, u64), meshlog::chain::MessageId> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while consumed.len() < acked.len() {
+        assert!(
+            Instant::now() < deadline,
+            "consumed {} of {}",
+            consumed.len(),
+            acked.len()
+        );
+        for record in consumer.poll(Duration::from_secs(1)).await.expect("poll") {
+            let previous = consumed.insert((record.partition, record.offset), record.id);
+            assert!(
+                previous.is_none(),
+                "offset {} delivered twice",
+                record.offset
+            );
+        }
+    }
+    for meta in &acked {
+        assert_eq!(
+            consumed.get(&(meta.partition, meta.offset)),
+            Some(&meta.id),
+            "{meta:?}"
+        );
+    }
     stop_all(client, &mut nodes).await;
 
     // Each store holds every acknowledged record exactly once, at its offset.

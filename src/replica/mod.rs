@@ -32,7 +32,9 @@ use crate::core::replication::ReplicationConfig;
 use crate::meta::{META_TOPIC, MetaCommand};
 use crate::net::{InboundRequest, Mesh, NodeId};
 use crate::node::{PartitionDescription, TopicDescription, WriteQueue, now_ms};
-use crate::protocol::{PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal, ReplicateFrame};
+use crate::protocol::{
+    FetchFrame, Fetched, PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal, ReplicateFrame,
+};
 use crate::store::{Store, TopicEntry, WriteOp, WriteOutcome};
 
 use partition::{Effect, PartitionReplica, PartitionSettings, ProduceReply, WriteKind};
@@ -49,6 +51,11 @@ pub(crate) enum Request {
     Produce {
         frame: ProduceFrame,
         reply: ProduceReply,
+    },
+    /// Committed records of a partition hosted here.
+    Fetch {
+        frame: FetchFrame,
+        reply: oneshot::Sender<Result<Fetched, Refusal>>,
     },
     /// The live state of the replicas of a topic hosted here.
     Describe {
@@ -94,6 +101,8 @@ pub(crate) struct ReplicatorSetup {
     pub founding: Founding,
     /// The ownership table it shares with the node.
     pub ownership: SharedOwnership,
+    /// Bumped whenever committed records become readable here (long polls).
+    pub appended: watch::Receiver<u64>,
 }
 
 impl Replicator {
@@ -108,6 +117,7 @@ impl Replicator {
             stop,
             founding,
             ownership,
+            appended,
         } = setup;
         let (requests, receiver) = mpsc::channel(1024);
         let task = Task {
@@ -128,6 +138,7 @@ impl Replicator {
             placed_at: Instant::now(),
             founding,
             ownership,
+            appended,
         };
         let handle = tokio::spawn(task.run(receiver, inbound, stop));
         (Replicator { requests }, handle)
@@ -175,6 +186,8 @@ struct Task {
     founding: Founding,
     /// Who leads what: merged from this node's own leadership and peers' gossip.
     ownership: SharedOwnership,
+    /// Bumped whenever committed records become readable here.
+    appended: watch::Receiver<u64>,
 }
 
 /// The ownership table a node's tasks share.
@@ -583,6 +596,7 @@ impl Task {
     async fn on_request(&mut self, request: Request) {
         match request {
             Request::Produce { frame, reply } => self.produce(frame, reply).await,
+            Request::Fetch { frame, reply } => self.fetch(frame, reply),
             Request::Describe { name, reply } => {
                 let _ = reply.send(self.statuses(&name));
             }
@@ -636,6 +650,44 @@ impl Task {
         out
     }
 
+    /// Serves a fetch from this node's replica: committed records only, and
+    /// with none yet, waits up to the frame's `max_wait_ms` for some (on its
+    /// own task, so the replicas keep running). A partition not hosted here is
+    /// `NotLeader` with the leader as hint.
+    fn fetch(&self, frame: FetchFrame, reply: oneshot::Sender<Result<Fetched, Refusal>>) {
+        let key = (frame.topic.clone(), frame.partition);
+        if !self.replicas.contains_key(&key) {
+            let hint = self
+                .ownership
+                .lock()
+                .ok()
+                .and_then(|t| t.leader(&frame.topic, frame.partition).copied());
+            let _ = reply.send(Err(Refusal::NotLeader { hint }));
+            return;
+        }
+        let store = self.store.clone();
+        let mut appended = self.appended.clone();
+        tokio::spawn(async move {
+            let wait = Duration::from_millis(u64::from(frame.max_wait_ms).min(MAX_FETCH_WAIT_MS));
+            let deadline = Instant::now() + wait;
+            loop {
+                appended.borrow_and_update();
+                let answer = read_committed(&store, &frame);
+                let empty = matches!(&answer, Ok(f) if f.records.is_empty());
+                if !empty || frame.offset.is_none() || Instant::now() >= deadline {
+                    let _ = reply.send(answer);
+                    return;
+                }
+                if tokio::time::timeout_at(deadline, appended.changed())
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+            }
+        });
+    }
+
     async fn produce(&mut self, frame: ProduceFrame, reply: ProduceReply) {
         let key = (frame.topic.clone(), frame.partition);
         let now = self.now();
@@ -684,6 +736,16 @@ impl Task {
                         .await
                         .unwrap_or(Err(Refusal::Other("the node is shutting down".into())));
                     let _ = reply.send(PeerResponse::Produced(outcome));
+                });
+            }
+            PeerRequest::Fetch(frame) => {
+                let (tx, rx) = oneshot::channel();
+                self.fetch(frame, tx);
+                tokio::spawn(async move {
+                    let outcome = rx
+                        .await
+                        .unwrap_or(Err(Refusal::Other("the node is shutting down".into())));
+                    let _ = reply.send(PeerResponse::Fetched(outcome));
                 });
             }
             PeerRequest::Ownership(records) => {
@@ -905,6 +967,40 @@ pub(crate) fn describe_entry(
         name: topic.name.clone(),
         config: topic.config.clone(),
         partitions,
+    }
+}
+
+/// Longest server-side wait of one fetch.
+const MAX_FETCH_WAIT_MS: u64 = 30_000;
+
+/// Reads committed records of a fetch from the store.
+fn read_committed(store: &Store, frame: &FetchFrame) -> Result<Fetched, Refusal> {
+    let Some(offset) = frame.offset else {
+        let state = store
+            .partition_state(&frame.topic, frame.partition)
+            .map_err(|e| Refusal::Other(e.to_string()))?;
+        return Ok(Fetched {
+            records: Vec::new(),
+            log_start_offset: state.log_start_offset,
+            high_watermark: state.high_watermark,
+        });
+    };
+    match store.read(
+        &frame.topic,
+        frame.partition,
+        offset,
+        frame.max_bytes as usize,
+    ) {
+        Ok(read) => Ok(Fetched {
+            records: read.records,
+            log_start_offset: read.log_start_offset,
+            high_watermark: read.high_watermark,
+        }),
+        Err(crate::error::StoreError::OffsetOutOfRange { start, end, .. }) => {
+            Err(Refusal::OffsetOutOfRange { start, end })
+        }
+        Err(crate::error::StoreError::TopicNotFound(t)) => Err(Refusal::TopicNotFound(t)),
+        Err(e) => Err(Refusal::Other(e.to_string())),
     }
 }
 
