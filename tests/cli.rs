@@ -284,3 +284,30 @@ fn groups_show_lag_and_reset_offsets_like_kafka() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("has no committed offsets"));
 }
+
+#[test]
+fn the_demo_runs_a_local_mesh_and_reports_agreement() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = common::meshlog(dir.path())
+        .arg("demo")
+        .output()
+        .expect("run meshlog demo");
+    let text = common::stdout(&output);
+    assert!(
+        output.status.success(),
+        "{text}\n{}",
+        common::stderr(&output)
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.trim_start().starts_with("test "))
+            .count(),
+        100,
+        "one line per record sent:\n{text}"
+    );
+    assert!(text.contains("Stopped node c"), "{text}");
+    assert!(
+        text.contains("== All 100 records were replicated, survived the loss of a node, and the replicas agree."),
+        "{text}"
+    );
+}
