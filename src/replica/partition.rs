@@ -250,7 +250,8 @@ impl PartitionReplica {
 
     /// Record offset one past the records of the first `entries` entries.
     fn record_end(&self, entries: u64) -> u64 {
-        self.spans[..entries as usize]
+        let entries = (entries as usize).min(self.spans.len());
+        self.spans[..entries]
             .iter()
             .rev()
             .find(|(_, count)| *count > 0)
@@ -263,7 +264,8 @@ impl PartitionReplica {
     /// The chain ID of the last record in the first `entries` entries.
     fn record_head(&self, entries: u64) -> MessageId {
         let log = self.core.log();
-        (0..entries as usize)
+        let entries = (entries as usize).min(self.spans.len()).min(log.len());
+        (0..entries)
             .rev()
             .find(|i| self.spans[*i].1 > 0)
             .map_or(self.start_prev_id, |i| log[i].digest)
