@@ -1,4 +1,5 @@
-//! `meshlog bench storage`: append throughput and latency of the log store.
+//! `meshlog bench storage`: append throughput and latency of the log store
+//! (`meshlog bench mesh` is in `bench_mesh`).
 //!
 //! Appends batches of 100-byte records straight to a [`Store`] in a fresh
 //! directory, one transaction per batch, for batch sizes 1 to 10,000, with fsync
@@ -27,6 +28,9 @@ use crate::CliResult;
 pub enum BenchCommand {
     /// Append throughput and latency of the redb log store, fsync on and off.
     Storage(StorageArgs),
+    /// Produce and end-to-end throughput and latency of a local mesh of node
+    /// processes, for replication factor 1 and 3, acks leader and all.
+    Mesh(crate::bench_mesh::MeshArgs),
 }
 
 /// Options of `bench storage`.
@@ -67,6 +71,7 @@ struct CaseResult {
 pub async fn run(command: &BenchCommand) -> CliResult {
     match command {
         BenchCommand::Storage(args) => storage(args).await,
+        BenchCommand::Mesh(args) => crate::bench_mesh::run(args).await,
     }
 }
 

@@ -6,6 +6,7 @@
 //! client. Errors print as one line on stderr with a non-zero exit code.
 
 mod bench;
+mod bench_mesh;
 mod consume;
 mod demo;
 mod group;

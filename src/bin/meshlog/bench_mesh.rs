@@ -1,0 +1,323 @@
+//! `meshlog bench mesh`: produce and end-to-end throughput and latency of a
+//! real local mesh.
+//!
+//! Starts `--nodes` `meshlog node` processes on 127.0.0.1 (each with its own
+//! data directory in a scratch directory, fsync on), joins them as a light
+//! client in this process, and for each case (replication factor 1 and 3,
+//! acks leader and all) creates a topic, runs `--producers` producers sending
+//! batches of `--batch` records for `--seconds`, and a consumer reading
+//! everything back. Each record carries the time it was handed to the
+//! producer, so the consumer measures end-to-end latency on the same clock.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use meshlog::core::membership::Role;
+use meshlog::net::{MeshConfig, Multiaddr};
+use meshlog::{
+    Acks, ConsumerConfig, Node, NodeConfig, OffsetReset, ProducerConfig, ProducerRecord,
+    TopicConfig,
+};
+
+use crate::CliResult;
+
+/// Options of `bench mesh`.
+#[derive(Args, Debug)]
+pub struct MeshArgs {
+    /// Node processes to start.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Time spent producing in each case.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Value size of each record in bytes (at least 8).
+    #[arg(long, default_value_t = 100)]
+    pub record_size: usize,
+    /// Records per batch.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+    /// Partitions of each case's topic.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: u32,
+}
+
+/// A node process, killed when dropped.
+struct NodeProcess(Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What one case measured.
+struct CaseResult {
+    acked: u64,
+    produce_secs: f64,
+    ack_latency_us: Histogram<u64>,
+    consumed: u64,
+    consume_secs: f64,
+    e2e_latency_us: Histogram<u64>,
+}
+
+/// Runs the benchmark.
+pub async fn run(args: &MeshArgs) -> CliResult {
+    if args.record_size < 8 || args.nodes == 0 || args.batch == 0 || args.producers == 0 {
+        return Err(
+            "--record-size must be at least 8, and --nodes, --batch, --producers at least 1".into(),
+        );
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("meshlog-bench-")
+        .tempdir()?;
+    println!(
+        "starting {} node processes (fsync on) in {}",
+        args.nodes,
+        dir.path().display()
+    );
+    let (processes, address) = start_nodes(dir.path(), args.nodes)?;
+    let client = join(dir.path(), &address, args.nodes).await?;
+    println!(
+        "{:>2} {:>6} {:>12} {:>8} {:>9} {:>9} {:>12} {:>9} {:>9} {:>10}",
+        "rf",
+        "acks",
+        "produce/s",
+        "MB/s",
+        "ack p50",
+        "ack p99",
+        "e2e rec/s",
+        "e2e p50",
+        "e2e p99",
+        "e2e p99.9"
+    );
+    let mut cases = vec![(1u16, Acks::Leader), (1, Acks::All)];
+    if args.nodes >= 3 {
+        cases.extend([(3, Acks::Leader), (3, Acks::All)]);
+    }
+    for (rf, acks) in cases {
+        let r = run_case(&client, args, rf, acks).await?;
+        print_row(rf, acks, &r, args.record_size);
+    }
+    client.shutdown().await;
+    drop(processes);
+    Ok(())
+}
+
+/// Starts the node processes; returns them and the first one's address.
+fn start_nodes(
+    dir: &Path,
+    count: usize,
+) -> Result<(Vec<NodeProcess>, Multiaddr), Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let mut processes = Vec::new();
+    let mut address: Option<Multiaddr> = None;
+    for i in 0..count {
+        let mut command = Command::new(&exe);
+        command
+            .arg("--data-dir")
+            .arg(dir.join(format!("node{i}")))
+            .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(["--gossip-interval-ms", "200"])
+            .env("RUST_LOG", "error")
+            .stderr(Stdio::null());
+        match &address {
+            Some(a) => {
+                command
+                    .arg("--bootstrap")
+                    .arg(a.to_string())
+                    .stdout(Stdio::null());
+                processes.push(NodeProcess(command.spawn()?));
+            }
+            None => {
+                // The first node prints its address; the rest of its output is
+                // drained so that its writes never fail.
+                let mut child = command.stdout(Stdio::piped()).spawn()?;
+                let stdout = child.stdout.take().ok_or("no stdout from a node")?;
+                processes.push(NodeProcess(child));
+                let mut lines = BufReader::new(stdout).lines();
+                for line in lines.by_ref() {
+                    if let Some(a) = line?.strip_prefix("listening on ") {
+                        address = Some(a.parse()?);
+                        break;
+                    }
+                }
+                std::thread::spawn(move || lines.for_each(drop));
+            }
+        }
+    }
+    let address = address.ok_or("the first node printed no address")?;
+    Ok((processes, address))
+}
+
+/// Joins the mesh as a light client and waits until it sees every node.
+async fn join(
+    dir: &Path,
+    address: &Multiaddr,
+    nodes: usize,
+) -> Result<Node, Box<dyn std::error::Error>> {
+    let mut mesh = MeshConfig::loopback().with_role(Role::LightClient);
+    mesh.bootstrap.push(address.clone());
+    mesh.membership.gossip_interval = Duration::from_millis(200);
+    let client = Node::open(
+        NodeConfig::default()
+            .with_data_dir(dir.join("client"))
+            .with_network(mesh),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.live_storage_nodes().await?.len() < nodes {
+        if Instant::now() > deadline {
+            return Err("the node processes did not form a mesh in 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(client)
+}
+
+async fn run_case(
+    client: &Node,
+    args: &MeshArgs,
+    rf: u16,
+    acks: Acks,
+) -> Result<CaseResult, Box<dyn std::error::Error>> {
+    let topic = format!("bench-rf{rf}-{}", format!("{acks:?}").to_lowercase());
+    let config = TopicConfig::default()
+        .with_partitions(args.partitions)
+        .with_replication_factor(rf);
+    client.create_topic(&topic, config).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client
+        .describe_topic(&topic)
+        .await?
+        .partitions
+        .iter()
+        .all(|p| p.leader.is_some())
+    {
+        if Instant::now() > deadline {
+            return Err(format!("{topic}: no leader for every partition in 30 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let clock = Instant::now();
+    let acked = Arc::new(AtomicU64::new(0));
+    let (done, total_rx) = tokio::sync::watch::channel(None::<u64>);
+    let consumer = tokio::spawn(consume(client.clone(), topic.clone(), clock, total_rx));
+    let produce_for = Duration::from_secs_f64(args.seconds);
+    let mut producers = Vec::new();
+    for p in 0..args.producers {
+        let producer = client.producer(ProducerConfig::default().with_acks(acks));
+        let (topic, acked) = (topic.clone(), acked.clone());
+        let (batch, size) = (args.batch, args.record_size);
+        producers.push(tokio::spawn(async move {
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+            let mut n = 0u64;
+            while clock.elapsed() < produce_for {
+                let sent_at = clock.elapsed().as_micros() as u64;
+                let records = (0..batch)
+                    .map(|i| {
+                        let mut value = vec![0u8; size];
+                        value[..8].copy_from_slice(&sent_at.to_le_bytes());
+                        ProducerRecord::new(value)
+                            .with_key(format!("p{p}-k{}", (n + i as u64) % 64))
+                    })
+                    .collect();
+                producer.send_batch(&topic, records).await?;
+                latency.record(
+                    (clock.elapsed().as_micros() as u64)
+                        .saturating_sub(sent_at)
+                        .max(1),
+                )?;
+                n += batch as u64;
+                acked.fetch_add(batch as u64, Ordering::Relaxed);
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(latency)
+        }));
+    }
+    let mut ack_latency_us = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    for p in producers {
+        let h = p.await?.map_err(|e| e.to_string())?;
+        ack_latency_us.add(&h)?;
+    }
+    let produce_secs = clock.elapsed().as_secs_f64();
+    let total = acked.load(Ordering::Relaxed);
+    let _ = done.send(Some(total));
+    let (consumed, consume_secs, e2e_latency_us) = consumer.await?.map_err(|e| e.to_string())?;
+    Ok(CaseResult {
+        acked: total,
+        produce_secs,
+        ack_latency_us,
+        consumed,
+        consume_secs,
+        e2e_latency_us,
+    })
+}
+
+/// Reads the case's topic until it has seen every acknowledged record (whose
+/// count arrives on `total` once the producers are done), or 30 s pass
+/// without progress.
+async fn consume(
+    client: Node,
+    topic: String,
+    clock: Instant,
+    total: tokio::sync::watch::Receiver<Option<u64>>,
+) -> Result<(u64, f64, Histogram<u64>), Box<dyn std::error::Error + Send + Sync>> {
+    let mut consumer =
+        client.consumer(ConsumerConfig::default().with_auto_offset_reset(OffsetReset::Earliest))?;
+    consumer.subscribe(&[&topic])?;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let (mut consumed, mut last_progress, mut last_at) = (0u64, Instant::now(), 0.0);
+    loop {
+        let done = total.borrow().is_some_and(|t| consumed >= t);
+        if done || last_progress.elapsed() > Duration::from_secs(30) {
+            return Ok((consumed, last_at, latency));
+        }
+        let records = consumer.poll(Duration::from_millis(200)).await?;
+        if records.is_empty() {
+            continue;
+        }
+        let now = clock.elapsed().as_micros() as u64;
+        for r in &records {
+            let mut stamp = [0u8; 8];
+            stamp.copy_from_slice(r.value().get(..8).unwrap_or(&[0; 8]));
+            latency.record(now.saturating_sub(u64::from_le_bytes(stamp)).max(1))?;
+        }
+        consumed += records.len() as u64;
+        last_progress = Instant::now();
+        last_at = clock.elapsed().as_secs_f64();
+    }
+}
+
+fn print_row(rf: u16, acks: Acks, r: &CaseResult, record_size: usize) {
+    let rate = r.acked as f64 / r.produce_secs.max(1e-9);
+    let e2e_rate = r.consumed as f64 / r.consume_secs.max(1e-9);
+    let ms = |us: u64| format!("{:.1}ms", us as f64 / 1000.0);
+    println!(
+        "{:>2} {:>6} {:>12.0} {:>8.1} {:>9} {:>9} {:>12.0} {:>9} {:>9} {:>10}",
+        rf,
+        format!("{acks:?}").to_lowercase(),
+        rate,
+        rate * record_size as f64 / 1e6,
+        ms(r.ack_latency_us.value_at_quantile(0.5)),
+        ms(r.ack_latency_us.value_at_quantile(0.99)),
+        e2e_rate,
+        ms(r.e2e_latency_us.value_at_quantile(0.5)),
+        ms(r.e2e_latency_us.value_at_quantile(0.99)),
+        ms(r.e2e_latency_us.value_at_quantile(0.999)),
+    );
+    if r.consumed < r.acked {
+        println!(
+            "   (consumed {} of {} acknowledged records)",
+            r.consumed, r.acked
+        );
+    }
+}
