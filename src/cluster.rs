@@ -394,6 +394,33 @@ impl Node {
         self.describe_topic_in_mesh(name).await
     }
 
+    /// The replicas of a partition, as the mesh last described it.
+    async fn partition_replicas(&self, topic: &str, partition: u32) -> Result<Vec<NodeId>> {
+        let replicas = self
+            .topic_metadata(topic)
+            .await?
+            .partitions
+            .get(partition as usize)
+            .map(|p| p.replicas.clone())
+            .unwrap_or_default();
+        if replicas.is_empty() {
+            return Err(Error::Store(crate::error::StoreError::PartitionNotFound {
+                topic: topic.to_string(),
+                partition,
+            }));
+        }
+        Ok(replicas)
+    }
+
+    /// The leader of a partition as its leader last gossiped it.
+    fn gossiped_leader(&self, topic: &str, partition: u32) -> Option<NodeId> {
+        self.inner
+            .ownership
+            .lock()
+            .ok()
+            .and_then(|t| t.leader(topic, partition).copied())
+    }
+
     /// Sends a produce request to the partition's leader, following
     /// `NotLeader` hints and retrying other replicas until `timeout`.
     /// Retries of an idempotent batch are safe: the leader answers a batch it
@@ -405,28 +432,11 @@ impl Node {
     ) -> Result<Produced> {
         let deadline = tokio::time::Instant::now() + timeout;
         let (topic, partition) = (frame.topic.clone(), frame.partition);
-        let replicas = self
-            .topic_metadata(&topic)
-            .await?
-            .partitions
-            .get(partition as usize)
-            .map(|p| p.replicas.clone())
-            .unwrap_or_default();
-        if replicas.is_empty() {
-            return Err(Error::Store(crate::error::StoreError::PartitionNotFound {
-                topic,
-                partition,
-            }));
-        }
+        let replicas = self.partition_replicas(&topic, partition).await?;
         let key = (topic.clone(), partition);
         // Route by the gossiped ownership first, then by the last leader that
         // answered here, then to the first replica (which redirects).
-        let gossiped = self
-            .inner
-            .ownership
-            .lock()
-            .ok()
-            .and_then(|t| t.leader(&topic, partition).copied());
+        let gossiped = self.gossiped_leader(&topic, partition);
         let answered = || {
             self.inner
                 .leaders
@@ -498,26 +508,10 @@ impl Node {
     /// arrive (long poll).
     pub(crate) async fn fetch_in_mesh(&self, frame: FetchFrame) -> Result<Fetched> {
         let (topic, partition) = (frame.topic.clone(), frame.partition);
-        let replicas = self
-            .topic_metadata(&topic)
-            .await?
-            .partitions
-            .get(partition as usize)
-            .map(|p| p.replicas.clone())
-            .unwrap_or_default();
-        if replicas.is_empty() {
-            return Err(Error::Store(crate::error::StoreError::PartitionNotFound {
-                topic,
-                partition,
-            }));
-        }
-        let gossiped = self
-            .inner
-            .ownership
-            .lock()
-            .ok()
-            .and_then(|t| t.leader(&topic, partition).copied());
-        let mut target = gossiped.unwrap_or(replicas[0]);
+        let replicas = self.partition_replicas(&topic, partition).await?;
+        let mut target = self
+            .gossiped_leader(&topic, partition)
+            .unwrap_or(replicas[0]);
         let patience = Duration::from_millis(u64::from(frame.max_wait_ms)) + PEER_REQUEST_TIMEOUT;
         let mut last = Refusal::Other("no replica answered".into());
         for attempt in 0..replicas.len() + 3 {

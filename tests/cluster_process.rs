@@ -304,39 +304,8 @@ async fn send_until_acked_to(
 async fn a_killed_leader_loses_no_acknowledged_record_and_replicas_agree() {
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let (tx, _lines) = mpsc::channel();
-    let first = spawn(0, dirs[0].path(), None, &tx);
-    let bootstrap = first.address.clone();
-    let mut nodes = vec![
-        Some(first),
-        Some(spawn(1, dirs[1].path(), Some(&bootstrap), &tx)),
-        Some(spawn(2, dirs[2].path(), Some(&bootstrap), &tx)),
-    ];
-    let ids: Vec<NodeId> = nodes.iter().flatten().map(node_id).collect();
-    let client = client(dirs[3].path(), &bootstrap).await;
-    wait_until(
-        "the client sees 3 storage nodes",
-        Duration::from_secs(30),
-        || async { client.live_storage_nodes().await.map_or(0, |n| n.len()) == 3 },
-    )
-    .await;
-    let config = TopicConfig::default()
-        .with_partitions(PARTITIONS)
-        .with_replication_factor(3);
-    client
-        .create_topic(TOPIC, config)
-        .await
-        .expect("create the topic");
-    wait_until(
-        "every partition has a leader",
-        Duration::from_secs(30),
-        || async {
-            client
-                .describe_topic(TOPIC)
-                .await
-                .is_ok_and(|t| t.partitions.iter().all(|p| p.leader.is_some()))
-        },
-    )
-    .await;
+    let (mut nodes, ids, client) = start_cluster(&dirs, &tx).await;
+    create_replicated(&client, TOPIC, PARTITIONS).await;
 
     let producer = client.producer(ProducerConfig::default().with_acks(Acks::All));
     let keys: Vec<String> = (0..12).map(|k| format!("key{k}")).collect();

@@ -73,9 +73,7 @@ impl Store {
         truncate_from: u64,
         entries: Vec<ReplicatedEntry>,
     ) -> Result<LogEnd, StoreError> {
-        let entry = self
-            .cached_topic(t, cache, topic)?
-            .ok_or_else(|| StoreError::TopicNotFound(topic.to_string()))?;
+        let entry = self.existing_topic(t, cache, topic)?;
         let key = (entry.id, partition);
         let decoded = self.check_entries(t, cache, topic, key, truncate_from, &entries)?;
         self.truncate_entries(t, cache, key, truncate_from)?;
@@ -369,9 +367,7 @@ impl Store {
         partition: u32,
         high_watermark: u64,
     ) -> Result<(), StoreError> {
-        let entry = self
-            .cached_topic(t, cache, topic)?
-            .ok_or_else(|| StoreError::TopicNotFound(topic.to_string()))?;
+        let entry = self.existing_topic(t, cache, topic)?;
         let key = (entry.id, partition);
         let mut state = self.cached_partition(t, cache, key)?;
         state.high_watermark = state
@@ -390,12 +386,20 @@ impl Store {
         partition: u32,
         vote: &VoteRow,
     ) -> Result<(), StoreError> {
-        let entry = self
-            .cached_topic(t, cache, topic)?
-            .ok_or_else(|| StoreError::TopicNotFound(topic.to_string()))?;
+        let entry = self.existing_topic(t, cache, topic)?;
         t.votes
             .insert((entry.id, partition), self.encode_value(vote)?.as_slice())?;
         Ok(())
+    }
+
+    fn existing_topic(
+        &self,
+        t: &Tables<'_>,
+        cache: &mut TxnCache,
+        topic: &str,
+    ) -> Result<TopicEntry, StoreError> {
+        self.cached_topic(t, cache, topic)?
+            .ok_or_else(|| StoreError::TopicNotFound(topic.to_string()))
     }
 
     fn entry_row(
