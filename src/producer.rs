@@ -286,19 +286,8 @@ impl Producer {
             return Ok(None);
         };
         let key = (topic.to_string(), partition);
-        let (base_seq, prev) = session
-            .chains
-            .get(&key)
-            .copied()
-            .unwrap_or_else(|| (0, chain::producer_genesis(producer, topic, partition)));
-        let batch = ProducerBatch {
-            producer,
-            base_seq,
-            prev,
-        };
-        let after = records.producer_after(&batch);
-        session.chains.insert(key, (after.base_seq, after.prev));
-        Ok(Some(batch))
+        let start = (0, chain::producer_genesis(producer, topic, partition));
+        Ok(Some(stamp(&mut session, producer, key, records, start)))
     }
 
     /// Groups records by partition, keeping input order within each group.
@@ -360,18 +349,12 @@ impl Producer {
             return Ok(permit.send(WriteOp::Append(request)));
         };
         let key = (topic.to_string(), partition);
-        let (base_seq, prev) = match session.chains.get(&key) {
+        let start = match session.chains.get(&key) {
             Some(known) => *known,
             None => self.stored_chain(topic, partition, producer)?,
         };
-        let batch = ProducerBatch {
-            producer,
-            base_seq,
-            prev,
-        };
-        let after = records.producer_after(&batch);
         *session.in_flight.entry(key.clone()).or_default() += 1;
-        session.chains.insert(key, (after.base_seq, after.prev));
+        let batch = stamp(&mut session, producer, key, &records, start);
         let request = AppendRequest {
             topic: topic.to_string(),
             partition,
@@ -443,6 +426,27 @@ impl Producer {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Session>> {
         self.session.lock().map_err(|_| Error::Closed)
     }
+}
+
+/// Stamps a batch of `records` with the producer's next sequence number and
+/// chain hash in `key`'s partition (from `start` when it has none yet), and
+/// advances both past the batch.
+fn stamp(
+    session: &mut Session,
+    producer: ProducerId,
+    key: (String, u32),
+    records: &PreparedRecords,
+    start: (u64, MessageId),
+) -> ProducerBatch {
+    let (base_seq, prev) = session.chains.get(&key).copied().unwrap_or(start);
+    let batch = ProducerBatch {
+        producer,
+        base_seq,
+        prev,
+    };
+    let after = records.producer_after(&batch);
+    session.chains.insert(key, (after.base_seq, after.prev));
+    batch
 }
 
 /// A fresh random producer id. std's `RandomState` is seeded from the OS's
