@@ -162,3 +162,35 @@ pub enum PeerResponse {
     /// The outcome of a fetch.
     Fetched(Result<Fetched, Refusal>),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A peer's frame of arbitrary bytes is an error, never a panic.
+        #[test]
+        fn arbitrary_frames_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = crate::wire::decode::<PeerRequest>(&bytes);
+            let _ = crate::wire::decode::<PeerResponse>(&bytes);
+        }
+
+        /// A valid request with bytes flipped decodes to an error or to some
+        /// request, never a panic.
+        #[test]
+        fn flipped_bytes_never_panic(flip in 0usize..64, bit in 0u8..8) {
+            let request = PeerRequest::Fetch(FetchFrame {
+                topic: "t".into(),
+                partition: 3,
+                offset: Some(42),
+                max_bytes: 1 << 20,
+                max_wait_ms: 500,
+            });
+            let mut bytes = crate::wire::encode(&request).expect("encode");
+            let at = flip % bytes.len();
+            bytes[at] ^= 1 << bit;
+            let _ = crate::wire::decode::<PeerRequest>(&bytes);
+        }
+    }
+}
