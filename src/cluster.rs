@@ -394,8 +394,17 @@ impl Node {
         self.describe_topic_in_mesh(name).await
     }
 
-    /// The replicas of a partition, as the mesh last described it.
+    /// The replicas of a partition: as its leader last gossiped them, else as
+    /// the mesh last described them.
     async fn partition_replicas(&self, topic: &str, partition: u32) -> Result<Vec<NodeId>> {
+        let gossiped = self.inner.ownership.lock().ok().and_then(|t| {
+            t.get(topic, partition)
+                .map(|r| r.replicas.clone())
+                .filter(|r| !r.is_empty())
+        });
+        if let Some(replicas) = gossiped {
+            return Ok(replicas);
+        }
         let replicas = self
             .topic_metadata(topic)
             .await?
@@ -432,7 +441,7 @@ impl Node {
     ) -> Result<Produced> {
         let deadline = tokio::time::Instant::now() + timeout;
         let (topic, partition) = (frame.topic.clone(), frame.partition);
-        let replicas = self.partition_replicas(&topic, partition).await?;
+        let mut replicas = self.partition_replicas(&topic, partition).await?;
         let key = (topic.clone(), partition);
         // Route by the gossiped ownership first, then by the last leader that
         // answered here, then to the first replica (which redirects).
@@ -471,11 +480,7 @@ impl Node {
                 Err(e) => Refusal::Other(e.to_string()),
             };
             let next = match refusal {
-                Refusal::NotLeader { hint: Some(hint) }
-                    if hint != target && replicas.contains(&hint) =>
-                {
-                    Some(hint)
-                }
+                Refusal::NotLeader { hint: Some(hint) } if hint != target => Some(hint),
                 // A replica that has not applied the topic's creation yet
                 // answers TopicNotFound: the mesh knows the topic (above).
                 Refusal::NotLeader { .. }
@@ -492,6 +497,16 @@ impl Node {
                 Some(hint) => target = hint,
                 None => {
                     debug!(%topic, partition, attempt, "produce retry");
+                    if attempt % replicas.len() == 0 {
+                        // A full round without a leader: the replica set may
+                        // have moved since it was last described.
+                        if let Ok(mut topics) = self.inner.remote_topics.lock() {
+                            topics.remove(&topic);
+                        }
+                        if let Ok(fresh) = self.partition_replicas(&topic, partition).await {
+                            replicas = fresh;
+                        }
+                    }
                     target = replicas[attempt % replicas.len()];
                     tokio::time::sleep(backoff.min(deadline - tokio::time::Instant::now())).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));

@@ -97,11 +97,10 @@ impl<P: PeerKey> ReplicaSet<P> {
         );
         let minus = |a: &[P], b: &[P]| a.iter().filter(|x| !b.contains(x)).count();
         let learner_changed = v0 == v1 && minus(&l0, &l1) + minus(&l1, &l0) == 1;
-        let promoted = minus(&v1, &v0) == 1
-            && minus(&v0, &v1) == 0
-            && minus(&l0, &l1) == 1
-            && minus(&l1, &l0) == 0
-            && v1.iter().any(|v| l0.contains(v));
+        let added: Vec<&P> = v1.iter().filter(|v| !v0.contains(v)).collect();
+        let dropped: Vec<&P> = l0.iter().filter(|l| !l1.contains(l)).collect();
+        let promoted =
+            added.len() == 1 && minus(&v0, &v1) == 0 && dropped == added && minus(&l1, &l0) == 0;
         let removed = l0 == l1 && minus(&v0, &v1) == 1 && minus(&v1, &v0) == 0 && !v1.is_empty();
         learner_changed || promoted || removed
     }
@@ -701,11 +700,18 @@ impl<P: PeerKey> Replica<P> {
             .map(|v| (v.clone(), self.log.len() as u64))
             .collect();
         let matched = others.map(|v| (v.clone(), 0)).collect();
+        // The voters that just promised are alive: they count as in sync
+        // until they have been silent for the lag, like any follower.
+        let last_ack = votes
+            .iter()
+            .filter(|v| **v != self.me)
+            .map(|v| (v.clone(), now))
+            .collect();
         self.role = Role::Leader {
             matched,
             next,
             last_sent: Duration::ZERO,
-            last_ack: BTreeMap::new(),
+            last_ack,
         };
         actions.push(Action::BecameLeader { epoch: self.epoch });
         // The epoch-start marker: committing it commits everything before it.
@@ -1332,6 +1338,13 @@ mod tests {
             c.propose(n).expect("the leader accepts");
         }
         c.tick_until(3500);
+        // A promotion must promote the learner it removes.
+        let with_learner = ReplicaSet {
+            voters: vec![0, 1, 2],
+            learners: vec![3],
+        };
+        assert!(with_learner.is_one_step_to(&ReplicaSet::of_voters(vec![0, 1, 2, 3])));
+        assert!(!with_learner.is_one_step_to(&ReplicaSet::of_voters(vec![0, 1, 2, 4])));
         // Two steps at once are refused.
         let now = c.now;
         let jump = ReplicaSet::of_voters(vec![0, 1, 2, 3]);

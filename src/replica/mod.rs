@@ -139,6 +139,7 @@ impl Replicator {
             founding,
             ownership,
             appended,
+            generations: 0,
         };
         let handle = tokio::spawn(task.run(receiver, inbound, stop));
         (Replicator { requests }, handle)
@@ -160,6 +161,7 @@ type PendingWrite = futures::future::BoxFuture<
     'static,
     (
         Key,
+        u64,
         WriteKind,
         Result<Option<crate::store::LogEnd>, crate::error::StoreError>,
     ),
@@ -188,6 +190,9 @@ struct Task {
     ownership: SharedOwnership,
     /// Bumped whenever committed records become readable here.
     appended: watch::Receiver<u64>,
+    /// Replicas opened so far: each opening gets the next number, so that
+    /// outcomes of writes from before a restart are told apart.
+    generations: u64,
 }
 
 /// The ownership table a node's tasks share.
@@ -229,8 +234,8 @@ impl Task {
                 _ = stop.changed() => break,
                 Some(request) = requests.recv() => self.on_request(request).await,
                 Some(request) = inbound.recv() => self.on_inbound(request).await,
-                Some((key, kind, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
-                    self.on_written(key, kind, outcome).await;
+                Some((key, generation, kind, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.on_written(key, generation, kind, outcome).await;
                 }
                 _ = tick.tick() => self.on_tick().await,
             }
@@ -278,6 +283,7 @@ impl Task {
     async fn on_written(
         &mut self,
         key: Key,
+        generation: u64,
         kind: WriteKind,
         outcome: Result<Option<crate::store::LogEnd>, crate::error::StoreError>,
     ) {
@@ -286,6 +292,10 @@ impl Task {
         let Some(replica) = self.replicas.get_mut(&key) else {
             return;
         };
+        if replica.generation() != generation {
+            // A write of the replica before it restarted: its outcome is void.
+            return;
+        }
         let effects = replica.on_written(kind, outcome, now);
         self.run_effects(&key, effects).await;
         if failed_log && let Some(mut replica) = self.replicas.remove(&key) {
@@ -319,7 +329,9 @@ impl Task {
             self.now(),
             seed,
         ) {
-            Ok(replica) => {
+            Ok(mut replica) => {
+                self.generations += 1;
+                replica.set_generation(self.generations);
                 self.replicas.insert(key, replica);
             }
             Err(error) => {
@@ -411,7 +423,11 @@ impl Task {
             warn!(%error, "cannot record the new mesh");
             return;
         }
-        let config = TopicConfig::default();
+        // The metadata log is kept whole: a node that joins later replays it all.
+        let config = TopicConfig::default().with_retention(crate::config::Retention {
+            time: None,
+            bytes: None,
+        });
         if let Err(refusal) = self
             .create_topic(META_TOPIC.to_string(), config, vec![vec![self.me]])
             .await
@@ -713,7 +729,7 @@ impl Task {
             let _ = reply.send(Err(Refusal::Other(error.to_string())));
             return;
         }
-        let effects = replica.produce(frame, reply, now);
+        let effects = replica.produce(frame, reply, now, &self.store);
         self.run_effects(&key, effects).await;
     }
 
@@ -903,6 +919,10 @@ impl Task {
                         }
                     };
                     let key = key.clone();
+                    let generation = self
+                        .replicas
+                        .get(&key)
+                        .map_or(0, PartitionReplica::generation);
                     self.pending.push_back(Box::pin(async move {
                         let outcome = match answer.await {
                             Ok(Ok(WriteOutcome::LogReplicated(end))) => Ok(Some(end)),
@@ -912,7 +932,7 @@ impl Task {
                                 "the writer stopped".into(),
                             )),
                         };
-                        (key, kind, outcome)
+                        (key, generation, kind, outcome)
                     }));
                 }
             }

@@ -150,6 +150,8 @@ pub(crate) struct PartitionReplica {
     led: Option<u64>,
     /// The replication factor: the size of the partition's first replica set.
     rf: usize,
+    /// Which opening of this partition's replica this is (see the driver).
+    generation: u64,
 }
 
 impl PartitionReplica {
@@ -220,7 +222,18 @@ impl PartitionReplica {
             committed: 0,
             led: None,
             rf,
+            generation: 0,
         })
+    }
+
+    /// Which opening of this partition's replica this is.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Numbers this opening.
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
     }
 
     /// The replication factor (the size of the partition's first replica set).
@@ -409,6 +422,7 @@ impl PartitionReplica {
         frame: ProduceFrame,
         reply: ProduceReply,
         now: Duration,
+        store: &Store,
     ) -> Vec<Effect> {
         if !self.core.is_leader() {
             let hint = self.core.leader_hint().copied();
@@ -424,7 +438,7 @@ impl PartitionReplica {
             }
         }
         let acks = frame.acks;
-        match self.propose(frame, now) {
+        match self.propose(frame, now, store) {
             Ok((produced, entries_end, effects)) => {
                 self.waiters.push(Waiter {
                     entries_end,
@@ -449,6 +463,7 @@ impl PartitionReplica {
         &mut self,
         frame: ProduceFrame,
         now: Duration,
+        store: &Store,
     ) -> Result<(Produced, u64, Vec<Effect>), Refusal> {
         if frame.records.is_empty() {
             return Err(Refusal::Other("empty batch".into()));
@@ -468,7 +483,7 @@ impl PartitionReplica {
         let mut entries_end = 0;
         for chunk in prepared.chunks() {
             let part = match &producer {
-                Some(pb) => match self.check_producer(pb, chunk.digests())? {
+                Some(pb) => match self.check_producer(pb, chunk.digests(), store)? {
                     Some(retry) => retry,
                     None => self.append_chunk(Some(pb.clone()), chunk, now, &mut effects)?,
                 },
@@ -497,6 +512,7 @@ impl PartitionReplica {
         &mut self,
         pb: &ProducerBatch,
         digests: &[MessageId],
+        store: &Store,
     ) -> Result<Option<(Produced, u64)>, Refusal> {
         let state = self.producer_state(pb.producer)?;
         let genesis = chain::producer_genesis(pb.producer, &self.topic, self.partition);
@@ -510,13 +526,13 @@ impl PartitionReplica {
             .iter()
             .position(|(base, count)| *base == original.base_offset && *count > 0)
             .ok_or_else(|| Refusal::Other("a retried batch is no longer in the log".into()))?;
+        // A retried batch no longer cached is read back from the store.
         let bytes = match self.payloads.get(&(index as u64)) {
             Some(bytes) => bytes.to_vec(),
-            None => {
-                return Err(Refusal::Other(
-                    "a retried batch is too old to answer".into(),
-                ));
-            }
+            None => store
+                .batch_bytes(&self.topic, self.partition, original.base_offset)
+                .map_err(|e| Refusal::Other(e.to_string()))?
+                .ok_or_else(|| Refusal::Other("a retried batch is no longer stored".into()))?,
         };
         let batch = wire::decode_batch(&bytes).map_err(|e| Refusal::Other(e.to_string()))?;
         let after = ProducerBatch {
@@ -598,25 +614,11 @@ impl PartitionReplica {
                 hint: self.core.leader_hint().copied(),
             });
         }
-        let producer_head = producer.map(|first| {
-            let after = ProducerBatch {
-                producer: first.producer,
-                base_seq: first.base_seq + chunk.len() as u64,
-                prev: wire::producer_head(&first, chunk.digests()),
-            };
-            let state = self.producers.remove(&first.producer).flatten();
-            let newest = chunk.timestamps().1;
-            let next = ProducerState::advanced(
-                state,
-                &first,
-                &after,
-                base_offset,
-                chunk.len() as u32,
-                newest,
-            );
-            self.producers.insert(first.producer, Some(next));
-            after.prev
-        });
+        // The producer's state advances when the entry is persisted below
+        // (`follow_producer`), as on followers.
+        let producer_head = producer
+            .as_ref()
+            .map(|first| wire::producer_head(first, chunk.digests()));
         effects.extend(self.apply(actions, Some(&incoming)));
         Ok((
             Produced {
@@ -759,6 +761,15 @@ impl PartitionReplica {
 
     /// Drops entries from `from` on (an uncommitted suffix a new leader replaced).
     fn truncate(&mut self, from: u64) {
+        // Requests whose entries are cut were never committed: the producer
+        // retries at the new leader (idempotently).
+        let hint = self.core.leader_hint().copied();
+        let (cut, kept): (Vec<Waiter>, Vec<Waiter>) =
+            self.waiters.drain(..).partition(|w| w.entries_end > from);
+        self.waiters = kept;
+        for w in cut {
+            let _ = w.reply.send(Err(Refusal::NotLeader { hint }));
+        }
         let cut_offset = self.record_end(from);
         self.spans.truncate(from as usize);
         self.payloads.split_off(&from);

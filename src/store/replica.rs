@@ -117,6 +117,21 @@ impl Store {
         entries: &[ReplicatedEntry],
     ) -> Result<Vec<Option<StoredBatch>>, StoreError> {
         let state = self.cached_partition(t, cache, key)?;
+        let count = match t
+            .entries
+            .range((key.0, key.1, 0)..=(key.0, key.1, u64::MAX))?
+            .next_back()
+        {
+            Some(row) => row?.0.value().2 + 1,
+            None => 0,
+        };
+        if truncate_from > count {
+            return Err(self.diverged(
+                topic,
+                key.1,
+                format!("entries from {truncate_from} would leave a hole after entry {count}"),
+            ));
+        }
         let (mut end, mut head) = self.log_end_before(t, key, &state, truncate_from)?;
         if end < state.high_watermark {
             return Err(self.diverged(
@@ -283,12 +298,21 @@ impl Store {
             .range((key.0, key.1, 0)..=(key.0, key.1, u64::MAX))?
         {
             let (k, v) = row?;
-            rows.push((k.value(), v.value().to_vec()));
+            rows.push((k.value(), Some(v.value().to_vec())));
+        }
+        // Producers first written in this transaction are only in the cache.
+        for pkey in cache.producers.keys() {
+            if (pkey.0, pkey.1) == key && !rows.iter().any(|(k, _)| k == pkey) {
+                rows.push((*pkey, None));
+            }
         }
         for (pkey, bytes) in rows {
-            let state = match cache.producers.remove(&pkey) {
-                Some(state) => state,
-                None => self.decode_value::<ProducerState>("producer state", &bytes)?,
+            let state = match (cache.producers.remove(&pkey), bytes) {
+                (Some(state), _) => state,
+                (None, Some(bytes)) => {
+                    self.decode_value::<ProducerState>("producer state", &bytes)?
+                }
+                (None, None) => continue,
             };
             match state.rolled_back_to(end) {
                 Some(state) => {
