@@ -255,11 +255,18 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let value = crate::wire::encode(&command).map_err(crate::error::StoreError::Wire)?;
+        // An idempotent producer of its own, so that retries of this command
+        // (after a timeout or a failover) are stored once.
+        let producer = crate::producer::random_producer_id();
         let frame = ProduceFrame {
             topic: meta::META_TOPIC.to_string(),
             partition: 0,
             acks: crate::config::Acks::All,
-            producer: None,
+            producer: Some(crate::wire::ProducerBatch {
+                producer,
+                base_seq: 0,
+                prev: crate::chain::producer_genesis(producer, meta::META_TOPIC, 0),
+            }),
             records: vec![crate::record::Record::new(value, crate::node::now_ms())],
         };
         self.produce_in_mesh(frame, META_WAIT).await?;

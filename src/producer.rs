@@ -452,7 +452,7 @@ fn stamp(
 /// A fresh random producer id. std's `RandomState` is seeded from the OS's
 /// randomness; hashing a process-wide counter with it gives distinct ids
 /// without another dependency.
-fn random_producer_id() -> ProducerId {
+pub(crate) fn random_producer_id() -> ProducerId {
     use std::hash::BuildHasher;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let counter = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
