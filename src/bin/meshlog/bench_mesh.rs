@@ -271,8 +271,10 @@ async fn consume(
     clock: Instant,
     total: tokio::sync::watch::Receiver<Option<u64>>,
 ) -> Result<(u64, f64, Histogram<u64>), Box<dyn std::error::Error + Send + Sync>> {
-    let mut consumer =
-        client.consumer(ConsumerConfig::default().with_auto_offset_reset(OffsetReset::Earliest))?;
+    // Large polls, so that the one consumer keeps up with several producers.
+    let mut config = ConsumerConfig::default().with_auto_offset_reset(OffsetReset::Earliest);
+    config.max_poll_records = 100_000;
+    let mut consumer = client.consumer(config)?;
     consumer.subscribe(&[&topic])?;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let (mut consumed, mut last_progress, mut last_at) = (0u64, Instant::now(), 0.0);
