@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use crate::config::TopicConfig;
-use crate::core::membership::{Role, Status};
+use crate::core::membership::Status;
 use crate::core::placement;
 use crate::error::{Error, Result};
 use crate::meta::{self, MetaCommand};
@@ -58,11 +58,7 @@ impl Node {
         let mut nodes: Vec<NodeId> = members
             .into_iter()
             .filter(|m| m.status == Status::Alive)
-            .filter(|m| {
-                m.meta
-                    .as_ref()
-                    .is_some_and(|meta| meta.role == Role::Storage)
-            })
+            .filter(|m| m.is_storage())
             .map(|m| m.peer)
             .collect();
         if let Some(me) = self.me()

@@ -316,6 +316,13 @@ pub struct MemberView<P> {
     pub meta: Option<MemberMeta>,
 }
 
+impl<P> MemberView<P> {
+    /// Whether the member announced itself as a storage node.
+    pub fn is_storage(&self) -> bool {
+        self.meta.as_ref().is_some_and(|m| m.role == Role::Storage)
+    }
+}
+
 /// The local state of one other member.
 #[derive(Clone, Debug)]
 struct Member {

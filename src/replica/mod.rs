@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::chain::MessageId;
 use crate::config::TopicConfig;
-use crate::core::membership::{Role, Status};
+use crate::core::membership::Status;
 use crate::core::ownership::{OwnershipRecord, OwnershipTable};
 use crate::core::placement;
 use crate::core::replication::ReplicationConfig;
@@ -368,11 +368,7 @@ impl Task {
         let mut live: Vec<NodeId> = members
             .into_iter()
             .filter(|m| m.status != Status::Dead)
-            .filter(|m| {
-                m.meta
-                    .as_ref()
-                    .is_some_and(|meta| meta.role == Role::Storage)
-            })
+            .filter(|m| m.is_storage())
             .map(|m| m.peer)
             .collect();
         live.push(self.me);

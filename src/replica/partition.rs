@@ -365,12 +365,30 @@ impl PartitionReplica {
             if header.header.last_id != entry.digest || header.header.epoch != entry.epoch {
                 return Err(format!("the batch of entry {index} does not match it"));
             }
+            // Hash the records for the producer chain only when this
+            // producer's state is tracked here.
+            let producer = header
+                .header
+                .producer
+                .clone()
+                .filter(|first| self.producers.contains_key(&first.producer))
+                .map(|first| ProducerStep {
+                    after: header.producer_head().unwrap_or(first.prev),
+                    newest: header
+                        .records
+                        .iter()
+                        .map(|r| r.timestamp)
+                        .max()
+                        .unwrap_or(0),
+                    first,
+                });
             out.insert(
                 index,
                 Incoming::Batch {
                     base_offset: header.header.base_offset,
                     count: header.records.len() as u32,
                     bytes: Arc::new(bytes),
+                    producer,
                 },
             );
         }
@@ -606,6 +624,11 @@ impl PartitionReplica {
                 base_offset,
                 count: chunk.len() as u32,
                 bytes,
+                producer: producer.clone().map(|first| ProducerStep {
+                    after: wire::producer_head(&first, chunk.digests()),
+                    newest: chunk.timestamps().1,
+                    first,
+                }),
             },
         )]);
         let (proposed, actions) = self.core.propose(last_id, now);
@@ -616,9 +639,13 @@ impl PartitionReplica {
         }
         // The producer's state advances when the entry is persisted below
         // (`follow_producer`), as on followers.
-        let producer_head = producer
-            .as_ref()
-            .map(|first| wire::producer_head(first, chunk.digests()));
+        let producer_head = match incoming.get(&index) {
+            Some(Incoming::Batch {
+                producer: Some(step),
+                ..
+            }) => Some(step.after),
+            _ => None,
+        };
         effects.extend(self.apply(actions, Some(&incoming)));
         Ok((
             Produced {
@@ -707,7 +734,13 @@ impl PartitionReplica {
                     base_offset,
                     count,
                     bytes,
-                }) => ((*base_offset, *count), Some(bytes.clone())),
+                    producer,
+                }) => {
+                    if let Some(step) = producer {
+                        self.follow_producer(*base_offset, *count, step);
+                    }
+                    ((*base_offset, *count), Some(bytes.clone()))
+                }
                 Some(Incoming::Marker) | None => match self.payloads.get(&index) {
                     Some(bytes) if (index as usize) < self.spans.len() => {
                         (self.spans[index as usize], Some(bytes.clone()))
@@ -720,7 +753,6 @@ impl PartitionReplica {
             }
             if let Some(bytes) = &batch {
                 self.payloads.insert(index, bytes.clone());
-                self.follow_producer(bytes);
             }
             replicated.push(ReplicatedEntry { entry, batch });
         }
@@ -730,32 +762,26 @@ impl PartitionReplica {
         })
     }
 
-    /// Keeps a follower's producer state current with a batch it appends.
-    fn follow_producer(&mut self, bytes: &[u8]) {
-        let Ok(batch) = wire::decode_batch(bytes) else {
-            return;
-        };
-        let Some(first) = batch.header.producer.clone() else {
-            return;
-        };
-        let Some(state) = self.producers.get_mut(&first.producer) else {
+    /// Advances the tracked state of a batch's idempotent producer as the
+    /// batch enters the log (the leader's own batches and a follower's alike).
+    fn follow_producer(&mut self, base_offset: u64, count: u32, step: &ProducerStep) {
+        let Some(state) = self.producers.get_mut(&step.first.producer) else {
             // Not loaded: the store will have it once this write lands, and
             // nothing reads it before the next load.
             return;
         };
         let after = ProducerBatch {
-            producer: first.producer,
-            base_seq: first.base_seq + batch.records.len() as u64,
-            prev: batch.producer_head().unwrap_or(first.prev),
+            producer: step.first.producer,
+            base_seq: step.first.base_seq + u64::from(count),
+            prev: step.after,
         };
-        let newest = batch.records.iter().map(|r| r.timestamp).max().unwrap_or(0);
         *state = Some(ProducerState::advanced(
             state.take(),
-            &first,
+            &step.first,
             &after,
-            batch.header.base_offset,
-            batch.records.len() as u32,
-            newest,
+            base_offset,
+            count,
+            step.newest,
         ));
     }
 
@@ -915,5 +941,19 @@ enum Incoming {
         base_offset: u64,
         count: u32,
         bytes: Arc<Vec<u8>>,
+        /// How the batch moves its idempotent producer's state, when that
+        /// state is tracked here (computed once, where the records are at hand).
+        producer: Option<ProducerStep>,
     },
+}
+
+/// One batch's step in an idempotent producer's state.
+#[derive(Clone)]
+struct ProducerStep {
+    /// The batch's stamp.
+    first: ProducerBatch,
+    /// The producer-chain hash after it.
+    after: MessageId,
+    /// Its newest record timestamp.
+    newest: i64,
 }
