@@ -10,10 +10,12 @@
 //! - [`membership`]: who is in the mesh and alive (gossip heartbeats with
 //!   SWIM-style suspicion and refutation).
 //! - [`placement`]: target replica sets by rendezvous hashing.
+//! - [`producer`]: one producer's batching, in-flight window and ordered retries.
 //! - [`replication`]: one partition's log among its replicas (Raft rules, hash-chained).
 
 pub mod membership;
 pub mod ownership;
 pub mod placement;
+pub mod producer;
 pub mod replication;
 pub mod rng;
