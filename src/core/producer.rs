@@ -161,6 +161,10 @@ struct Batch<R, T, E> {
     prev: MessageId,
     items: Vec<Item<R, T>>,
     in_flight: bool,
+    /// Whether the batch was first in the queue when last sent: only then does
+    /// an "out of sequence" answer tell where the chain stands (answers to
+    /// later batches may predate the answers to the batches before them).
+    sent_as_front: bool,
     /// The latest refusal since the last settle.
     last: Option<Refusal<E>>,
     /// The latest refusal, reported if the batch expires.
@@ -290,6 +294,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             prev: self.genesis,
             items,
             in_flight: false,
+            sent_as_front: false,
             last: None,
             last_error: None,
             deadline,
@@ -365,7 +370,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
 
     fn send(&mut self, out: &mut Vec<Output<R, T, O, E>>) {
         let producer = self.producer();
-        for batch in self.batches.iter_mut() {
+        for (index, batch) in self.batches.iter_mut().enumerate() {
             if self.in_flight >= self.settings.max_in_flight {
                 break;
             }
@@ -373,6 +378,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
                 continue;
             }
             batch.in_flight = true;
+            batch.sent_as_front = index == 0;
             self.in_flight += 1;
             out.push(Output::Send {
                 batch: batch.id,
@@ -417,6 +423,8 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             } => {
                 if self.producer().is_none() {
                     self.refused(index, Refusal::Refused(error));
+                } else if !self.batches[index].sent_as_front {
+                    self.refused(index, Refusal::Retry(error));
                 } else {
                     self.refused(index, Refusal::OutOfSequence { next_seq, head });
                 }
