@@ -601,5 +601,16 @@ fn refusal_error(refusal: Refusal, topic: &str, partition: u32) -> Error {
             })
         }
         Refusal::Other(text) => Error::Refused(text),
+        Refusal::OutOfSequence { next_seq, head } => Error::OutOfSequence {
+            topic,
+            partition,
+            next_seq,
+            head,
+        },
+        Refusal::ProducerConflict { seq } => Error::ProducerConflict {
+            topic,
+            partition,
+            seq,
+        },
     }
 }

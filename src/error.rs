@@ -284,6 +284,52 @@ pub enum Error {
         /// The partition.
         partition: u32,
     },
+    /// The producer's buffer stayed full (`buffer_memory`) for `max_block`.
+    #[error(
+        "the producer's buffer of {buffer_memory} bytes stayed full for {waited:?} (max_block)"
+    )]
+    BufferFull {
+        /// The buffer's size.
+        buffer_memory: usize,
+        /// How long `send` waited.
+        waited: std::time::Duration,
+    },
+    /// A replaying producer's record is already in the log at sequence `seq`
+    /// of its stream: it was not stored again.
+    #[error("{topic}/{partition}: the producer's record at sequence {seq} is already stored")]
+    AlreadyStored {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The record's sequence number in the producer's stream.
+        seq: u64,
+    },
+    /// The log holds other records of this producer at sequence `seq`: a
+    /// replay that differs from the stored stream, or records older than the
+    /// leader remembers batches.
+    #[error("{topic}/{partition}: the log holds other records of this producer at sequence {seq}")]
+    ProducerConflict {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The first conflicting sequence.
+        seq: u64,
+    },
+    /// The batch's stamp does not fit the producer's chain in the log, which
+    /// stands at `next_seq` (the producer resends from there by itself).
+    #[error("{topic}/{partition}: out of sequence (the log expects sequence {next_seq})")]
+    OutOfSequence {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The sequence the log expects next from this producer.
+        next_seq: u64,
+        /// The producer-chain hash at that point.
+        head: MessageId,
+    },
     /// The mesh has too few live storage nodes for the request.
     #[error("{0}")]
     NotEnoughNodes(String),

@@ -2,22 +2,39 @@
 //!
 //! Keyed records go to the partition chosen by hashing the key
 //! ([`partition_for_key`]), so each key's records stay in order; keyless records
-//! go round-robin over the partitions. `send` returns once the record is stored
-//! as durably as the node's `fsync` setting promises.
+//! stick to one partition per batch. Records wait in a per-partition queue
+//! ([`crate::core::producer`]) until a batch is full (`batch_size`) or has
+//! lingered (`linger`), and at most `max_in_flight` batches per partition await
+//! their answer. Unanswered records hold `buffer_memory`; when it is full,
+//! sending waits up to `max_block`.
 //!
-//! With `enable_idempotence` (the default) the producer has a random
-//! [`ProducerId`] and chains its own records per partition: each batch carries
-//! its first sequence number and the producer-chain hash before it. The log
-//! refuses gaps and answers a retried batch with its original offsets, and a
-//! consumer can verify the stream end to end against [`Producer::chain_head`].
+//! With `enable_idempotence` (the default) the producer chains its own
+//! records per partition: each batch carries its first sequence number and the
+//! producer-chain hash before it. The log refuses gaps and answers a retried
+//! batch with its original offsets, so retries (after a timeout, a leader
+//! change) never store a record twice or out of order, and a consumer can
+//! verify the stream end to end against [`Producer::chain_head`]. A named
+//! producer (`producer_id`) keeps its identity across restarts.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tracing::debug;
 
 use crate::chain::{self, MessageId, ProducerId};
 use crate::config::ProducerConfig;
-use crate::error::{Error, Result};
-use crate::node::{Node, WritePermit, WriteReply, await_reply, now_ms};
+use crate::core::producer::{
+    Answer, Failure, Idempotence, Item, Output, PartitionSender, SendSettings,
+};
+use crate::error::{Error, Result, StoreError};
+use crate::node::{Node, await_reply, now_ms};
 use crate::record::{Header, Record, RecordMetadata};
 use crate::store::{AppendRequest, WriteOp, WriteOutcome};
 use crate::wire::{PreparedRecords, ProducerBatch};
@@ -84,68 +101,130 @@ impl ProducerRecord {
     }
 }
 
-/// Records bound for each partition, with their indexes in the caller's input.
-type PartitionGroups = std::collections::BTreeMap<u32, (Vec<usize>, Vec<Record>)>;
 
-/// Sends records. Cheap to clone; clones share one identity and sequence state.
+/// Sends records. Cheap to clone; clones share one identity, one buffer and
+/// one background sender task.
 #[derive(Clone)]
 pub struct Producer {
-    node: Node,
-    config: ProducerConfig,
-    session: Arc<Mutex<Session>>,
-    /// In a mesh, one batch at a time goes to the leaders, so that a
-    /// partition's batches arrive in sequence order.
-    mesh_sends: Arc<tokio::sync::Mutex<()>>,
+    shared: Arc<Shared>,
 }
 
-/// What a producer remembers between sends.
-struct Session {
-    /// `Some` when idempotence is on.
+struct Shared {
+    node: Node,
+    config: ProducerConfig,
     id: Option<ProducerId>,
-    /// Per (topic, partition): the next sequence and the producer-chain head.
-    chains: HashMap<(String, u32), (u64, MessageId)>,
-    /// Partition counts of topics sent to.
-    partition_counts: HashMap<String, u32>,
-    /// Where the next keyless record goes.
-    round_robin: u32,
-    /// Idempotent batches queued per (topic, partition) and not yet answered.
-    in_flight: HashMap<(String, u32), u32>,
-    /// Partitions where a batch failed: their chain state is re-read from the
-    /// log once nothing is in flight there any more.
-    stale: std::collections::HashSet<(String, u32)>,
+    commands: mpsc::UnboundedSender<Command>,
+    memory: Arc<Semaphore>,
+    routing: Mutex<Routing>,
+    /// Per (topic, partition): the acknowledged next sequence and chain head.
+    heads: Arc<Mutex<HashMap<(String, u32), (u64, MessageId)>>>,
+}
+
+/// What the producer knows about topics it sends to.
+#[derive(Default)]
+struct Routing {
+    /// Partition count and `max_message_bytes` per topic.
+    topics: HashMap<String, (u32, usize)>,
+    /// Keyless records' current partition per topic and the bytes sent there.
+    sticky: HashMap<String, (u32, usize)>,
+    next_sticky: u32,
+}
+
+/// A record's fate, as the sender task reports it.
+type Reply = oneshot::Sender<Result<RecordMetadata>>;
+
+/// What travels with each record through the queue.
+struct Token {
+    reply: Reply,
+    /// Buffer memory held until the record is answered.
+    _memory: OwnedSemaphorePermit,
+}
+
+/// A stored batch: its first offset and each record's ID.
+type Stored = (u64, Vec<MessageId>);
+
+/// A refusal, cloneable so that it can fail every record of a batch.
+#[derive(Clone, Debug)]
+struct Cause(Arc<Error>);
+
+type Queue = PartitionSender<Record, Token, Stored, Cause>;
+type QueueKey = (Arc<str>, u32);
+
+enum Command {
+    Push {
+        topic: Arc<str>,
+        partition: u32,
+        item: Item<Record, Token>,
+        /// Send at once instead of lingering.
+        seal: bool,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+/// A record's acknowledgement: resolves once the record is stored (or failed).
+pub struct Delivery {
+    answer: oneshot::Receiver<Result<RecordMetadata>>,
+}
+
+impl Future for Delivery {
+    type Output = Result<RecordMetadata>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::Closed)))
+    }
 }
 
 impl Producer {
     pub(crate) fn new(node: Node, config: ProducerConfig) -> Self {
-        let id = config.enable_idempotence.then(random_producer_id);
+        let id = config.enable_idempotence.then(|| match &config.producer_id {
+            Some(name) => producer_id_for(name),
+            None => random_producer_id(),
+        });
+        let (commands, rx) = mpsc::unbounded_channel();
+        let heads = Arc::new(Mutex::new(HashMap::new()));
+        let memory = Arc::new(Semaphore::new(
+            config.buffer_memory.min(Semaphore::MAX_PERMITS),
+        ));
+        let task = SenderTask {
+            node: node.clone(),
+            config: config.clone(),
+            id,
+            queues: HashMap::new(),
+            in_flight: FuturesUnordered::new(),
+            flushes: Vec::new(),
+            heads: heads.clone(),
+            start: tokio::time::Instant::now(),
+        };
+        tokio::spawn(task.run(rx));
         Producer {
-            node,
-            config,
-            mesh_sends: Arc::new(tokio::sync::Mutex::new(())),
-            session: Arc::new(Mutex::new(Session {
+            shared: Arc::new(Shared {
+                node,
+                config,
                 id,
-                chains: HashMap::new(),
-                partition_counts: HashMap::new(),
-                round_robin: 0,
-                in_flight: HashMap::new(),
-                stale: Default::default(),
-            })),
+                commands,
+                memory,
+                routing: Mutex::new(Routing::default()),
+                heads,
+            }),
         }
     }
 
     /// The producer's identity, when idempotence is on.
     pub fn id(&self) -> Option<ProducerId> {
-        self.lock().ok().and_then(|s| s.id)
+        self.shared.id
     }
 
-    /// The number of records this producer has had acknowledged or has in flight
-    /// to a partition, and its producer-chain head there.
+    /// The number of this producer's records acknowledged in a partition (its
+    /// next sequence there) and its producer-chain head after them, as far as
+    /// this producer instance has seen.
     pub fn chain_head(&self, topic: &str, partition: u32) -> Option<(u64, MessageId)> {
-        let session = self.lock().ok()?;
-        session.chains.get(&(topic.to_string(), partition)).copied()
+        let heads = self.shared.heads.lock().ok()?;
+        heads.get(&(topic.to_string(), partition)).copied()
     }
 
-    /// Sends one record and waits until it is stored.
+    /// Sends one record and waits until it is acknowledged (no lingering).
     pub async fn send(
         &self,
         topic: &str,
@@ -157,296 +236,561 @@ impl Producer {
         self.send_record(topic, record).await
     }
 
-    /// Sends one record with headers, partition or timestamp set.
+    /// Sends one record with headers, partition or timestamp set, and waits
+    /// until it is acknowledged (no lingering).
     pub async fn send_record(&self, topic: &str, record: ProducerRecord) -> Result<RecordMetadata> {
-        let mut sent = self.send_batch(topic, vec![record]).await?;
-        sent.pop().ok_or(Error::Closed)
+        self.push(topic, record, true).await?.await
     }
 
-    /// Sends many records: those bound for one partition travel as one batch,
-    /// in the order given. Returns each record's metadata in input order, or
-    /// the first error; on error, batches to other partitions may be stored.
+    /// Sends many records and waits for all of them: those bound for one
+    /// partition travel together, in the order given. Returns each record's
+    /// metadata in input order, or the first error; on error, other records
+    /// may be stored.
     pub async fn send_batch(
         &self,
         topic: &str,
         records: Vec<ProducerRecord>,
     ) -> Result<Vec<RecordMetadata>> {
-        if self.node.in_mesh() {
-            return self.send_batch_in_mesh(topic, records).await;
+        let last = records.len().saturating_sub(1);
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (i, record) in records.into_iter().enumerate() {
+            deliveries.push(self.push(topic, record, i == last).await?);
         }
-        let total = records.len();
-        let partitions = self.partition_count(topic)?;
-        let groups = self.route(topic, partitions, records)?;
-        let mut pending = Vec::with_capacity(groups.len());
-        let max = self.node.store()?.topic(topic)?.config.max_message_bytes as usize;
-        for (partition, (indexes, batch)) in groups {
-            // Digest and encode here, on the sender's task, not on the writer's.
-            let prepared = PreparedRecords::new(&batch).map_err(crate::error::StoreError::Wire)?;
-            if prepared.largest_record() > max {
-                let size = prepared.largest_record();
-                return Err(Error::RecordTooLarge { size, max });
-            }
-            let permit = self.node.reserve_write().await?;
-            let answer = self.enqueue(permit, topic, partition, prepared)?;
-            pending.push((partition, indexes, answer));
-        }
-        let mut out: Vec<Option<RecordMetadata>> = vec![None; total];
+        let mut out = Vec::with_capacity(deliveries.len());
         let mut first_error = None;
-        for (partition, indexes, answer) in pending {
-            let reply = await_reply(answer).await;
-            self.settle(topic, partition, reply.as_ref().err());
-            match reply {
-                Ok(WriteOutcome::Appended(outcome)) => {
-                    for (i, (index, id)) in indexes.into_iter().zip(outcome.ids).enumerate() {
-                        out[index] = Some(RecordMetadata {
-                            topic: topic.to_string(),
-                            partition,
-                            offset: outcome.base_offset + i as u64,
-                            id,
-                        });
-                    }
-                }
-                Ok(_) => first_error = first_error.or(Some(Error::Closed)),
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(meta) => out.push(meta),
                 Err(e) => first_error = first_error.or(Some(e)),
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(out),
         }
-        out.into_iter().map(|m| m.ok_or(Error::Closed)).collect()
     }
 
-    /// Sends through the mesh: each partition's batch goes to its leader
-    /// (following `NotLeader` hints, retrying until `delivery_timeout`), one
-    /// batch at a time. A retried batch keeps its sequence numbers, so the
-    /// leader answers it with the original offsets instead of storing it twice.
-    async fn send_batch_in_mesh(
-        &self,
-        topic: &str,
-        records: Vec<ProducerRecord>,
-    ) -> Result<Vec<RecordMetadata>> {
-        let total = records.len();
-        let description = self.node.topic_metadata(topic).await?;
-        let partitions = description.config.partitions;
-        let max = description.config.max_message_bytes as usize;
-        let groups = self.route(topic, partitions, records)?;
-        let _in_order = self.mesh_sends.lock().await;
-        let mut out: Vec<Option<RecordMetadata>> = vec![None; total];
-        for (partition, (indexes, batch)) in groups {
-            let prepared = PreparedRecords::new(&batch).map_err(crate::error::StoreError::Wire)?;
-            if prepared.largest_record() > max {
-                let size = prepared.largest_record();
-                return Err(Error::RecordTooLarge { size, max });
-            }
-            let stamp = self.stamp_in_mesh(topic, partition, &prepared)?;
-            let frame = crate::protocol::ProduceFrame {
-                topic: topic.to_string(),
-                partition,
-                acks: self.config.acks,
-                producer: stamp.clone(),
-                records: batch,
-            };
-            let produced = match self
-                .node
-                .produce_in_mesh(frame, self.config.delivery_timeout)
-                .await
-            {
-                Ok(produced) => produced,
-                Err(e) => {
-                    // Not acknowledged: the next send reuses these sequence numbers.
-                    if let (Some(pb), Ok(mut session)) = (stamp, self.lock()) {
-                        session
-                            .chains
-                            .insert((topic.to_string(), partition), (pb.base_seq, pb.prev));
-                    }
-                    return Err(e);
-                }
-            };
-            for (i, (index, id)) in indexes.into_iter().zip(produced.ids).enumerate() {
-                out[index] = Some(RecordMetadata {
-                    topic: topic.to_string(),
-                    partition,
-                    offset: produced.base_offset + i as u64,
-                    id,
-                });
-            }
-        }
-        out.into_iter().map(|m| m.ok_or(Error::Closed)).collect()
+    /// Queues a record and returns its [`Delivery`] at once: the record
+    /// waits up to `linger` for more records to share its batch. Waits up to
+    /// `max_block` while the buffer is full ([`Error::BufferFull`]).
+    pub async fn enqueue(&self, topic: &str, record: ProducerRecord) -> Result<Delivery> {
+        self.push(topic, record, false).await
     }
 
-    /// The stamp of this producer's next batch to `partition`, advancing its chain.
-    fn stamp_in_mesh(
-        &self,
-        topic: &str,
-        partition: u32,
-        records: &PreparedRecords,
-    ) -> Result<Option<ProducerBatch>> {
-        let mut session = self.lock()?;
-        let Some(producer) = session.id else {
-            return Ok(None);
+    /// Sends every queued record now and waits until each is answered.
+    pub async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .commands
+            .send(Command::Flush(tx))
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    async fn push(&self, topic: &str, record: ProducerRecord, seal: bool) -> Result<Delivery> {
+        let (partitions, max) = self.topic_info(topic).await?;
+        let timestamp = record.timestamp.unwrap_or_else(now_ms);
+        let explicit = record.partition;
+        let record = Record {
+            key: record.key,
+            value: record.value,
+            headers: record.headers,
+            timestamp,
         };
-        let key = (topic.to_string(), partition);
-        let start = (0, chain::producer_genesis(producer, topic, partition));
-        Ok(Some(stamp(&mut session, producer, key, records, start)))
+        let bytes = record.encoded_len();
+        if bytes > max {
+            return Err(Error::RecordTooLarge { size: bytes, max });
+        }
+        let partition =
+            self.partition(topic, explicit, record.key.as_deref(), partitions, bytes, seal)?;
+        let memory = self.reserve_memory(bytes).await?;
+        let (reply, answer) = oneshot::channel();
+        let item = Item {
+            digest: chain::record_digest(&record),
+            record,
+            bytes,
+            token: Token {
+                reply,
+                _memory: memory,
+            },
+        };
+        self.shared
+            .commands
+            .send(Command::Push {
+                topic: Arc::from(topic),
+                partition,
+                item,
+                seal,
+            })
+            .map_err(|_| Error::Closed)?;
+        Ok(Delivery { answer })
     }
 
-    /// Groups records by partition, keeping input order within each group.
-    fn route(
+    async fn reserve_memory(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
+        let config = &self.shared.config;
+        let permits = bytes.clamp(1, config.buffer_memory) as u32;
+        let acquire = self.shared.memory.clone().acquire_many_owned(permits);
+        match tokio::time::timeout(config.max_block, acquire).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::BufferFull {
+                buffer_memory: config.buffer_memory,
+                waited: config.max_block,
+            }),
+        }
+    }
+
+    /// The partition for a record: as given, else by the partitioner, else
+    /// by key hash, else the topic's sticky partition, which moves on once a
+    /// batch's worth of keyless records went there (or the batch is sent at once).
+    fn partition(
         &self,
         topic: &str,
+        explicit: Option<u32>,
+        key: Option<&[u8]>,
         partitions: u32,
-        records: Vec<ProducerRecord>,
-    ) -> Result<PartitionGroups> {
-        let now = now_ms();
-        let mut session = self.lock()?;
-        let mut groups = PartitionGroups::new();
-        for (index, r) in records.into_iter().enumerate() {
-            let partition = match (r.partition, &r.key) {
-                (Some(p), _) if p < partitions => p,
-                (Some(p), _) => {
-                    return Err(Error::Store(crate::error::StoreError::PartitionNotFound {
-                        topic: topic.to_string(),
-                        partition: p,
-                    }));
-                }
-                (None, Some(key)) => partition_for_key(key, partitions),
-                (None, None) => {
-                    session.round_robin = session.round_robin.wrapping_add(1);
-                    session.round_robin % partitions
-                }
-            };
-            let record = Record {
-                key: r.key,
-                value: r.value,
-                headers: r.headers,
-                timestamp: r.timestamp.unwrap_or(now),
-            };
-            let group = groups.entry(partition).or_default();
-            group.0.push(index);
-            group.1.push(record);
-        }
-        Ok(groups)
-    }
-
-    /// Stamps a batch with this producer's next sequence and chain hash,
-    /// advances both and enqueues the batch, all under the session lock, so
-    /// that batches enter the write queue in sequence order.
-    fn enqueue(
-        &self,
-        permit: WritePermit<'_>,
-        topic: &str,
-        partition: u32,
-        records: PreparedRecords,
-    ) -> Result<WriteReply> {
-        let mut session = self.lock()?;
-        let Some(producer) = session.id else {
-            let request = AppendRequest {
+        bytes: usize,
+        seal: bool,
+    ) -> Result<u32> {
+        if let Some(p) = explicit {
+            if p < partitions {
+                return Ok(p);
+            }
+            return Err(Error::Store(StoreError::PartitionNotFound {
                 topic: topic.to_string(),
-                partition,
-                producer: None,
-                records,
-            };
-            return Ok(permit.send(WriteOp::Append(request)));
-        };
-        let key = (topic.to_string(), partition);
-        let start = match session.chains.get(&key) {
-            Some(known) => *known,
-            None => self.stored_chain(topic, partition, producer)?,
-        };
-        *session.in_flight.entry(key.clone()).or_default() += 1;
-        let batch = stamp(&mut session, producer, key, &records, start);
-        let request = AppendRequest {
-            topic: topic.to_string(),
-            partition,
-            producer: Some(batch),
-            records,
-        };
-        Ok(permit.send(WriteOp::Append(request)))
-    }
-
-    /// Where this producer's chain stands in the log (genesis if it never wrote there).
-    fn stored_chain(
-        &self,
-        topic: &str,
-        partition: u32,
-        producer: ProducerId,
-    ) -> Result<(u64, MessageId)> {
-        let state = self
-            .node
-            .store()?
-            .producer_state(topic, partition, producer)?;
-        Ok(state.map_or_else(
-            || (0, chain::producer_genesis(producer, topic, partition)),
-            |s| (s.next_seq, s.head),
-        ))
-    }
-
-    /// A batch to `partition` was answered. After a failure the sequence state
-    /// may be ahead of the log; once no batch is in flight there any more
-    /// (later ones fail too, with a gap), it is dropped so that the next send
-    /// re-reads where the log stands. Re-reading earlier could miss batches
-    /// still queued.
-    fn settle(&self, topic: &str, partition: u32, error: Option<&Error>) {
-        let Ok(mut session) = self.lock() else { return };
-        let key = (topic.to_string(), partition);
-        if let Some(error) = error {
-            tracing::debug!(topic, partition, %error, "send failed; producer will re-read its chain state");
-            session.stale.insert(key.clone());
-            if matches!(
-                error,
-                Error::TopicNotFound(_)
-                    | Error::Store(crate::error::StoreError::PartitionNotFound { .. })
-            ) {
-                session.partition_counts.remove(topic);
-            }
+                partition: p,
+            }));
         }
-        let left = session
-            .in_flight
-            .get(&key)
-            .map_or(0, |n| n.saturating_sub(1));
-        if left == 0 {
-            session.in_flight.remove(&key);
-            if session.stale.remove(&key) {
-                session.chains.remove(&key);
-            }
+        if let Some(partitioner) = &self.shared.config.partitioner {
+            return Ok((partitioner.0)(key, partitions) % partitions.max(1));
+        }
+        if let Some(key) = key {
+            return Ok(partition_for_key(key, partitions));
+        }
+        let mut routing = self.shared.routing.lock().map_err(|_| Error::Closed)?;
+        let next = routing.next_sticky;
+        let (partition, filled) = routing
+            .sticky
+            .entry(topic.to_string())
+            .or_insert((next % partitions.max(1), 0));
+        *filled += bytes;
+        let chosen = *partition % partitions.max(1);
+        if seal || *filled >= self.shared.config.batch_size {
+            // The batch is full: the next keyless records stick elsewhere.
+            *partition = (*partition + 1) % partitions.max(1);
+            *filled = 0;
+        }
+        routing.next_sticky = routing.next_sticky.wrapping_add(1);
+        Ok(chosen)
+    }
+
+    async fn topic_info(&self, topic: &str) -> Result<(u32, usize)> {
+        let known = self
+            .shared
+            .routing
+            .lock()
+            .ok()
+            .and_then(|r| r.topics.get(topic).copied());
+        if let Some(info) = known {
+            return Ok(info);
+        }
+        let config = if self.shared.node.in_mesh() {
+            self.shared.node.topic_metadata(topic).await?.config
         } else {
-            session.in_flight.insert(key, left);
+            self.shared.node.store()?.topic(topic)?.config
+        };
+        let info = (config.partitions, config.max_message_bytes as usize);
+        if let Ok(mut routing) = self.shared.routing.lock() {
+            routing.topics.insert(topic.to_string(), info);
         }
-    }
-
-    fn partition_count(&self, topic: &str) -> Result<u32> {
-        if let Some(n) = self.lock()?.partition_counts.get(topic) {
-            return Ok(*n);
-        }
-        let n = self.node.store()?.topic(topic)?.config.partitions;
-        self.lock()?.partition_counts.insert(topic.to_string(), n);
-        Ok(n)
-    }
-
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Session>> {
-        self.session.lock().map_err(|_| Error::Closed)
+        Ok(info)
     }
 }
 
-/// Stamps a batch of `records` with the producer's next sequence number and
-/// chain hash in `key`'s partition (from `start` when it has none yet), and
-/// advances both past the batch.
-fn stamp(
-    session: &mut Session,
-    producer: ProducerId,
-    key: (String, u32),
-    records: &PreparedRecords,
-    start: (u64, MessageId),
-) -> ProducerBatch {
-    let (base_seq, prev) = session.chains.get(&key).copied().unwrap_or(start);
-    let batch = ProducerBatch {
-        producer,
-        base_seq,
-        prev,
-    };
-    let after = records.producer_after(&batch);
-    session.chains.insert(key, (after.base_seq, after.prev));
-    batch
+/// The background task that owns the partition queues.
+struct SenderTask {
+    node: Node,
+    config: ProducerConfig,
+    id: Option<ProducerId>,
+    queues: HashMap<QueueKey, Queue>,
+    in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Answered> + Send>>>,
+    flushes: Vec<oneshot::Sender<()>>,
+    heads: Arc<Mutex<HashMap<(String, u32), (u64, MessageId)>>>,
+    start: tokio::time::Instant,
+}
+
+/// A batch's answer, for the queue that sent it.
+struct Answered {
+    key: QueueKey,
+    batch: u64,
+    answer: Answer<Stored, Cause>,
+}
+
+impl SenderTask {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut open = true;
+        loop {
+            if !open && self.in_flight.is_empty() && self.queues.values().all(Queue::is_idle) {
+                return;
+            }
+            let wake = self
+                .queues
+                .values()
+                .filter_map(Queue::next_wake)
+                .min()
+                .map(|at| self.start + at)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                command = commands.recv(), if open => match command {
+                    Some(command) => self.on_command(command),
+                    None => open = false,
+                },
+                Some(answered) = self.in_flight.next() => self.on_answer(answered),
+                _ = tokio::time::sleep_until(wake) => self.poll_due(),
+            }
+            self.answer_flushes();
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Push {
+                topic,
+                partition,
+                item,
+                seal,
+            } => {
+                let now = self.now();
+                let key = (topic, partition);
+                let queue = self.queue(&key);
+                let mut outputs = queue.push(item, now);
+                if seal {
+                    queue.seal();
+                    outputs.extend(queue.poll(now));
+                }
+                self.run_outputs(&key, outputs);
+            }
+            Command::Flush(done) => {
+                let now = self.now();
+                let keys: Vec<QueueKey> = self.queues.keys().cloned().collect();
+                for key in keys {
+                    if let Some(queue) = self.queues.get_mut(&key) {
+                        queue.seal();
+                        let outputs = queue.poll(now);
+                        self.run_outputs(&key, outputs);
+                    }
+                }
+                self.flushes.push(done);
+            }
+        }
+    }
+
+    fn queue(&mut self, key: &QueueKey) -> &mut Queue {
+        let config = &self.config;
+        let id = self.id;
+        self.queues.entry(key.clone()).or_insert_with(|| {
+            let settings = SendSettings {
+                batch_bytes: config.batch_size.max(1),
+                linger: config.linger,
+                max_in_flight: config.max_in_flight.max(1),
+                retry_backoff: config.retry_backoff,
+                delivery_timeout: config.delivery_timeout,
+                retries: config.retries,
+            };
+            let (idempotence, genesis) = match id {
+                None => (Idempotence::Off, MessageId([0; 32])),
+                Some(id) => {
+                    let genesis = chain::producer_genesis(id, &key.0, key.1);
+                    let idempotence = match (&config.producer_id, config.replay) {
+                        (None, _) => Idempotence::Fresh(id),
+                        (Some(_), false) => Idempotence::Resumed(id),
+                        (Some(_), true) => Idempotence::Replay(id),
+                    };
+                    (idempotence, genesis)
+                }
+            };
+            Queue::new(settings, idempotence, genesis)
+        })
+    }
+
+    fn on_answer(&mut self, answered: Answered) {
+        let now = self.now();
+        let Some(queue) = self.queues.get_mut(&answered.key) else {
+            return;
+        };
+        let outputs = queue.answer(answered.batch, answered.answer, now);
+        self.run_outputs(&answered.key, outputs);
+    }
+
+    fn poll_due(&mut self) {
+        let now = self.now();
+        let due: Vec<QueueKey> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.next_wake().is_some_and(|at| at <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            if let Some(queue) = self.queues.get_mut(&key) {
+                let outputs = queue.poll(now);
+                self.run_outputs(&key, outputs);
+            }
+        }
+    }
+
+    fn answer_flushes(&mut self) {
+        if !self.flushes.is_empty() && self.queues.values().all(Queue::is_idle) {
+            for done in self.flushes.drain(..) {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn run_outputs(&mut self, key: &QueueKey, outputs: Vec<Output<Record, Token, Stored, Cause>>) {
+        let (topic, partition) = (&key.0, key.1);
+        for output in outputs {
+            match output {
+                Output::Send {
+                    batch,
+                    stamp,
+                    prev,
+                    records,
+                    deadline,
+                } => {
+                    let attempt = Attempt {
+                        node: self.node.clone(),
+                        topic: topic.to_string(),
+                        partition,
+                        acks: self.config.acks,
+                        producer: stamp.zip(prev).map(|((producer, base_seq), prev)| {
+                            ProducerBatch {
+                                producer,
+                                base_seq,
+                                prev,
+                            }
+                        }),
+                        records,
+                        timeout: deadline
+                            .saturating_sub(self.now())
+                            .max(Duration::from_millis(1)),
+                    };
+                    let key = key.clone();
+                    self.in_flight.push(Box::pin(async move {
+                        Answered {
+                            key,
+                            batch,
+                            answer: attempt.run().await,
+                        }
+                    }));
+                }
+                Output::Stored {
+                    tokens,
+                    outcome: (base_offset, ids),
+                    chain_after,
+                } => {
+                    if self.id.is_some()
+                        && let Ok(mut heads) = self.heads.lock()
+                    {
+                        heads.insert((topic.to_string(), partition), chain_after);
+                    }
+                    for (i, (token, id)) in tokens.into_iter().zip(ids).enumerate() {
+                        let _ = token.reply.send(Ok(RecordMetadata {
+                            topic: topic.to_string(),
+                            partition,
+                            offset: base_offset + i as u64,
+                            id,
+                        }));
+                    }
+                }
+                Output::AlreadyStored { tokens } => {
+                    for (token, seq) in tokens {
+                        let _ = token.reply.send(Err(Error::AlreadyStored {
+                            topic: topic.to_string(),
+                            partition,
+                            seq,
+                        }));
+                    }
+                }
+                Output::Failed { tokens, failure } => {
+                    debug!(%topic, partition, ?failure, records = tokens.len(), "records failed");
+                    for token in tokens {
+                        let error = failure_error(&failure, topic, partition);
+                        let _ = token.reply.send(Err(error));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One attempt to store one batch at the partition's leader.
+struct Attempt {
+    node: Node,
+    topic: String,
+    partition: u32,
+    acks: crate::config::Acks,
+    producer: Option<ProducerBatch>,
+    records: Vec<Record>,
+    timeout: Duration,
+}
+
+impl Attempt {
+    async fn run(self) -> Answer<Stored, Cause> {
+        let (topic, partition) = (self.topic.clone(), self.partition);
+        let producer = self.producer.as_ref().map(|p| p.producer);
+        let node = self.node.clone();
+        let result = if node.in_mesh() {
+            self.in_mesh().await
+        } else {
+            self.local().await
+        };
+        match result {
+            Ok(stored) => Answer::Stored(stored),
+            Err(error) => classify(&node, error, &topic, partition, producer),
+        }
+    }
+
+    async fn in_mesh(self) -> Result<Stored> {
+        let frame = crate::protocol::ProduceFrame {
+            topic: self.topic,
+            partition: self.partition,
+            acks: self.acks,
+            producer: self.producer,
+            records: self.records,
+        };
+        let produced = self.node.produce_in_mesh(frame, self.timeout).await?;
+        Ok((produced.base_offset, produced.ids))
+    }
+
+    async fn local(self) -> Result<Stored> {
+        let records = PreparedRecords::new(&self.records).map_err(StoreError::Wire)?;
+        let permit = self.node.reserve_write().await?;
+        let answer = permit.send(WriteOp::Append(AppendRequest {
+            topic: self.topic,
+            partition: self.partition,
+            producer: self.producer,
+            records,
+        }));
+        match await_reply(answer).await? {
+            WriteOutcome::Appended(outcome) => Ok((outcome.base_offset, outcome.ids)),
+            _ => Err(Error::Closed),
+        }
+    }
+}
+
+/// What a failed attempt means for the queue.
+fn classify(
+    node: &Node,
+    error: Error,
+    topic: &str,
+    partition: u32,
+    producer: Option<ProducerId>,
+) -> Answer<Stored, Cause> {
+    match error {
+        Error::OutOfSequence { next_seq, head, .. } => Answer::OutOfSequence {
+            next_seq,
+            head,
+            error: Cause(Arc::new(error)),
+        },
+        Error::Store(
+            StoreError::SequenceGap { .. }
+            | StoreError::ProducerChainMismatch { .. }
+            | StoreError::StaleSequence { .. },
+        ) => {
+            // The local log: read where the producer's chain stands.
+            let state = producer.and_then(|p| {
+                let store = node.store().ok()?;
+                let state = store.producer_state(topic, partition, p).ok()?;
+                Some(state.map_or_else(
+                    || (0, chain::producer_genesis(p, topic, partition)),
+                    |s| (s.next_seq, s.head),
+                ))
+            });
+            match state {
+                Some((next_seq, head)) => Answer::OutOfSequence {
+                    next_seq,
+                    head,
+                    error: Cause(Arc::new(error)),
+                },
+                None => Answer::Refused(Cause(Arc::new(error))),
+            }
+        }
+        Error::NotLeader { .. }
+        | Error::NotEnoughReplicas { .. }
+        | Error::Timeout { .. }
+        | Error::Refused(_)
+        | Error::Net(_)
+        | Error::NotEnoughNodes(_) => Answer::Retry(Cause(Arc::new(error))),
+        other => Answer::Refused(Cause(Arc::new(other))),
+    }
+}
+
+/// The error a failed record reports.
+fn failure_error(failure: &Failure<Cause>, topic: &str, partition: u32) -> Error {
+    match failure {
+        Failure::Refused(cause) => copy_error(&cause.0),
+        Failure::Expired { .. } => Error::Timeout {
+            topic: topic.to_string(),
+            partition,
+        },
+        Failure::Conflict { seq } => Error::ProducerConflict {
+            topic: topic.to_string(),
+            partition,
+            seq: *seq,
+        },
+    }
+}
+
+/// A copy of `error` for one more record of a failed batch (errors holding
+/// I/O errors cannot be cloned; those are copied as text).
+fn copy_error(error: &Error) -> Error {
+    match error {
+        Error::TopicNotFound(t) => Error::TopicNotFound(t.clone()),
+        Error::RecordTooLarge { size, max } => Error::RecordTooLarge {
+            size: *size,
+            max: *max,
+        },
+        Error::ProducerConflict {
+            topic,
+            partition,
+            seq,
+        } => Error::ProducerConflict {
+            topic: topic.clone(),
+            partition: *partition,
+            seq: *seq,
+        },
+        Error::NotEnoughReplicas {
+            topic,
+            partition,
+            in_sync,
+            required,
+        } => Error::NotEnoughReplicas {
+            topic: topic.clone(),
+            partition: *partition,
+            in_sync: *in_sync,
+            required: *required,
+        },
+        Error::Store(StoreError::PartitionNotFound { topic, partition }) => {
+            Error::Store(StoreError::PartitionNotFound {
+                topic: topic.clone(),
+                partition: *partition,
+            })
+        }
+        Error::Closed => Error::Closed,
+        other => Error::Refused(other.to_string()),
+    }
+}
+
+/// The identity of a named producer: the same name gives the same id.
+pub fn producer_id_for(name: &str) -> ProducerId {
+    let hash = blake3::derive_key("meshlog producer id", name.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    ProducerId(u64::from_le_bytes(first))
 }
 
 /// A fresh random producer id. std's `RandomState` is seeded from the OS's
@@ -479,5 +823,7 @@ mod tests {
     #[test]
     fn producer_ids_differ() {
         assert_ne!(random_producer_id(), random_producer_id());
+        assert_eq!(producer_id_for("importer"), producer_id_for("importer"));
+        assert_ne!(producer_id_for("importer"), producer_id_for("importer-2"));
     }
 }

@@ -144,6 +144,19 @@ pub enum Refusal {
     },
     /// Anything else, as text.
     Other(String),
+    /// An idempotent batch does not fit the producer's chain, which stands at
+    /// `next_seq` and `head` in the leader's log.
+    OutOfSequence {
+        /// The sequence the leader expects next from the producer.
+        next_seq: u64,
+        /// The producer-chain hash at that point.
+        head: MessageId,
+    },
+    /// A retried batch differs from the batch stored at its sequence.
+    ProducerConflict {
+        /// The batch's first sequence.
+        seq: u64,
+    },
 }
 
 /// A peer's answer.

@@ -46,6 +46,8 @@ pub struct SendSettings {
     /// A record fails once this long has passed since it was pushed without
     /// an answer that it is stored (`delivery.timeout.ms`).
     pub delivery_timeout: Duration,
+    /// Attempts after the first before a batch fails (`retries`).
+    pub retries: u32,
 }
 
 /// Who stamps the batches.
@@ -131,6 +133,9 @@ pub enum Output<R, T, O, E> {
         prev: Option<MessageId>,
         /// The records, in order.
         records: Vec<R>,
+        /// When the batch's delivery timeout ends: the attempt should be
+        /// answered by then.
+        deadline: Duration,
     },
     /// These records are stored, as `outcome` says (tokens in batch order).
     Stored {
@@ -138,6 +143,8 @@ pub enum Output<R, T, O, E> {
         tokens: Vec<T>,
         /// The leader's answer.
         outcome: O,
+        /// The producer's next sequence and chain head after them.
+        chain_after: (u64, MessageId),
     },
     /// Replay: these records were already in the log; `seq` is each one's sequence.
     AlreadyStored {
@@ -159,6 +166,10 @@ struct Batch<R, T, E> {
     id: u64,
     base_seq: u64,
     prev: MessageId,
+    /// The chain after the batch: next sequence and head.
+    after: (u64, MessageId),
+    /// Sends so far.
+    attempts: u32,
     items: Vec<Item<R, T>>,
     in_flight: bool,
     /// Whether the batch was first in the queue when last sent: only then does
@@ -292,6 +303,8 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             id,
             base_seq: 0,
             prev: self.genesis,
+            after: (0, self.genesis),
+            attempts: 0,
             items,
             in_flight: false,
             sent_as_front: false,
@@ -315,6 +328,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         } else {
             self.next_seq += batch.items.len() as u64;
         }
+        batch.after = (self.next_seq, self.head);
     }
 
     fn producer(&self) -> Option<ProducerId> {
@@ -379,12 +393,14 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             }
             batch.in_flight = true;
             batch.sent_as_front = index == 0;
+            batch.attempts += 1;
             self.in_flight += 1;
             out.push(Output::Send {
                 batch: batch.id,
                 stamp: producer.map(|p| (p, batch.base_seq)),
                 prev: producer.map(|_| batch.prev),
                 records: batch.items.iter().map(|i| i.record.clone()).collect(),
+                deadline: batch.deadline,
             });
         }
     }
@@ -411,6 +427,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
                     out.push(Output::Stored {
                         tokens: done.items.into_iter().map(|i| i.token).collect(),
                         outcome,
+                        chain_after: done.after,
                     });
                 }
             }
@@ -449,6 +466,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             return;
         };
         let last = front.last.take();
+        let attempts = front.attempts;
         for batch in self.batches.iter_mut() {
             batch.last.take();
         }
@@ -468,6 +486,9 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
                 self.resync(next_seq, head, out);
             }
             Some(Refusal::Retry(_)) | None => {
+                if attempts > self.settings.retries {
+                    self.give_up_front(out);
+                }
                 self.resume_at = now + self.settings.retry_backoff;
             }
         }
@@ -610,26 +631,33 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         self.batches = batches;
     }
 
+    /// Fails the first batch (out of retries or time); the batches after it
+    /// take its place in the chain.
+    fn give_up_front(&mut self, out: &mut Vec<Output<R, T, O, E>>) {
+        let Some(front) = self.batches.pop_front() else {
+            return;
+        };
+        let (seq, head) = (front.base_seq, front.prev);
+        out.push(Output::Failed {
+            tokens: front.items.into_iter().map(|i| i.token).collect(),
+            failure: Failure::Expired {
+                last: front.last_error,
+            },
+        });
+        // It may have been stored: the next answer says where the chain is.
+        if self.producer().is_some() {
+            self.confirmed = false;
+        }
+        self.restamp_from(seq, head);
+    }
+
     /// Fails the first batches while their delivery timeout has passed.
     fn expire(&mut self, now: Duration, out: &mut Vec<Output<R, T, O, E>>) {
         while let Some(front) = self.batches.front() {
             if front.in_flight || now < front.deadline {
                 return;
             }
-            let Some(front) = self.batches.pop_front() else {
-                return;
-            };
-            let last = front.last_error;
-            let (seq, head) = (front.base_seq, front.prev);
-            out.push(Output::Failed {
-                tokens: front.items.into_iter().map(|i| i.token).collect(),
-                failure: Failure::Expired { last },
-            });
-            // It may have been stored: the next answer says where the chain is.
-            if self.producer().is_some() {
-                self.confirmed = false;
-            }
-            self.restamp_from(seq, head);
+            self.give_up_front(out);
         }
     }
 }
@@ -651,6 +679,7 @@ mod tests {
             max_in_flight: 3,
             retry_backoff: Duration::from_millis(10),
             delivery_timeout: Duration::from_secs(60),
+            retries: u32::MAX,
         }
     }
 

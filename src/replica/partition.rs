@@ -534,8 +534,13 @@ impl PartitionReplica {
     ) -> Result<Option<(Produced, u64)>, Refusal> {
         let state = self.producer_state(pb.producer)?;
         let genesis = chain::producer_genesis(pb.producer, &self.topic, self.partition);
-        let check = ProducerState::check(state.as_ref(), genesis, pb, digests.len())
-            .map_err(|e| Refusal::Other(e.to_string()))?;
+        let check =
+            ProducerState::check(state.as_ref(), genesis, pb, digests.len()).map_err(|_| {
+                let (next_seq, head) = state
+                    .as_ref()
+                    .map_or((0, genesis), |s| (s.next_seq, s.head));
+                Refusal::OutOfSequence { next_seq, head }
+            })?;
         let SequenceCheck::Retry(original) = check else {
             return Ok(None);
         };
@@ -559,10 +564,7 @@ impl PartitionReplica {
             prev: wire::producer_head(pb, digests),
         };
         if batch.producer_head() != Some(after.prev) {
-            return Err(Refusal::Other(format!(
-                "producer {}: a retry at sequence {} differs from the original",
-                pb.producer, pb.base_seq
-            )));
+            return Err(Refusal::ProducerConflict { seq: pb.base_seq });
         }
         let produced = Produced {
             base_offset: original.base_offset,
