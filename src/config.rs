@@ -283,6 +283,12 @@ pub struct ProducerConfig {
     /// chain hash) are not stored again; their delivery fails with
     /// [`crate::Error::AlreadyStored`]. Default `false`.
     pub replay: bool,
+    /// With `replay`: check by the producer-chain hash that the records
+    /// skipped are the ones stored, which needs them identical, timestamps
+    /// included (set them with `ProducerRecord::with_timestamp`); a replay
+    /// that differs fails with [`crate::Error::ProducerConflict`]. Without
+    /// it, records are skipped by sequence number alone. Default `true`.
+    pub replay_verify: bool,
     /// Chooses the partition of records without an explicit partition.
     /// Default: [`crate::producer::partition_for_key`] for keyed records and a
     /// sticky partition per batch for keyless ones.
@@ -292,7 +298,10 @@ pub struct ProducerConfig {
 /// A user's partitioner: `(key, partitions) -> partition`. A result at or
 /// above `partitions` is taken modulo `partitions`.
 #[derive(Clone)]
-pub struct Partitioner(pub std::sync::Arc<dyn Fn(Option<&[u8]>, u32) -> u32 + Send + Sync>);
+pub struct Partitioner(pub std::sync::Arc<PartitionFn>);
+
+/// The function a [`Partitioner`] wraps.
+pub type PartitionFn = dyn Fn(Option<&[u8]>, u32) -> u32 + Send + Sync;
 
 impl std::fmt::Debug for Partitioner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -315,6 +324,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             producer_id: None,
             replay: false,
+            replay_verify: true,
             partitioner: None,
         }
     }

@@ -66,10 +66,11 @@ pub mod wire;
 
 pub use chain::{MessageId, ProducerId};
 pub use config::{
-    Acks, ConsumerConfig, NodeConfig, OffsetReset, ProducerConfig, Retention, TopicConfig,
+    Acks, ConsumerConfig, NodeConfig, OffsetReset, Partitioner, ProducerConfig, Retention,
+    TopicConfig,
 };
 pub use consumer::Consumer;
 pub use error::{Error, Result};
 pub use node::{GroupOffset, Node, PartitionDescription, TopicDescription};
-pub use producer::{Producer, ProducerRecord};
+pub use producer::{Delivery, Producer, ProducerRecord};
 pub use record::{ConsumerRecord, Header, Record, RecordMetadata};

@@ -101,7 +101,6 @@ impl ProducerRecord {
     }
 }
 
-
 /// Sends records. Cheap to clone; clones share one identity, one buffer and
 /// one background sender task.
 #[derive(Clone)]
@@ -116,8 +115,9 @@ struct Shared {
     commands: mpsc::UnboundedSender<Command>,
     memory: Arc<Semaphore>,
     routing: Mutex<Routing>,
-    /// Per (topic, partition): the acknowledged next sequence and chain head.
-    heads: Arc<Mutex<HashMap<(String, u32), (u64, MessageId)>>>,
+    /// Per (topic, partition): the acknowledged next sequence and chain head
+    /// (the furthest one: answers may come back out of order).
+    heads: Arc<Mutex<ChainHeads>>,
 }
 
 /// What the producer knows about topics it sends to.
@@ -129,6 +129,9 @@ struct Routing {
     sticky: HashMap<String, (u32, usize)>,
     next_sticky: u32,
 }
+
+/// Per (topic, partition): a producer's next sequence and chain head.
+type ChainHeads = HashMap<(String, u32), (u64, MessageId)>;
 
 /// A record's fate, as the sender task reports it.
 type Reply = oneshot::Sender<Result<RecordMetadata>>;
@@ -178,10 +181,12 @@ impl Future for Delivery {
 
 impl Producer {
     pub(crate) fn new(node: Node, config: ProducerConfig) -> Self {
-        let id = config.enable_idempotence.then(|| match &config.producer_id {
-            Some(name) => producer_id_for(name),
-            None => random_producer_id(),
-        });
+        let id = config
+            .enable_idempotence
+            .then(|| match &config.producer_id {
+                Some(name) => producer_id_for(name),
+                None => random_producer_id(),
+            });
         let (commands, rx) = mpsc::unbounded_channel();
         let heads = Arc::new(Mutex::new(HashMap::new()));
         let memory = Arc::new(Semaphore::new(
@@ -301,8 +306,14 @@ impl Producer {
         if bytes > max {
             return Err(Error::RecordTooLarge { size: bytes, max });
         }
-        let partition =
-            self.partition(topic, explicit, record.key.as_deref(), partitions, bytes, seal)?;
+        let partition = self.partition(
+            topic,
+            explicit,
+            record.key.as_deref(),
+            partitions,
+            bytes,
+            seal,
+        )?;
         let memory = self.reserve_memory(bytes).await?;
         let (reply, answer) = oneshot::channel();
         let item = Item {
@@ -415,7 +426,7 @@ struct SenderTask {
     queues: HashMap<QueueKey, Queue>,
     in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Answered> + Send>>>,
     flushes: Vec<oneshot::Sender<()>>,
-    heads: Arc<Mutex<HashMap<(String, u32), (u64, MessageId)>>>,
+    heads: Arc<Mutex<ChainHeads>>,
     start: tokio::time::Instant,
 }
 
@@ -508,7 +519,10 @@ impl SenderTask {
                     let idempotence = match (&config.producer_id, config.replay) {
                         (None, _) => Idempotence::Fresh(id),
                         (Some(_), false) => Idempotence::Resumed(id),
-                        (Some(_), true) => Idempotence::Replay(id),
+                        (Some(_), true) => Idempotence::Replay {
+                            producer: id,
+                            verify: config.replay_verify,
+                        },
                     };
                     (idempotence, genesis)
                 }
@@ -595,7 +609,12 @@ impl SenderTask {
                     if self.id.is_some()
                         && let Ok(mut heads) = self.heads.lock()
                     {
-                        heads.insert((topic.to_string(), partition), chain_after);
+                        let head = heads
+                            .entry((topic.to_string(), partition))
+                            .or_insert(chain_after);
+                        if chain_after.0 > head.0 {
+                            *head = chain_after;
+                        }
                     }
                     for (i, (token, id)) in tokens.into_iter().zip(ids).enumerate() {
                         let _ = token.reply.send(Ok(RecordMetadata {
@@ -719,8 +738,9 @@ fn classify(
                 None => Answer::Refused(Cause(Arc::new(error))),
             }
         }
+        // NotEnoughReplicas fails at once (Kafka retries it): a replica
+        // down is something to see now, not after `delivery_timeout`.
         Error::NotLeader { .. }
-        | Error::NotEnoughReplicas { .. }
         | Error::Timeout { .. }
         | Error::Refused(_)
         | Error::Net(_)

@@ -5,71 +5,19 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::str::FromStr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Line, NodeProcess};
-use meshlog::core::membership::Role;
-use meshlog::net::{MeshConfig, Multiaddr, NodeId, PeerId};
+use common::cluster::{
+    create_replicated, node_id, signal, spawn, start_cluster, stop_all, wait_until,
+};
+use meshlog::net::NodeId;
 use meshlog::{
-    Acks, ConsumerConfig, Node, NodeConfig, OffsetReset, ProducerConfig, ProducerRecord,
-    RecordMetadata, TopicConfig,
+    Acks, ConsumerConfig, Node, OffsetReset, ProducerConfig, ProducerRecord, RecordMetadata,
 };
 
 const TOPIC: &str = "events";
 const PARTITIONS: u32 = 6;
-
-fn node_args() -> Vec<String> {
-    [
-        "--gossip-interval-ms",
-        "200",
-        "--suspect-after-ms",
-        "1500",
-        "--suspicion-timeout-ms",
-        "2000",
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-fn spawn(
-    index: usize,
-    dir: &Path,
-    bootstrap: Option<&str>,
-    lines: &mpsc::Sender<Line>,
-) -> NodeProcess {
-    common::spawn_node(index, dir, bootstrap, lines, &node_args())
-}
-
-fn node_id(process: &NodeProcess) -> NodeId {
-    NodeId(PeerId::from_str(&process.peer_id).expect("a peer id"))
-}
-
-/// A light client in the test process, joined through `bootstrap`.
-async fn client(dir: &Path, bootstrap: &str) -> Node {
-    let mut mesh = MeshConfig::loopback().with_role(Role::LightClient);
-    mesh.membership.gossip_interval = Duration::from_millis(200);
-    mesh.bootstrap
-        .push(Multiaddr::from_str(bootstrap).expect("a multiaddr"));
-    Node::open(NodeConfig::default().with_data_dir(dir).with_network(mesh))
-        .await
-        .expect("open the client")
-}
-
-/// Re-checks `condition` every 50 ms until it holds, or fails after `within`.
-async fn wait_until<F, Fut>(what: &str, within: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// The records of one batch: `count` records with key `key`, values
 /// `{key}-{n}`, and fixed timestamps, so a resend is the same batch.
@@ -81,69 +29,6 @@ fn batch(key: &str, first: usize, count: usize) -> Vec<ProducerRecord> {
                 .with_timestamp(1_700_000_000_000 + n as i64)
         })
         .collect()
-}
-
-/// Three node processes and a light client that sees them all.
-async fn start_cluster(
-    dirs: &[tempfile::TempDir],
-    tx: &mpsc::Sender<Line>,
-) -> (Vec<Option<NodeProcess>>, Vec<NodeId>, Node) {
-    let first = spawn(0, dirs[0].path(), None, tx);
-    let bootstrap = first.address.clone();
-    let nodes = vec![
-        Some(first),
-        Some(spawn(1, dirs[1].path(), Some(&bootstrap), tx)),
-        Some(spawn(2, dirs[2].path(), Some(&bootstrap), tx)),
-    ];
-    let ids: Vec<NodeId> = nodes.iter().flatten().map(node_id).collect();
-    let client = client(dirs[3].path(), &bootstrap).await;
-    wait_until(
-        "the client sees 3 storage nodes",
-        Duration::from_secs(30),
-        || async { client.live_storage_nodes().await.map_or(0, |n| n.len()) == 3 },
-    )
-    .await;
-    (nodes, ids, client)
-}
-
-/// Creates `topic` with RF 3 and waits until every partition has a leader.
-async fn create_replicated(client: &Node, topic: &str, partitions: u32) {
-    let config = TopicConfig::default()
-        .with_partitions(partitions)
-        .with_replication_factor(3);
-    client
-        .create_topic(topic, config)
-        .await
-        .expect("create the topic");
-    wait_until(
-        "every partition has a leader",
-        Duration::from_secs(30),
-        || async {
-            client
-                .describe_topic(topic)
-                .await
-                .is_ok_and(|t| t.partitions.iter().all(|p| p.leader.is_some()))
-        },
-    )
-    .await;
-}
-
-fn signal(process: &NodeProcess, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([signal, &process.child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {signal}");
-}
-
-/// Stops every node cleanly and opens each one's store.
-async fn stop_all(client: Node, nodes: &mut [Option<NodeProcess>]) {
-    client.shutdown().await;
-    for process in nodes.iter_mut().flatten() {
-        common::sigterm(&process.child);
-        let status = common::wait_exit(&mut process.child, Duration::from_secs(20));
-        assert!(status.success(), "clean exit, got {status}");
-    }
 }
 
 /// Every record of a partition, from offset 0 up to the high watermark.

@@ -4,9 +4,9 @@
 //! Starts `--nodes` `meshlog node` processes on 127.0.0.1 (each with its own
 //! data directory in a scratch directory, fsync on), joins them as a light
 //! client in this process, and for each case (replication factor 1 and 3,
-//! acks leader and all) creates a topic, runs `--producers` producers sending
-//! batches of `--batch` records for `--seconds`, and a consumer reading
-//! everything back. Each record carries the time it was handed to the
+//! acks leader and all) creates a topic, runs `--producers` producers streaming
+//! records (at `--rate` in all, or as fast as they are acknowledged) for
+//! `--seconds`, and a consumer reading everything back. Each record carries the time it was handed to the
 //! producer, so the consumer measures end-to-end latency on the same clock.
 
 use std::io::{BufRead, BufReader};
@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 use meshlog::core::membership::Role;
 use meshlog::net::{MeshConfig, Multiaddr};
@@ -39,9 +41,16 @@ pub struct MeshArgs {
     /// Value size of each record in bytes (at least 8).
     #[arg(long, default_value_t = 100)]
     pub record_size: usize,
-    /// Records per batch.
-    #[arg(long, default_value_t = 1000)]
-    pub batch: usize,
+    /// Records per second offered by all producers together; 0: as fast as
+    /// they go. Latency is best read at a fixed rate below saturation.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// The producers' `batch.size` in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub batch_size: usize,
+    /// The producers' `linger.ms`.
+    #[arg(long, default_value_t = 5)]
+    pub linger_ms: u64,
     /// Concurrent producers.
     #[arg(long, default_value_t = 4)]
     pub producers: usize,
@@ -72,9 +81,9 @@ struct CaseResult {
 
 /// Runs the benchmark.
 pub async fn run(args: &MeshArgs) -> CliResult {
-    if args.record_size < 8 || args.nodes == 0 || args.batch == 0 || args.producers == 0 {
+    if args.record_size < 8 || args.nodes == 0 || args.producers == 0 {
         return Err(
-            "--record-size must be at least 8, and --nodes, --batch, --producers at least 1".into(),
+            "--record-size must be at least 8, and --nodes and --producers at least 1".into(),
         );
     }
     let dir = tempfile::Builder::new()
@@ -215,30 +224,43 @@ async fn run_case(
     let produce_for = Duration::from_secs_f64(args.seconds);
     let mut producers = Vec::new();
     for p in 0..args.producers {
-        let producer = client.producer(ProducerConfig::default().with_acks(acks));
+        let mut config = ProducerConfig::default()
+            .with_acks(acks)
+            .with_linger(Duration::from_millis(args.linger_ms));
+        config.batch_size = args.batch_size;
+        let producer = client.producer(config);
         let (topic, acked) = (topic.clone(), acked.clone());
-        let (batch, size) = (args.batch, args.record_size);
+        let size = args.record_size;
+        let rate = args.rate as f64 / args.producers as f64;
         producers.push(tokio::spawn(async move {
             let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+            let mut pending = FuturesUnordered::new();
             let mut n = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
             while clock.elapsed() < produce_for {
-                let sent_at = clock.elapsed().as_micros() as u64;
-                let records = (0..batch)
-                    .map(|i| {
-                        let mut value = vec![0u8; size];
-                        value[..8].copy_from_slice(&sent_at.to_le_bytes());
-                        ProducerRecord::new(value)
-                            .with_key(format!("p{p}-k{}", (n + i as u64) % 64))
-                    })
-                    .collect();
-                producer.send_batch(&topic, records).await?;
-                latency.record(
-                    (clock.elapsed().as_micros() as u64)
-                        .saturating_sub(sent_at)
-                        .max(1),
-                )?;
-                n += batch as u64;
-                acked.fetch_add(batch as u64, Ordering::Relaxed);
+                // At a fixed rate, send what is due by now, once per millisecond.
+                let due = if rate > 0.0 {
+                    tick.tick().await;
+                    (clock.elapsed().as_secs_f64() * rate) as u64
+                } else {
+                    n + 1
+                };
+                while n < due {
+                    let sent_at = clock.elapsed().as_micros() as u64;
+                    let mut value = vec![0u8; size];
+                    value[..8].copy_from_slice(&sent_at.to_le_bytes());
+                    let record = ProducerRecord::new(value).with_key(format!("p{p}-k{}", n % 64));
+                    let delivery = producer.enqueue(&topic, record).await?;
+                    pending.push(async move { (sent_at, delivery.await) });
+                    n += 1;
+                }
+                while let Some(Some((sent_at, answer))) = pending.next().now_or_never() {
+                    record_ack(&mut latency, clock, sent_at, answer, &acked)?;
+                }
+            }
+            producer.flush().await?;
+            while let Some((sent_at, answer)) = pending.next().await {
+                record_ack(&mut latency, clock, sent_at, answer, &acked)?;
             }
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(latency)
         }));
@@ -260,6 +282,21 @@ async fn run_case(
         consume_secs,
         e2e_latency_us,
     })
+}
+
+/// Counts an acknowledged record and its latency.
+fn record_ack(
+    latency: &mut Histogram<u64>,
+    clock: Instant,
+    sent_at: u64,
+    answer: meshlog::Result<meshlog::RecordMetadata>,
+    acked: &AtomicU64,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    answer?;
+    let now = clock.elapsed().as_micros() as u64;
+    latency.record(now.saturating_sub(sent_at).max(1))?;
+    acked.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Reads the case's topic until it has seen every acknowledged record (whose

@@ -1,7 +1,10 @@
 //! `meshlog produce TOPIC`: one record per line of standard input.
 
 use clap::Args;
-use meshlog::{Acks, Node, ProducerConfig, ProducerRecord};
+use futures::FutureExt;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use meshlog::{Acks, Node, ProducerConfig, ProducerRecord, RecordMetadata};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::CliResult;
@@ -23,9 +26,19 @@ pub struct ProduceArgs {
     /// When a record counts as sent: all (a quorum of replicas has it), leader, none.
     #[arg(long, value_enum, default_value_t = AcksArg::All)]
     pub acks: AcksArg,
-    /// Most lines sent as one batch.
-    #[arg(long, default_value_t = 1000)]
+    /// A partition's batch is sent once it holds this many bytes (`batch.size`).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
     pub batch_size: usize,
+    /// How long a batch waits for more lines (`linger.ms`).
+    #[arg(long, value_name = "MS", default_value_t = 5)]
+    pub linger_ms: u64,
+    /// A stable producer identity. The input is then this producer's whole
+    /// stream: run the same input again after a crash and only the lines not
+    /// yet stored are sent; the others are skipped by their sequence number
+    /// in each partition (lines are stamped with the time they are read, so
+    /// the producer chain cannot tell a rerun's lines from the first run's).
+    #[arg(long, value_name = "NAME")]
+    pub producer_id: Option<String>,
 }
 
 /// Kafka's `acks` values, as the command line spells them.
@@ -49,30 +62,86 @@ impl From<AcksArg> for Acks {
     }
 }
 
-/// Reads stdin line by line; lines already waiting go out together as one
-/// batch, and each batch is acknowledged before the next is sent.
+/// Streams stdin, one record per line, through the batching producer;
+/// acknowledgements are printed (with `--print-metadata`) in input order.
 pub async fn run(node: Node, args: &ProduceArgs) -> CliResult {
     node.describe_topic(&args.topic).await?;
-    let producer = node.producer(ProducerConfig::default().with_acks(args.acks.into()));
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut batch = Vec::new();
-    let mut sent = 0u64;
-    loop {
-        // Wait for one line, then take what else is already buffered.
-        let Some(line) = lines.next_line().await? else {
-            break;
-        };
-        batch.push(to_record(args, line));
-        while batch.len() < args.batch_size.max(1) && lines.get_ref().buffer().contains(&b'\n') {
-            match lines.next_line().await? {
-                Some(line) => batch.push(to_record(args, line)),
-                None => break,
-            }
-        }
-        sent += send(&producer, args, std::mem::take(&mut batch)).await?;
+    let mut config = ProducerConfig::default()
+        .with_acks(args.acks.into())
+        .with_linger(std::time::Duration::from_millis(args.linger_ms));
+    config.batch_size = args.batch_size.max(1);
+    if let Some(name) = &args.producer_id {
+        config = config.with_producer_id(name.as_str()).with_replay(true);
+        config.replay_verify = false;
     }
-    eprintln!("Sent {sent} records to {}.", args.topic);
+    let producer = node.producer(config);
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut pending = FuturesOrdered::new();
+    let mut tally = Tally::default();
+    while let Some(line) = lines.next_line().await? {
+        pending.push_back(producer.enqueue(&args.topic, to_record(args, line)).await?);
+        // Report what is already answered without waiting.
+        while let Some(Some(answer)) = pending.next().now_or_never() {
+            tally.report(args, answer)?;
+        }
+    }
+    producer.flush().await?;
+    while let Some(answer) = pending.next().await {
+        tally.report(args, answer)?;
+    }
+    match tally.already_stored {
+        0 => eprintln!("Sent {} records to {}.", tally.sent, args.topic),
+        n => eprintln!(
+            "Sent {} records to {} ({n} were already stored).",
+            tally.sent, args.topic
+        ),
+    }
     Ok(())
+}
+
+/// What the acknowledgements said so far.
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    already_stored: u64,
+}
+
+impl Tally {
+    fn report(&mut self, args: &ProduceArgs, answer: meshlog::Result<RecordMetadata>) -> CliResult {
+        use std::io::Write;
+        match answer {
+            Ok(m) => {
+                self.sent += 1;
+                if args.print_metadata {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}\t{}",
+                        m.topic,
+                        m.partition,
+                        m.offset,
+                        m.id.to_hex()
+                    )?;
+                }
+            }
+            Err(meshlog::Error::AlreadyStored {
+                topic,
+                partition,
+                seq,
+            }) => {
+                self.already_stored += 1;
+                if args.print_metadata {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(
+                        out,
+                        "{topic}\t{partition}\t-\talready stored (sequence {seq})"
+                    )?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
 }
 
 fn to_record(args: &ProduceArgs, line: String) -> ProducerRecord {
@@ -86,29 +155,4 @@ fn to_record(args: &ProduceArgs, line: String) -> ProducerRecord {
         Some(key) => record.with_key(key.as_str()),
         None => record,
     }
-}
-
-async fn send(
-    producer: &meshlog::Producer,
-    args: &ProduceArgs,
-    batch: Vec<ProducerRecord>,
-) -> Result<u64, Box<dyn std::error::Error>> {
-    let count = batch.len() as u64;
-    let sent = producer.send_batch(&args.topic, batch).await?;
-    if args.print_metadata {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        for m in &sent {
-            writeln!(
-                out,
-                "{}\t{}\t{}\t{}",
-                m.topic,
-                m.partition,
-                m.offset,
-                m.id.to_hex()
-            )?;
-        }
-        out.flush()?;
-    }
-    Ok(count)
 }
