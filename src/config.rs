@@ -366,8 +366,12 @@ impl ProducerConfig {
         if self.batch_size == 0 {
             return Err(invalid("batch_size", "must be at least 1"));
         }
-        if self.max_in_flight == 0 {
-            return Err(invalid("max_in_flight", "must be at least 1"));
+        if self.max_in_flight == 0 || self.max_in_flight > 16 {
+            // The leader remembers each producer's last 64 stored batches
+            // (a sent batch over 256 KiB is stored as several): a window of
+            // at most 16 keeps a retry within that memory for batches up to
+            // 1 MiB.
+            return Err(invalid("max_in_flight", "must be between 1 and 16"));
         }
         if self.buffer_memory < 1024 {
             return Err(invalid("buffer_memory", "must be at least 1024 bytes"));

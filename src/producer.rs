@@ -434,6 +434,7 @@ struct SenderTask {
 struct Answered {
     key: QueueKey,
     batch: u64,
+    attempt: u32,
     answer: Answer<Stored, Cause>,
 }
 
@@ -536,7 +537,7 @@ impl SenderTask {
         let Some(queue) = self.queues.get_mut(&answered.key) else {
             return;
         };
-        let outputs = queue.answer(answered.batch, answered.answer, now);
+        let outputs = queue.answer(answered.batch, answered.attempt, answered.answer, now);
         self.run_outputs(&answered.key, outputs);
     }
 
@@ -570,6 +571,7 @@ impl SenderTask {
             match output {
                 Output::Send {
                     batch,
+                    attempt: attempt_number,
                     stamp,
                     prev,
                     records,
@@ -597,6 +599,7 @@ impl SenderTask {
                         Answered {
                             key,
                             batch,
+                            attempt: attempt_number,
                             answer: attempt.run().await,
                         }
                     }));

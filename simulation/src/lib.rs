@@ -9,11 +9,13 @@
 //! that replays it exactly (same trace hash).
 //!
 //! What it covers grows with the core: membership ([`scenario`]), the
-//! replication of one partition ([`replication`]), and placement in scale
-//! mode. Ownership across partitions, producers and groups join as they land.
+//! replication of one partition ([`replication`]), the producer's queue
+//! against an idempotent leader ([`producer`]), and placement in scale mode.
+//! Ownership across partitions and groups join as they land.
 
 pub mod check;
 pub mod net;
+pub mod producer;
 pub mod queue;
 pub mod replication;
 pub mod scale;

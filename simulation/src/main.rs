@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use meshlog::core::membership::InjectedFault;
 use meshlog::core::replication::ReplicationFault;
+use meshlog_sim::producer;
 use meshlog_sim::replication;
 use meshlog_sim::scale;
 use meshlog_sim::scenario::{self, Options, Report};
@@ -51,7 +52,10 @@ fn main() -> ExitCode {
         print_report(&report);
         let rep = replication::run(seed, replication_fault);
         print_replication_report(&rep);
-        let failed = report.violation.is_some() || rep.violation.is_some();
+        let prod = producer::run(seed);
+        print_producer_report(&prod);
+        let failed =
+            report.violation.is_some() || rep.violation.is_some() || prod.violation.is_some();
         return if failed {
             ExitCode::FAILURE
         } else {
@@ -95,12 +99,21 @@ fn sweep(
     let wall = Instant::now();
     let (mut events, mut worst, mut worst_recovery, mut acked) =
         (0u64, Duration::ZERO, Duration::ZERO, 0usize);
+    let (mut produced, mut failovers, mut worst_producer) = (0u64, 0u64, Duration::ZERO);
     for seed in start..end {
         let report = scenario::run(seed, options);
         let rep = replication::run(seed, replication_fault);
-        events += report.events + rep.events;
+        let prod = producer::run(seed);
+        events += report.events + rep.events + prod.events;
         acked += rep.acked;
-        let violation = report.violation.as_ref().or(rep.violation.as_ref());
+        produced += prod.acked;
+        failovers += u64::from(prod.failovers);
+        worst_producer = worst_producer.max(prod.recovery.unwrap_or_default());
+        let violation = report
+            .violation
+            .as_ref()
+            .or(rep.violation.as_ref())
+            .or(prod.violation.as_ref());
         if let Some(v) = violation {
             let flag = inject.map_or(String::new(), |f| format!(" --inject-fault {f}"));
             println!("seed {seed}: FAILED {v}");
@@ -113,7 +126,8 @@ fn sweep(
     let secs = wall.elapsed().as_secs_f64();
     println!(
         "{} seeds passed in {secs:.1} s ({:.0} events/s); membership converged at most {worst:?} after the heal; \
-         replication: {acked} records acknowledged, a new record committed everywhere at most {worst_recovery:?} after the heal",
+         replication: {acked} records acknowledged, a new record committed everywhere at most {worst_recovery:?} after the heal; \
+         producer: {produced} records acknowledged through {failovers} leader failovers, each once and in key order, all at most {worst_producer:?} after the faults ended",
         end - start,
         events as f64 / secs
     );
@@ -130,6 +144,21 @@ fn print_replication_report(r: &replication::Report) {
         (None, Some(t)) => println!(
             "ok: a new record committed everywhere {t:?} after the heal ({:?} wall)",
             r.wall
+        ),
+        (None, None) => println!("ok"),
+    }
+}
+
+fn print_producer_report(r: &producer::Report) {
+    println!(
+        "producer: {} records, {} attempts, {} leader failovers, {} events, trace {}",
+        r.records, r.attempts, r.failovers, r.events, r.trace_hash
+    );
+    match (&r.violation, r.recovery) {
+        (Some(v), _) => println!("FAILED {v}"),
+        (None, Some(t)) => println!(
+            "ok: all {} acknowledged, each once and in key order, {t:?} after the faults ended ({:?} wall)",
+            r.acked, r.wall
         ),
         (None, None) => println!("ok"),
     }

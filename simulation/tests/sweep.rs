@@ -3,6 +3,7 @@
 
 use meshlog::core::membership::InjectedFault;
 use meshlog::core::replication::ReplicationFault;
+use meshlog_sim::producer::{self, ProducerFault};
 use meshlog_sim::replication;
 use meshlog_sim::scale;
 use meshlog_sim::scenario::{self, Options};
@@ -104,6 +105,44 @@ fn committing_without_a_quorum_is_caught_within_a_few_seeds() {
         caught.expect("a leader that commits alone must be caught within 10 seeds");
     assert!(
         violation.invariant.contains("agreement") || violation.invariant.contains("acknowledged"),
+        "seed {seed}: {violation}"
+    );
+}
+
+#[test]
+fn a_bounded_sweep_of_producer_seeds_passes() {
+    let mut acked = 0;
+    for seed in 0..100 {
+        let report = producer::run(seed);
+        if let Some(v) = &report.violation {
+            panic!("seed {seed}: {v}\nreplay: cargo run -p meshlog-sim --release -- --seed {seed}");
+        }
+        assert_eq!(report.acked, report.records, "seed {seed}");
+        acked += report.acked;
+    }
+    assert!(
+        acked > 10_000,
+        "the workload must get records acknowledged ({acked})"
+    );
+}
+
+#[test]
+fn producer_runs_replay_the_same_trace() {
+    let (a, b) = (producer::run(7), producer::run(7));
+    assert_eq!((a.trace_hash, a.events), (b.trace_hash, b.events));
+}
+
+#[test]
+fn a_leader_that_ignores_sequence_numbers_is_caught_within_a_few_seeds() {
+    let caught = (0..10).find_map(|seed| {
+        producer::run_with(seed, Some(ProducerFault::LeaderIgnoresSequences))
+            .violation
+            .map(|v| (seed, v))
+    });
+    let (seed, violation) =
+        caught.expect("a leader storing retries twice must be caught within 10 seeds");
+    assert!(
+        violation.invariant.contains("duplicates"),
         "seed {seed}: {violation}"
     );
 }

@@ -39,7 +39,8 @@ pub struct SendSettings {
     pub batch_bytes: usize,
     /// A batch is sealed this long after its first record at the latest (`linger.ms`).
     pub linger: Duration,
-    /// Most batches awaiting an answer at once (`max.in.flight.requests.per.connection`).
+    /// Most batches sent and unanswered, counted from the oldest unanswered
+    /// one (`max.in.flight.requests.per.connection`): a sliding window.
     pub max_in_flight: usize,
     /// Wait before sending again after a failed attempt (`retry.backoff.ms`).
     pub retry_backoff: Duration,
@@ -135,6 +136,9 @@ pub enum Output<R, T, O, E> {
     Send {
         /// Names the batch in [`PartitionSender::answer`].
         batch: u64,
+        /// Names this attempt in [`PartitionSender::answer`]: only the answer
+        /// to the latest attempt counts, except that "stored" always does.
+        attempt: u32,
         /// The idempotent stamp, if any.
         stamp: chain::ProducerStamp,
         /// The producer-chain hash before the first record, with the stamp.
@@ -193,9 +197,14 @@ struct Batch<R, T, E> {
 
 #[derive(Clone, Debug)]
 enum Refusal<E> {
+    /// Reached the leader before a batch ahead of it: resend at once, in order.
+    Reordered,
     Retry(E),
     Refused(E),
-    OutOfSequence { next_seq: u64, head: MessageId },
+    OutOfSequence {
+        next_seq: u64,
+        head: MessageId,
+    },
 }
 
 /// The open batch: records not sealed yet.
@@ -394,8 +403,16 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
 
     fn send(&mut self, out: &mut Vec<Output<R, T, O, E>>) {
         let producer = self.producer();
+        // A sliding window from the oldest unanswered batch, as Kafka's: a
+        // batch is never more than `max_in_flight` batches ahead of one still
+        // unanswered, so the leader still remembers the older one when it is
+        // retried (it keeps the last batches of each producer).
+        let Some(oldest) = self.batches.front().map(|b| b.id) else {
+            return;
+        };
+        let window_end = oldest + self.settings.max_in_flight as u64;
         for (index, batch) in self.batches.iter_mut().enumerate() {
-            if self.in_flight >= self.settings.max_in_flight {
+            if batch.id >= window_end {
                 break;
             }
             if batch.in_flight {
@@ -407,6 +424,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             self.in_flight += 1;
             out.push(Output::Send {
                 batch: batch.id,
+                attempt: batch.attempts,
                 stamp: producer.map(|p| (p, batch.base_seq)),
                 prev: producer.map(|_| batch.prev),
                 records: batch.items.iter().map(|i| i.record.clone()).collect(),
@@ -415,10 +433,13 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         }
     }
 
-    /// The leader's answer to batch `batch` (unknown ids are ignored).
+    /// The leader's answer to attempt `attempt` of batch `batch`. Answers
+    /// to batches already answered, and refusals of earlier attempts (a
+    /// network that delivered a request twice), are ignored.
     pub fn answer(
         &mut self,
         batch: u64,
+        attempt: u32,
         answer: Answer<O, E>,
         now: Duration,
     ) -> Vec<Output<R, T, O, E>> {
@@ -426,6 +447,10 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         let Some(index) = self.batches.iter().position(|b| b.id == batch) else {
             return out;
         };
+        let current = self.batches[index].in_flight && self.batches[index].attempts == attempt;
+        if !current && !matches!(answer, Answer::Stored(_)) {
+            return out;
+        }
         if self.batches[index].in_flight {
             self.batches[index].in_flight = false;
             self.in_flight -= 1;
@@ -451,7 +476,9 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
                 if self.producer().is_none() {
                     self.refused(index, Refusal::Refused(error));
                 } else if !self.batches[index].sent_as_front {
-                    self.refused(index, Refusal::Retry(error));
+                    // Overtook a batch ahead of it (or its answer predates
+                    // theirs): nothing is wrong with the leader.
+                    self.refused(index, Refusal::Reordered);
                 } else {
                     self.refused(index, Refusal::OutOfSequence { next_seq, head });
                 }
@@ -495,12 +522,15 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             Some(Refusal::OutOfSequence { next_seq, head }) => {
                 self.resync(next_seq, head, out);
             }
-            Some(Refusal::Retry(_)) | None => {
+            Some(Refusal::Retry(_)) => {
                 if attempts > self.settings.retries {
                     self.give_up_front(out);
                 }
                 self.resume_at = now + self.settings.retry_backoff;
             }
+            // The first batch was not refused (only batches after it were
+            // reordered, or it never went out): send again at once.
+            Some(Refusal::Reordered) | None => {}
         }
     }
 
@@ -825,7 +855,7 @@ mod tests {
             sent.extend(sends(&q.push(item(v), Duration::ZERO)));
         }
         assert_eq!(sent.len(), 3, "max_in_flight = 3");
-        let out = q.answer(sent[0].0, Answer::Stored(0), Duration::ZERO);
+        let out = q.answer(sent[0].0, 1, Answer::Stored(0), Duration::ZERO);
         assert_eq!(sends(&out).len(), 1, "one answer frees one slot");
         assert!(matches!(&out[0], Output::Stored { tokens, .. } if tokens == &vec![0, 1, 2]));
     }
@@ -838,12 +868,12 @@ mod tests {
             sent.extend(sends(&q.push(item(v), Duration::ZERO)));
         }
         let t = Duration::from_millis(1);
-        assert!(sends(&q.answer(sent[0].0, Answer::Retry("timeout"), t)).is_empty());
+        assert!(sends(&q.answer(sent[0].0, 1, Answer::Retry("timeout"), t)).is_empty());
         assert!(
-            sends(&q.answer(sent[2].0, Answer::Stored(6), t)).is_empty(),
+            sends(&q.answer(sent[2].0, 1, Answer::Stored(6), t)).is_empty(),
             "draining"
         );
-        let wake = q.answer(sent[1].0, Answer::Retry("not leader"), t);
+        let wake = q.answer(sent[1].0, 1, Answer::Retry("not leader"), t);
         assert!(sends(&wake).is_empty(), "backoff first");
         let again = sends(&q.poll(t + Duration::from_millis(10)));
         assert_eq!(
@@ -863,6 +893,7 @@ mod tests {
         let t = Duration::from_millis(1);
         q.answer(
             sent[1].0,
+            1,
             Answer::OutOfSequence {
                 next_seq: 0,
                 head: genesis(),
@@ -870,7 +901,7 @@ mod tests {
             },
             t,
         );
-        let out = q.answer(sent[0].0, Answer::Refused("too large"), t);
+        let out = q.answer(sent[0].0, 1, Answer::Refused("too large"), t);
         assert!(
             matches!(&out[0], Output::Failed { tokens, failure: Failure::Refused("too large") } if tokens == &vec![0, 1, 2])
         );
@@ -891,6 +922,7 @@ mod tests {
         let sent = [sent, sends(&q.poll(Duration::from_millis(5)))].concat();
         let mut out = q.answer(
             sent[0].0,
+            1,
             Answer::Retry("timeout"),
             Duration::from_millis(100),
         );
@@ -1002,7 +1034,7 @@ mod tests {
         faults: bool,
     ) -> Done {
         let mut now = Duration::ZERO;
-        let mut wire: Vec<(u64, u64, Option<MessageId>, Vec<u64>)> = Vec::new();
+        let mut wire: Vec<Wire> = Vec::new();
         let mut done = Done::default();
         let mut acked_len = 0usize;
         let mut outputs = Vec::new();
@@ -1022,13 +1054,13 @@ mod tests {
                 outputs.extend(q.poll(now));
                 continue;
             }
-            let (batch, seq, prev, records) = wire.remove(rng.below(wire.len()));
+            let (batch, attempt, seq, prev, records) = wire.remove(rng.below(wire.len()));
             now += Duration::from_micros(200);
             if faults && rng.below(10) == 0 {
                 if rng.below(2) == 0 {
                     leader.handle((PRODUCER, seq), prev.unwrap_or_else(genesis), &records);
                 }
-                outputs.extend(q.answer(batch, Answer::Retry("lost"), now));
+                outputs.extend(q.answer(batch, attempt, Answer::Retry("lost"), now));
                 continue;
             }
             if faults && rng.below(20) == 0 {
@@ -1038,27 +1070,27 @@ mod tests {
             if let Answer::Stored(offset) = answer {
                 acked_len = acked_len.max(offset as usize + records.len());
             }
-            outputs.extend(q.answer(batch, answer, now));
+            outputs.extend(q.answer(batch, attempt, answer, now));
         }
         absorb(&mut outputs, &mut wire, &mut done);
         assert!(q.is_idle(), "the queue finishes");
         done
     }
 
-    fn absorb(
-        outputs: &mut Vec<Out>,
-        wire: &mut Vec<(u64, u64, Option<MessageId>, Vec<u64>)>,
-        done: &mut Done,
-    ) {
+    /// A request on the wire: batch, attempt, first sequence, prev, records.
+    type Wire = (u64, u32, u64, Option<MessageId>, Vec<u64>);
+
+    fn absorb(outputs: &mut Vec<Out>, wire: &mut Vec<Wire>, done: &mut Done) {
         for o in outputs.drain(..) {
             match o {
                 Output::Send {
                     batch,
+                    attempt,
                     stamp,
                     prev,
                     records,
                     ..
-                } => wire.push((batch, stamp.map_or(0, |s| s.1), prev, records)),
+                } => wire.push((batch, attempt, stamp.map_or(0, |s| s.1), prev, records)),
                 Output::Stored { tokens, .. } => done.stored.extend(tokens),
                 Output::AlreadyStored { tokens } => {
                     done.skipped.extend(tokens.into_iter().map(|t| t.0))
