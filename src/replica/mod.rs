@@ -28,7 +28,7 @@ use crate::config::TopicConfig;
 use crate::core::membership::Status;
 use crate::core::ownership::{OwnershipRecord, OwnershipTable};
 use crate::core::placement;
-use crate::core::replication::ReplicationConfig;
+use crate::core::replication::{Message, ReplicationConfig};
 use crate::meta::{META_TOPIC, MetaCommand};
 use crate::net::{InboundRequest, Mesh, NodeId};
 use crate::node::{PartitionDescription, TopicDescription, WriteQueue, now_ms};
@@ -140,6 +140,7 @@ impl Replicator {
             ownership,
             appended,
             generations: 0,
+            outbox: Vec::new(),
         };
         let handle = tokio::spawn(task.run(receiver, inbound, stop));
         (Replicator { requests }, handle)
@@ -193,6 +194,9 @@ struct Task {
     /// Replicas opened so far: each opening gets the next number, so that
     /// outcomes of writes from before a restart are told apart.
     generations: u64,
+    /// Replication messages of the current turn, sent at its end (appends to
+    /// one follower merged): see [`Task::run`].
+    outbox: Vec<(NodeId, ReplicateFrame)>,
 }
 
 /// The ownership table a node's tasks share.
@@ -230,6 +234,11 @@ impl Task {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            // One turn: the event that woke the task, then whatever else is
+            // already queued (up to a bound), then the replication messages
+            // they produced, with consecutive appends to a follower merged.
+            // Under load many produce requests share one append per follower
+            // (and so one follower write and one reply).
             tokio::select! {
                 _ = stop.changed() => break,
                 Some(request) = requests.recv() => self.on_request(request).await,
@@ -239,6 +248,16 @@ impl Task {
                 }
                 _ = tick.tick() => self.on_tick().await,
             }
+            for _ in 0..TURN_EVENTS {
+                if let Ok(request) = requests.try_recv() {
+                    self.on_request(request).await;
+                } else if let Ok(request) = inbound.try_recv() {
+                    self.on_inbound(request).await;
+                } else {
+                    break;
+                }
+            }
+            self.flush_outbox().await;
         }
         for replica in self.replicas.values_mut() {
             replica.close();
@@ -901,9 +920,7 @@ impl Task {
                             .map(|b| serde_bytes::ByteBuf::from(b.as_ref().clone()))
                             .collect(),
                     };
-                    if let Err(error) = self.mesh.send(to, PeerRequest::Replicate(frame)).await {
-                        debug!(%to, %error, "replication message not sent");
-                    }
+                    self.outbox.push((to, frame));
                 }
                 Effect::Write(write) => {
                     let (op, kind) = write.into_op(&key.0, key.1);
@@ -935,6 +952,79 @@ impl Task {
         }
     }
 }
+
+impl Task {
+    /// Sends the turn's replication messages in order, merging an append to
+    /// a follower into the previous append of the same partition to it when
+    /// it continues it (same epoch, next offset): one append with the
+    /// entries of both, which a follower handles as it would the two.
+    async fn flush_outbox(&mut self) {
+        let outbox = std::mem::take(&mut self.outbox);
+        let mut merged: Vec<(NodeId, ReplicateFrame)> = Vec::with_capacity(outbox.len());
+        let mut last_append: BTreeMap<(NodeId, Key), usize> = BTreeMap::new();
+        for (to, frame) in outbox {
+            let key = (to, (frame.topic.clone(), frame.partition));
+            let target = last_append.get(&key).copied();
+            if let Some(index) = target
+                && let Some((_, previous)) = merged.get_mut(index)
+                && merge_append(previous, &frame)
+            {
+                continue;
+            }
+            if matches!(frame.message, Message::Append { .. }) {
+                last_append.insert(key, merged.len());
+            } else {
+                last_append.remove(&key);
+            }
+            merged.push((to, frame));
+        }
+        for (to, frame) in merged {
+            if let Err(error) = self.mesh.send(to, PeerRequest::Replicate(frame)).await {
+                debug!(%to, %error, "replication message not sent");
+            }
+        }
+    }
+}
+
+/// Appends `next` to `previous` when both are appends of one epoch and `next`
+/// starts where `previous` ends. Returns whether it did.
+fn merge_append(previous: &mut ReplicateFrame, next: &ReplicateFrame) -> bool {
+    let (
+        Message::Append {
+            epoch,
+            prev_offset,
+            entries,
+            commit,
+            ..
+        },
+        Message::Append {
+            epoch: next_epoch,
+            prev_offset: next_offset,
+            entries: next_entries,
+            commit: next_commit,
+            ..
+        },
+    ) = (&mut previous.message, &next.message)
+    else {
+        return false;
+    };
+    let fits = *epoch == *next_epoch
+        && *prev_offset + entries.len() as u64 == *next_offset
+        && entries.len() + next_entries.len() <= MAX_MERGED_ENTRIES;
+    if !fits {
+        return false;
+    }
+    entries.extend(next_entries.iter().cloned());
+    *commit = (*commit).max(*next_commit);
+    previous.batches.extend(next.batches.iter().cloned());
+    true
+}
+
+/// Most events handled in one turn before its messages go out.
+const TURN_EVENTS: usize = 256;
+
+/// Most entries one merged append carries.
+const MAX_MERGED_ENTRIES: usize = 256;
 
 /// A topic as this node sees it: stored metadata, stored partition state, and
 /// the live state of the replicas it hosts.

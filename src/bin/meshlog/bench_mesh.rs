@@ -51,6 +51,9 @@ pub struct MeshArgs {
     /// The producers' `linger.ms`.
     #[arg(long, default_value_t = 5)]
     pub linger_ms: u64,
+    /// The producers' `max.in.flight.requests.per.connection`.
+    #[arg(long, default_value_t = 5)]
+    pub max_in_flight: usize,
     /// Concurrent producers.
     #[arg(long, default_value_t = 4)]
     pub producers: usize,
@@ -228,6 +231,7 @@ async fn run_case(
             .with_acks(acks)
             .with_linger(Duration::from_millis(args.linger_ms));
         config.batch_size = args.batch_size;
+        config.max_in_flight = args.max_in_flight;
         let producer = client.producer(config);
         let (topic, acked) = (topic.clone(), acked.clone());
         let size = args.record_size;
