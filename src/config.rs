@@ -420,6 +420,14 @@ pub struct ConsumerConfig {
     pub max_poll_records: usize,
     /// Most bytes read from one partition per fetch (`max.partition.fetch.bytes`). Default 1 MiB.
     pub max_partition_fetch_bytes: usize,
+    /// How long a replica holds a fetch open waiting for records
+    /// (`fetch.max.wait.ms`). Records are answered as soon as they are
+    /// committed (once `fetch_min_bytes` are there), so this bounds only the
+    /// wait when nothing arrives. Default 500 ms.
+    pub fetch_max_wait: Duration,
+    /// A replica answers a fetch once this many bytes of records are ready,
+    /// or at `fetch_max_wait` (`fetch.min.bytes`). Default 1: at once.
+    pub fetch_min_bytes: usize,
 }
 
 impl Default for ConsumerConfig {
@@ -431,6 +439,8 @@ impl Default for ConsumerConfig {
             auto_commit_interval: Duration::from_secs(5),
             max_poll_records: 500,
             max_partition_fetch_bytes: 1024 * 1024,
+            fetch_max_wait: Duration::from_millis(500),
+            fetch_min_bytes: 1,
         }
     }
 }

@@ -157,7 +157,7 @@ impl Consumer {
                 // No replica answered: back off before the next round.
                 tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
             }
-            wait = (deadline - Instant::now()).min(Duration::from_secs(1));
+            wait = (deadline - Instant::now()).min(self.config.fetch_max_wait);
         }
     }
 
@@ -177,6 +177,7 @@ impl Consumer {
                 offset: self.positions.get(tp).copied(),
                 max_bytes: u32::try_from(self.config.max_partition_fetch_bytes).unwrap_or(u32::MAX),
                 max_wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+                min_bytes: u32::try_from(self.config.fetch_min_bytes).unwrap_or(u32::MAX),
             };
             let node = self.node.clone();
             let tp = tp.clone();
@@ -236,6 +237,7 @@ impl Consumer {
                 offset: None,
                 max_bytes: 0,
                 max_wait_ms: 0,
+                min_bytes: 0,
             })
             .await?;
         let (start, end) = (bounds.log_start_offset, bounds.high_watermark);

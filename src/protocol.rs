@@ -81,6 +81,9 @@ pub struct FetchFrame {
     /// With nothing to return yet, wait up to this long for records to be
     /// committed (`fetch.max.wait.ms`).
     pub max_wait_ms: u32,
+    /// Answer before `max_wait_ms` only once records of at least this many
+    /// bytes are there (`fetch.min.bytes`).
+    pub min_bytes: u32,
 }
 
 /// Committed records and the partition's bounds on the replica that answered.
@@ -199,6 +202,7 @@ mod tests {
                 offset: Some(42),
                 max_bytes: 1 << 20,
                 max_wait_ms: 500,
+                min_bytes: 1,
             });
             let mut bytes = crate::wire::encode(&request).expect("encode");
             let at = flip % bytes.len();

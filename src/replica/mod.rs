@@ -704,8 +704,8 @@ impl Task {
             loop {
                 appended.borrow_and_update();
                 let answer = read_committed(&store, &frame);
-                let empty = matches!(&answer, Ok(f) if f.records.is_empty());
-                if !empty || frame.offset.is_none() || Instant::now() >= deadline {
+                let short = matches!(&answer, Ok(f) if fetched_bytes(f) < (frame.min_bytes as usize).max(1));
+                if !short || frame.offset.is_none() || Instant::now() >= deadline {
                     let _ = reply.send(answer);
                     return;
                 }
@@ -1108,6 +1108,15 @@ fn read_committed(store: &Store, frame: &FetchFrame) -> Result<Fetched, Refusal>
         Err(crate::error::StoreError::TopicNotFound(t)) => Err(Refusal::TopicNotFound(t)),
         Err(e) => Err(Refusal::Other(e.to_string())),
     }
+}
+
+/// The bytes of keys and values a fetch answer carries (what `fetch_min_bytes` counts).
+fn fetched_bytes(fetched: &Fetched) -> usize {
+    fetched
+        .records
+        .iter()
+        .map(|r| r.value().len() + r.key().map_or(0, <[u8]>::len))
+        .sum()
 }
 
 /// Hands out produce results to a waiting caller.

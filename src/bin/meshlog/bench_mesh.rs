@@ -269,12 +269,15 @@ async fn run_case(
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(latency)
         }));
     }
+    let (bar, ticker) = progress_bar(&topic, produce_for, acked.clone());
     let mut ack_latency_us = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     for p in producers {
         let h = p.await?.map_err(|e| e.to_string())?;
         ack_latency_us.add(&h)?;
     }
     let produce_secs = clock.elapsed().as_secs_f64();
+    ticker.abort();
+    bar.finish_and_clear();
     let total = acked.load(Ordering::Relaxed);
     let _ = done.send(Some(total));
     let (consumed, consume_secs, e2e_latency_us) = consumer.await?.map_err(|e| e.to_string())?;
@@ -286,6 +289,35 @@ async fn run_case(
         consume_secs,
         e2e_latency_us,
     })
+}
+
+/// Shows the case's progress on stderr (when it is a terminal) until aborted:
+/// time spent producing and records acknowledged so far.
+fn progress_bar(
+    topic: &str,
+    produce_for: Duration,
+    acked: Arc<AtomicU64>,
+) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new(produce_for.as_millis() as u64);
+    let style = indicatif::ProgressStyle::with_template("{prefix:>18} [{bar:30}] {msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(topic.to_string());
+    let started = Instant::now();
+    let shown = bar.clone();
+    let ticker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            bar.set_position(started.elapsed().as_millis() as u64);
+            bar.set_message(format!("{} acknowledged", acked.load(Ordering::Relaxed)));
+            if started.elapsed() > produce_for + Duration::from_secs(60) {
+                break;
+            }
+        }
+    });
+    (shown, ticker)
 }
 
 /// Counts an acknowledged record and its latency.
