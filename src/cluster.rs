@@ -607,6 +607,11 @@ fn refusal_error(refusal: Refusal, topic: &str, partition: u32) -> Error {
             next_seq,
             head,
         },
+        Refusal::Duplicates(originals) => Error::Duplicates {
+            topic,
+            partition,
+            originals,
+        },
         Refusal::ProducerConflict { seq } => Error::ProducerConflict {
             topic,
             partition,

@@ -43,6 +43,11 @@ pub struct NodeConfig {
     pub max_group_commit: usize,
     /// How often retention runs (Kafka's `log.retention.check.interval.ms`). Default 5 min.
     pub retention_check_interval: Duration,
+    /// How long a partition's leader remembers the dedup keys of records it
+    /// stored (NATS's `duplicate_window`): a record repeating one within
+    /// this window is not stored again. Measured on record timestamps.
+    /// Default 2 min.
+    pub dedup_window: Duration,
     /// How the node joins the mesh: listen and bootstrap addresses, mDNS, role.
     /// Default: a storage node on every interface with mDNS on. `None` keeps
     /// the node off the network (a local log only).
@@ -56,6 +61,7 @@ impl Default for NodeConfig {
             fsync: true,
             max_group_commit: 4096,
             retention_check_interval: Duration::from_secs(300),
+            dedup_window: Duration::from_secs(120),
             network: Some(MeshConfig::default()),
         }
     }

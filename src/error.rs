@@ -330,6 +330,18 @@ pub enum Error {
         /// The producer-chain hash at that point.
         head: MessageId,
     },
+    /// Records repeat dedup keys the partition stored within its window
+    /// (index in the batch, original offset, original ID). The producer
+    /// handles this itself: each such record is reported at its original.
+    #[error("{topic}/{partition}: {} records repeat stored dedup keys", originals.len())]
+    Duplicates {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// Index in the batch, original offset and ID of each duplicate.
+        originals: Vec<(u32, u64, MessageId)>,
+    },
     /// The mesh has too few live storage nodes for the request.
     #[error("{0}")]
     NotEnoughNodes(String),

@@ -74,3 +74,4 @@ pub use error::{Error, Result};
 pub use node::{GroupOffset, Node, PartitionDescription, TopicDescription};
 pub use producer::{Delivery, Producer, ProducerRecord};
 pub use record::{ConsumerRecord, Header, Record, RecordMetadata};
+pub use replica::dedup::DEDUP_HEADER;

@@ -212,6 +212,7 @@ impl Node {
                     founding,
                     ownership: ownership.clone(),
                     appended: appended.subscribe(),
+                    dedup_window: config.dedup_window,
                 });
                 (Some(replicator), Some(task))
             }

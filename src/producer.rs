@@ -94,6 +94,14 @@ impl ProducerRecord {
         self
     }
 
+    /// Sets a dedup key (NATS's message id): a partition's leader stores a
+    /// record whose key it stored within its dedup window only once, and
+    /// answers a repeat with the original's offset and ID. Carried in the
+    /// [`crate::DEDUP_HEADER`] header.
+    pub fn with_dedup_key(self, key: impl Into<Vec<u8>>) -> Self {
+        self.with_header(crate::replica::dedup::DEDUP_HEADER, key)
+    }
+
     /// Sets the timestamp.
     pub fn with_timestamp(mut self, timestamp_ms: i64) -> Self {
         self.timestamp = Some(timestamp_ms);
@@ -713,6 +721,12 @@ fn classify(
     producer: Option<ProducerId>,
 ) -> Answer<Stored, Cause> {
     match error {
+        Error::Duplicates { originals, .. } => Answer::Duplicates(
+            originals
+                .into_iter()
+                .map(|(index, offset, id)| (index as usize, (offset, vec![id])))
+                .collect(),
+        ),
         Error::OutOfSequence { next_seq, head, .. } => Answer::OutOfSequence {
             next_seq,
             head,

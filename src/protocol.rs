@@ -155,6 +155,10 @@ pub enum Refusal {
         /// The producer-chain hash at that point.
         head: MessageId,
     },
+    /// Nothing was stored: these records (index in the batch, original
+    /// offset, original ID) repeat dedup keys the partition stored within
+    /// its dedup window.
+    Duplicates(Vec<(u32, u64, MessageId)>),
     /// A retried batch differs from the batch stored at its sequence.
     ProducerConflict {
         /// The batch's first sequence.

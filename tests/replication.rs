@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use meshlog::core::membership::{MembershipConfig, Role};
 use meshlog::net::{MeshConfig, Multiaddr};
-use meshlog::{Acks, Error, Node, NodeConfig, ProducerConfig, TopicConfig};
+use meshlog::{Acks, Error, Node, NodeConfig, ProducerConfig, ProducerRecord, TopicConfig};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -464,4 +464,65 @@ async fn two_meshes_refuse_each_other_instead_of_merging() {
     );
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_dedup_key_is_stored_once_and_answered_with_the_original() {
+    init_logs();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new().unwrap()).collect();
+    let nodes = three_nodes(&dirs).await;
+    let config = TopicConfig::default()
+        .with_partitions(2)
+        .with_replication_factor(3);
+    nodes[0]
+        .create_topic("payments", config)
+        .await
+        .expect("create");
+    wait_for_leaders(&nodes[1], "payments").await;
+    let record = |i: usize| {
+        ProducerRecord::new(format!("payment {i}"))
+            .with_key(format!("account-{}", i % 3))
+            .with_dedup_key(format!("pay-{i}"))
+    };
+
+    // The first application instance sends 20 payments.
+    let first = nodes[1].producer(ProducerConfig::default());
+    let originals = first
+        .send_batch("payments", (0..20).map(record).collect())
+        .await
+        .expect("first send");
+    // Another instance (a restart, a second sender) sends them again with 5
+    // new ones, in one batch call: the 20 are answered with the originals.
+    let second = nodes[2].producer(ProducerConfig::default());
+    let again = second
+        .send_batch("payments", (0..25).map(record).collect())
+        .await
+        .expect("second send");
+    assert_eq!(
+        &again[..20],
+        &originals[..],
+        "repeats answered with the originals"
+    );
+    for meta in &again[20..] {
+        assert!(
+            !originals
+                .iter()
+                .any(|o| (o.partition, o.offset) == (meta.partition, meta.offset)),
+            "new payments get new offsets: {meta:?}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = nodes[0].describe_topic("payments").await.expect("describe");
+        let stored: u64 = view.partitions.iter().map(|p| p.high_watermark).sum();
+        if stored == 25 {
+            break;
+        }
+        assert!(stored <= 25, "duplicates were stored: {stored} records");
+        assert!(Instant::now() < deadline, "only {stored} of 25 committed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in &nodes {
+        node.shutdown().await;
+    }
 }

@@ -97,6 +97,10 @@ pub enum Answer<O, E> {
     Retry(E),
     /// Not stored and never will be.
     Refused(E),
+    /// Nothing was stored: these records (by index in the batch) repeat a
+    /// dedup key the log already holds, with the original's outcome. The
+    /// rest of the batch is sent again without them.
+    Duplicates(Vec<(usize, O)>),
     /// The batch's stamp does not fit where the producer's chain stands in
     /// the leader's log: `next_seq` and `head`.
     OutOfSequence {
@@ -174,7 +178,7 @@ pub enum Output<R, T, O, E> {
 
 /// A sealed batch awaiting its answer.
 #[derive(Debug)]
-struct Batch<R, T, E> {
+struct Batch<R, T, O, E> {
     id: u64,
     base_seq: u64,
     prev: MessageId,
@@ -189,18 +193,19 @@ struct Batch<R, T, E> {
     /// later batches may predate the answers to the batches before them).
     sent_as_front: bool,
     /// The latest refusal since the last settle.
-    last: Option<Refusal<E>>,
+    last: Option<Refusal<O, E>>,
     /// The latest refusal, reported if the batch expires.
     last_error: Option<E>,
     deadline: Duration,
 }
 
 #[derive(Clone, Debug)]
-enum Refusal<E> {
+enum Refusal<O, E> {
     /// Reached the leader before a batch ahead of it: resend at once, in order.
     Reordered,
     Retry(E),
     Refused(E),
+    Duplicates(Vec<(usize, O)>),
     OutOfSequence {
         next_seq: u64,
         head: MessageId,
@@ -229,7 +234,7 @@ pub struct PartitionSender<R, T, O, E> {
     /// Replay: the leader's chain position to reach by skipping.
     skip_until: Option<(u64, MessageId)>,
     open: Option<Open<R, T>>,
-    batches: VecDeque<Batch<R, T, E>>,
+    batches: VecDeque<Batch<R, T, O, E>>,
     next_batch_id: u64,
     in_flight: usize,
     draining: bool,
@@ -334,7 +339,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
     }
 
     /// Gives `batch` the next stamp and advances the chain past it.
-    fn stamp(&mut self, batch: &mut Batch<R, T, E>) {
+    fn stamp(&mut self, batch: &mut Batch<R, T, O, E>) {
         batch.base_seq = self.next_seq;
         batch.prev = self.head;
         if let Some(producer) = self.producer() {
@@ -467,6 +472,14 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
                 }
             }
             Answer::Retry(e) => self.refused(index, Refusal::Retry(e)),
+            Answer::Duplicates(duplicates) => {
+                let refusal = if self.batches[index].sent_as_front {
+                    Refusal::Duplicates(duplicates)
+                } else {
+                    Refusal::Reordered
+                };
+                self.refused(index, refusal);
+            }
             Answer::Refused(e) => self.refused(index, Refusal::Refused(e)),
             Answer::OutOfSequence {
                 next_seq,
@@ -488,7 +501,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         out
     }
 
-    fn refused(&mut self, index: usize, refusal: Refusal<E>) {
+    fn refused(&mut self, index: usize, refusal: Refusal<O, E>) {
         if let Refusal::Retry(e) | Refusal::Refused(e) = &refusal {
             self.batches[index].last_error = Some(e.clone());
         }
@@ -522,6 +535,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             Some(Refusal::OutOfSequence { next_seq, head }) => {
                 self.resync(next_seq, head, out);
             }
+            Some(Refusal::Duplicates(duplicates)) => self.drop_duplicates(duplicates, out),
             Some(Refusal::Retry(_)) => {
                 if attempts > self.settings.retries {
                     self.give_up_front(out);
@@ -532,6 +546,39 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             // reordered, or it never went out): send again at once.
             Some(Refusal::Reordered) | None => {}
         }
+    }
+
+    /// Reports the first batch's duplicates as stored (where the originals
+    /// are), and stamps the rest of it and the batches after it again from
+    /// its place: nothing of it was stored.
+    fn drop_duplicates(
+        &mut self,
+        mut duplicates: Vec<(usize, O)>,
+        out: &mut Vec<Output<R, T, O, E>>,
+    ) {
+        let Some(front) = self.batches.front_mut() else {
+            return;
+        };
+        let (seq, head) = (front.base_seq, front.prev);
+        duplicates.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
+        duplicates.dedup_by_key(|(index, _)| *index);
+        let mut reported = Vec::new();
+        for (index, outcome) in duplicates {
+            if index < front.items.len() {
+                let item = front.items.remove(index);
+                reported.push(Output::Stored {
+                    tokens: vec![item.token],
+                    outcome,
+                    chain_after: (seq, head),
+                });
+            }
+        }
+        reported.reverse();
+        out.extend(reported);
+        if front.items.is_empty() {
+            self.batches.pop_front();
+        }
+        self.restamp_from(seq, head);
     }
 
     /// The leader's log says the producer's chain stands at (`next_seq`, `head`).
@@ -578,7 +625,7 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         }
         self.skip_until = Some((next_seq, head));
         let mut skipped = Vec::new();
-        let mut kept: VecDeque<Batch<R, T, E>> = VecDeque::new();
+        let mut kept: VecDeque<Batch<R, T, O, E>> = VecDeque::new();
         let batches = std::mem::take(&mut self.batches);
         let mut conflict: Option<(Vec<T>, u64)> = None;
         for mut batch in batches {
@@ -910,6 +957,26 @@ mod tests {
             again,
             vec![(sent[1].0, 0, vec![3, 4, 5])],
             "restamped at sequence 0"
+        );
+    }
+
+    #[test]
+    fn duplicates_are_reported_where_the_originals_are_and_the_rest_is_sent_again() {
+        let mut q = Sender::new(settings(), Idempotence::Fresh(PRODUCER), genesis());
+        let mut sent = Vec::new();
+        for v in 0..3 {
+            sent.extend(sends(&q.push(item(v), Duration::ZERO)));
+        }
+        let t = Duration::from_millis(1);
+        let out = q.answer(sent[0].0, 1, Answer::Duplicates(vec![(1, 42)]), t);
+        assert!(
+            matches!(&out[0], Output::Stored { tokens, outcome: 42, .. } if tokens == &vec![1]),
+            "{out:?}"
+        );
+        assert_eq!(
+            sends(&out),
+            vec![(sent[0].0, 0, vec![0, 2])],
+            "the rest, from sequence 0"
         );
     }
 

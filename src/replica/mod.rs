@@ -11,6 +11,7 @@
 //! Peers' topic requests (create, delete, describe) arrive here too, since
 //! creating a topic opens its replicas.
 
+pub mod dedup;
 mod partition;
 
 use std::collections::BTreeMap;
@@ -103,6 +104,8 @@ pub(crate) struct ReplicatorSetup {
     pub ownership: SharedOwnership,
     /// Bumped whenever committed records become readable here (long polls).
     pub appended: watch::Receiver<u64>,
+    /// How long a leader remembers records' dedup keys.
+    pub dedup_window: Duration,
 }
 
 impl Replicator {
@@ -118,6 +121,7 @@ impl Replicator {
             founding,
             ownership,
             appended,
+            dedup_window,
         } = setup;
         let (requests, receiver) = mpsc::channel(1024);
         let task = Task {
@@ -131,6 +135,7 @@ impl Replicator {
                 replication: ReplicationConfig::default(),
                 replica_lag: Duration::from_secs(5),
                 produce_timeout: Duration::from_secs(30),
+                dedup_window,
             },
             pending: FuturesOrdered::new(),
             unknown_topics: BTreeMap::new(),

@@ -24,6 +24,8 @@ use crate::core::replication::{
 use crate::error::StoreError;
 use crate::net::NodeId;
 use crate::protocol::{ProduceFrame, Produced, Refusal};
+use crate::record::Record;
+use crate::replica::dedup::{DedupIndex, Original, dedup_key};
 use crate::store::{ProducerState, ReplicatedEntry, SequenceCheck, Store, VoteRow};
 use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch, StoredBatch};
 
@@ -124,6 +126,8 @@ pub(crate) struct PartitionSettings {
     pub replica_lag: Duration,
     /// How long a produce request may wait for its acknowledgement.
     pub produce_timeout: Duration,
+    /// How long the leader remembers records' dedup keys.
+    pub dedup_window: Duration,
 }
 
 /// One replica of one partition, driven by the node.
@@ -152,6 +156,8 @@ pub(crate) struct PartitionReplica {
     rf: usize,
     /// Which opening of this partition's replica this is (see the driver).
     generation: u64,
+    /// Recent dedup keys, while leading.
+    dedup: DedupIndex,
 }
 
 impl PartitionReplica {
@@ -223,6 +229,7 @@ impl PartitionReplica {
             led: None,
             rf,
             generation: 0,
+            dedup: DedupIndex::default(),
         })
     }
 
@@ -495,6 +502,7 @@ impl PartitionReplica {
                 max,
             });
         }
+        self.refuse_duplicates(&frame.records, store)?;
         let mut producer = frame.producer.clone();
         let mut produced: Option<Produced> = None;
         let mut effects = Vec::new();
@@ -522,7 +530,52 @@ impl PartitionReplica {
             }
         }
         let produced = produced.ok_or_else(|| Refusal::Other("empty batch".into()))?;
+        self.remember_dedup_keys(&frame.records, &produced);
         Ok((produced, entries_end, effects))
+    }
+
+    /// Refuses a batch with records whose dedup keys this partition stored
+    /// within the window, naming each one's original.
+    fn refuse_duplicates(&mut self, records: &[Record], store: &Store) -> Result<(), Refusal> {
+        if !records.iter().any(|r| dedup_key(r).is_some()) {
+            return Ok(());
+        }
+        let epoch = self.core.epoch();
+        let window = self.settings.dedup_window;
+        if !self.dedup.is_built_for(epoch) {
+            self.dedup
+                .rebuild(store, &self.topic, self.partition, epoch, window);
+        }
+        let duplicates: Vec<(u32, u64, MessageId)> = records
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let original = self.dedup.lookup(dedup_key(r)?, r.timestamp, window)?;
+                Some((i as u32, original.offset, original.id))
+            })
+            .collect();
+        if duplicates.is_empty() {
+            Ok(())
+        } else {
+            Err(Refusal::Duplicates(duplicates))
+        }
+    }
+
+    /// Indexes the dedup keys of records just stored.
+    fn remember_dedup_keys(&mut self, records: &[Record], produced: &Produced) {
+        if !self.dedup.is_built_for(self.core.epoch()) {
+            return;
+        }
+        let window = self.settings.dedup_window;
+        for (i, (record, id)) in records.iter().zip(&produced.ids).enumerate() {
+            if let Some(key) = dedup_key(record) {
+                let original = Original {
+                    offset: produced.base_offset + i as u64,
+                    id: *id,
+                };
+                self.dedup.insert(key, original, record.timestamp, window);
+            }
+        }
     }
 
     /// Checks an idempotent chunk: `Some` is a retry's original placement.
@@ -799,6 +852,7 @@ impl PartitionReplica {
             let _ = w.reply.send(Err(Refusal::NotLeader { hint }));
         }
         let cut_offset = self.record_end(from);
+        self.dedup.invalidate();
         self.spans.truncate(from as usize);
         self.payloads.split_off(&from);
         self.durable = self.durable.min(from);
