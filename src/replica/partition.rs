@@ -502,7 +502,9 @@ impl PartitionReplica {
                 max,
             });
         }
-        self.refuse_duplicates(&frame.records, store)?;
+        if !self.is_producer_retry(frame.producer.as_ref()) {
+            self.refuse_duplicates(&frame.records, store)?;
+        }
         let mut producer = frame.producer.clone();
         let mut produced: Option<Produced> = None;
         let mut effects = Vec::new();
@@ -532,6 +534,18 @@ impl PartitionReplica {
         let produced = produced.ok_or_else(|| Refusal::Other("empty batch".into()))?;
         self.remember_dedup_keys(&frame.records, &produced);
         Ok((produced, entries_end, effects))
+    }
+
+    /// Whether an idempotent batch is (or claims to be) a producer's retry:
+    /// the producer-chain check answers those, before dedup keys, which would
+    /// otherwise find the batch's own keys.
+    fn is_producer_retry(&self, pb: Option<&ProducerBatch>) -> bool {
+        pb.is_some_and(|pb| {
+            self.producers
+                .get(&pb.producer)
+                .and_then(Option::as_ref)
+                .is_some_and(|state| pb.base_seq < state.next_seq)
+        })
     }
 
     /// Refuses a batch with records whose dedup keys this partition stored
