@@ -137,8 +137,17 @@ async fn an_idempotent_producer_stores_100k_keyed_records_exactly_once_through_l
                     || async { reached(kill_at) },
                 )
                 .await;
-                let Some(index) = leader_of(&client, &ids, TOPIC, partition).await else {
-                    panic!("partition {partition} has no leader to kill");
+                // Right after a restart an election may be under way: wait for a leader.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let index = loop {
+                    if let Some(index) = leader_of(&client, &ids, TOPIC, partition).await {
+                        break index;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "partition {partition} has no leader to kill"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 };
                 let killed: Option<NodeProcess> = nodes.lock().unwrap()[index].take();
                 if let Some(mut process) = killed {

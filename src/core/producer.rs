@@ -366,11 +366,6 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
     /// expired batches, and sends what the window allows.
     pub fn poll(&mut self, now: Duration) -> Vec<Output<R, T, O, E>> {
         let mut out = Vec::new();
-        if let Some(open) = &self.open
-            && now >= open.since + self.settings.linger
-        {
-            self.seal();
-        }
         if self.draining && self.in_flight == 0 {
             self.draining = false;
             self.settle(now, &mut out);
@@ -379,14 +374,40 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             self.expire(now, &mut out);
             if now >= self.resume_at {
                 self.send(&mut out);
+                // A lingered batch is sealed only when it can go out at once;
+                // until then records keep joining it (up to `batch_bytes`), so
+                // a busy partition sends fewer, fuller batches.
+                if self
+                    .open
+                    .as_ref()
+                    .is_some_and(|o| now >= o.since + self.settings.linger)
+                    && self.window_has_room()
+                {
+                    self.seal();
+                    self.send(&mut out);
+                }
             }
         }
         out
     }
 
+    /// Whether a newly sealed batch could be sent now: every sealed batch is
+    /// in flight and the window has room for one more.
+    fn window_has_room(&self) -> bool {
+        let oldest = self.batches.front().map_or(self.next_batch_id, |b| b.id);
+        self.batches.iter().all(|b| b.in_flight)
+            && self.next_batch_id < oldest + self.settings.max_in_flight as u64
+    }
+
     /// The earliest time at which [`Self::poll`] has something to do, if any.
     pub fn next_wake(&self) -> Option<Duration> {
-        let linger = self.open.as_ref().map(|o| o.since + self.settings.linger);
+        // The open batch's linger matters only while it could be sent;
+        // otherwise an answer (or the first batch's deadline) comes first.
+        let linger = self
+            .open
+            .as_ref()
+            .filter(|_| !self.draining && self.window_has_room())
+            .map(|o| (o.since + self.settings.linger).max(self.resume_at));
         let front = self
             .batches
             .front()

@@ -145,6 +145,10 @@ pub(crate) struct PartitionReplica {
     payloads: BTreeMap<u64, Arc<Vec<u8>>>,
     /// Idempotent producers' state as of the in-memory log end, loaded lazily.
     producers: BTreeMap<ProducerId, Option<ProducerState>>,
+    /// Producer steps of entries in the log but maybe not yet in the store,
+    /// by entry index: a producer's state loaded from the store meanwhile is
+    /// brought up to the log end with them.
+    unwritten_steps: BTreeMap<u64, (u64, u32, ProducerStep)>,
     waiters: Vec<Waiter>,
     /// Entries confirmed durable on this node.
     durable: u64,
@@ -223,6 +227,7 @@ impl PartitionReplica {
             start_prev_id: state.start_prev_id,
             payloads: BTreeMap::new(),
             producers: BTreeMap::new(),
+            unwritten_steps: BTreeMap::new(),
             waiters: Vec::new(),
             durable,
             committed: 0,
@@ -426,6 +431,8 @@ impl PartitionReplica {
                     now,
                 );
                 self.durable = self.core.durable();
+                // The store holds these entries now.
+                self.unwritten_steps = self.unwritten_steps.split_off(&self.durable);
                 let mut effects = self.apply(actions, None);
                 self.answer_waiters();
                 self.notice_role(&mut effects);
@@ -657,7 +664,31 @@ impl PartitionReplica {
         if self.producers.contains_key(&producer) {
             return Ok(());
         }
-        let state = store.producer_state(&self.topic, self.partition, producer)?;
+        let mut state = store.producer_state(&self.topic, self.partition, producer)?;
+        // Entries appended since may not be in the store yet: apply those of
+        // this producer that continue the stored state (the others are there).
+        for (base_offset, count, step) in self.unwritten_steps.values() {
+            if step.first.producer != producer {
+                continue;
+            }
+            let next_seq = state.as_ref().map_or(0, |s| s.next_seq);
+            if step.first.base_seq != next_seq {
+                continue;
+            }
+            let after = ProducerBatch {
+                producer,
+                base_seq: step.first.base_seq + u64::from(*count),
+                prev: step.after,
+            };
+            state = Some(ProducerState::advanced(
+                state,
+                &step.first,
+                &after,
+                *base_offset,
+                *count,
+                step.newest,
+            ));
+        }
         self.producers.insert(producer, state);
         Ok(())
     }
@@ -807,6 +838,8 @@ impl PartitionReplica {
                 }) => {
                     if let Some(step) = producer {
                         self.follow_producer(*base_offset, *count, step);
+                        self.unwritten_steps
+                            .insert(index, (*base_offset, *count, step.clone()));
                     }
                     ((*base_offset, *count), Some(bytes.clone()))
                 }
@@ -836,7 +869,7 @@ impl PartitionReplica {
     fn follow_producer(&mut self, base_offset: u64, count: u32, step: &ProducerStep) {
         let Some(state) = self.producers.get_mut(&step.first.producer) else {
             // Not loaded: the store will have it once this write lands, and
-            // nothing reads it before the next load.
+            // a load before then applies `unwritten_steps`.
             return;
         };
         let after = ProducerBatch {
@@ -870,9 +903,20 @@ impl PartitionReplica {
         self.spans.truncate(from as usize);
         self.payloads.split_off(&from);
         self.durable = self.durable.min(from);
-        for state in self.producers.values_mut() {
-            if let Some(s) = state.as_ref() {
-                *state = s.rolled_back_to(cut_offset);
+        self.unwritten_steps.split_off(&from);
+        // A state that cannot be rolled back (every batch it remembers was
+        // cut) is dropped, to be loaded again, rather than taken for "never
+        // wrote here", which would restart the producer's chain.
+        let producers = std::mem::take(&mut self.producers);
+        for (producer, state) in producers {
+            match state.as_ref().map(|s| s.rolled_back_to(cut_offset)) {
+                Some(None) => {}
+                Some(rolled) => {
+                    self.producers.insert(producer, rolled);
+                }
+                None => {
+                    self.producers.insert(producer, None);
+                }
             }
         }
         // A producer whose state could not be rolled back is reloaded later.
