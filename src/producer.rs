@@ -122,7 +122,7 @@ struct Shared {
     id: Option<ProducerId>,
     commands: mpsc::UnboundedSender<Command>,
     memory: Arc<Semaphore>,
-    routing: Mutex<Routing>,
+    routing: Arc<Mutex<Routing>>,
     /// Per (topic, partition): the acknowledged next sequence and chain head
     /// (the furthest one: answers may come back out of order).
     heads: Arc<Mutex<ChainHeads>>,
@@ -197,6 +197,7 @@ impl Producer {
             });
         let (commands, rx) = mpsc::unbounded_channel();
         let heads = Arc::new(Mutex::new(HashMap::new()));
+        let routing = Arc::new(Mutex::new(Routing::default()));
         let memory = Arc::new(Semaphore::new(
             config.buffer_memory.min(Semaphore::MAX_PERMITS),
         ));
@@ -208,6 +209,7 @@ impl Producer {
             in_flight: FuturesUnordered::new(),
             flushes: Vec::new(),
             heads: heads.clone(),
+            routing: routing.clone(),
             start: tokio::time::Instant::now(),
         };
         tokio::spawn(task.run(rx));
@@ -218,7 +220,7 @@ impl Producer {
                 id,
                 commands,
                 memory,
-                routing: Mutex::new(Routing::default()),
+                routing,
                 heads,
             }),
         }
@@ -435,6 +437,9 @@ struct SenderTask {
     in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Answered> + Send>>>,
     flushes: Vec<oneshot::Sender<()>>,
     heads: Arc<Mutex<ChainHeads>>,
+    /// Shared with the producer handles: a topic that turns out gone is
+    /// looked up again on the next send.
+    routing: Arc<Mutex<Routing>>,
     start: tokio::time::Instant,
 }
 
@@ -647,6 +652,16 @@ impl SenderTask {
                 }
                 Output::Failed { tokens, failure } => {
                     debug!(%topic, partition, ?failure, records = tokens.len(), "records failed");
+                    if let Failure::Refused(Cause(error)) = &failure
+                        && matches!(
+                            **error,
+                            Error::TopicNotFound(_)
+                                | Error::Store(StoreError::PartitionNotFound { .. })
+                        )
+                        && let Ok(mut routing) = self.routing.lock()
+                    {
+                        routing.topics.remove(&**topic);
+                    }
                     for token in tokens {
                         let error = failure_error(&failure, topic, partition);
                         let _ = token.reply.send(Err(error));
