@@ -9,7 +9,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    create_replicated, node_id, signal, spawn, start_cluster, stop_all, wait_until,
+    create_replicated, node_id, signal, spawn, start_cluster, stop_all, wait_for_agreement,
+    wait_until,
 };
 use meshlog::net::NodeId;
 use meshlog::{
@@ -261,24 +262,7 @@ async fn a_killed_leader_loses_no_acknowledged_record_and_replicas_agree() {
         let end = expected_end.entry(meta.partition).or_insert(0u64);
         *end = (*end).max(meta.offset + 1);
     }
-    wait_until("all replicas agree", Duration::from_secs(30), || async {
-        let mut views = Vec::new();
-        for id in &ids {
-            match client.describe_topic_at(*id, TOPIC).await {
-                Ok(view) => views.push(view),
-                Err(_) => return false,
-            }
-        }
-        (0..PARTITIONS as usize).all(|p| {
-            let first = &views[0].partitions[p];
-            first.high_watermark >= expected_end.get(&(p as u32)).copied().unwrap_or(0)
-                && views.iter().all(|v| {
-                    v.partitions[p].high_watermark == first.high_watermark
-                        && v.partitions[p].head == first.head
-                })
-        })
-    })
-    .await;
+    wait_for_agreement(&client, &ids, TOPIC, PARTITIONS, &expected_end).await;
     // A consumer on the light client reads every partition from its
     // replicas over the mesh: each acknowledged record, once, at its offset.
     let mut consumer = client

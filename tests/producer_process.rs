@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{create_replicated, node_id, spawn, start_cluster, stop_all, wait_until};
+use common::cluster::{
+    create_replicated, node_id, spawn, start_cluster, stop_all, wait_for_agreement, wait_until,
+};
 use common::{Line, NodeProcess};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
@@ -77,29 +79,6 @@ async fn leader_of(client: &Node, ids: &[NodeId], topic: &str, partition: u32) -
     let description = client.describe_topic(topic).await.ok()?;
     let leader = description.partitions.get(partition as usize)?.leader?;
     ids.iter().position(|id| *id == leader)
-}
-
-/// Waits until every replica reports the same high watermark and head per
-/// partition, at least `ends` (the acknowledged end per partition).
-async fn wait_for_agreement(client: &Node, ids: &[NodeId], topic: &str, ends: &BTreeMap<u32, u64>) {
-    wait_until("all replicas agree", Duration::from_secs(60), || async {
-        let mut views = Vec::new();
-        for id in ids {
-            match client.describe_topic_at(*id, topic).await {
-                Ok(view) => views.push(view),
-                Err(_) => return false,
-            }
-        }
-        (0..PARTITIONS as usize).all(|p| {
-            let first = &views[0].partitions[p];
-            first.high_watermark >= ends.get(&(p as u32)).copied().unwrap_or(0)
-                && views.iter().all(|v| {
-                    v.partitions[p].high_watermark == first.high_watermark
-                        && v.partitions[p].head == first.head
-                })
-        })
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,7 +200,7 @@ async fn an_idempotent_producer_stores_100k_keyed_records_exactly_once_through_l
         let end = ends.entry(meta.partition).or_insert(0u64);
         *end = (*end).max(meta.offset + 1);
     }
-    wait_for_agreement(&client, &ids, TOPIC, &ends).await;
+    wait_for_agreement(&client, &ids, TOPIC, PARTITIONS, &ends).await;
 
     // A consumer verifies the producer's chain end to end in every partition.
     let mut consumer = client
@@ -355,7 +334,7 @@ async fn a_producer_process_killed_and_run_again_with_its_identity_stores_each_r
     })
     .await;
     let ends: BTreeMap<u32, u64> = BTreeMap::new();
-    wait_for_agreement(&client, &ids, TOPIC, &ends).await;
+    wait_for_agreement(&client, &ids, TOPIC, PARTITIONS, &ends).await;
     stop_all(client, &mut nodes).await;
     for dir in &dirs[..3] {
         let per_key = check_store(dir.path(), TOPIC, PARTITIONS);

@@ -124,3 +124,33 @@ pub async fn stop_all(client: Node, nodes: &mut [Option<NodeProcess>]) {
         assert!(status.success(), "clean exit, got {status}");
     }
 }
+
+/// Waits (up to 60 s) until every replica reports the same high watermark and
+/// head for each of `partitions`, and at least `ends` (the acknowledged end
+/// per partition).
+pub async fn wait_for_agreement(
+    client: &Node,
+    ids: &[NodeId],
+    topic: &str,
+    partitions: u32,
+    ends: &std::collections::BTreeMap<u32, u64>,
+) {
+    wait_until("all replicas agree", Duration::from_secs(60), || async {
+        let mut views = Vec::new();
+        for id in ids {
+            match client.describe_topic_at(*id, topic).await {
+                Ok(view) => views.push(view),
+                Err(_) => return false,
+            }
+        }
+        (0..partitions as usize).all(|p| {
+            let first = &views[0].partitions[p];
+            first.high_watermark >= ends.get(&(p as u32)).copied().unwrap_or(0)
+                && views.iter().all(|v| {
+                    v.partitions[p].high_watermark == first.high_watermark
+                        && v.partitions[p].head == first.head
+                })
+        })
+    })
+    .await;
+}
