@@ -141,7 +141,9 @@ impl Node {
                     Refusal::Other("the node is shutting down".into()),
                 ))))
             }
-            PeerRequest::Replicate(_) | PeerRequest::Ownership(_) => Ok(PeerResponse::Ack),
+            PeerRequest::Replicate(_)
+            | PeerRequest::ReplicateMany(_)
+            | PeerRequest::Ownership(_) => Ok(PeerResponse::Ack),
         }
     }
 

@@ -36,6 +36,8 @@ pub enum PeerRequest {
         /// Its name.
         name: String,
     },
+    /// Replication traffic of several partitions to one peer, handled in order.
+    ReplicateMany(Vec<ReplicateFrame>),
 }
 
 /// A replication message for one partition.

@@ -764,6 +764,12 @@ impl Task {
                 let _ = reply.send(PeerResponse::Ack);
                 self.on_replicate(from, frame).await;
             }
+            PeerRequest::ReplicateMany(frames) => {
+                let _ = reply.send(PeerResponse::Ack);
+                for frame in frames {
+                    self.on_replicate(from, frame).await;
+                }
+            }
             PeerRequest::Produce(frame) => {
                 let (tx, rx) = oneshot::channel();
                 self.produce(frame, tx).await;
@@ -983,8 +989,32 @@ impl Task {
             }
             merged.push((to, frame));
         }
+        // One message per peer, carrying every partition's frames in order.
+        let mut by_peer: BTreeMap<NodeId, Vec<(usize, Vec<ReplicateFrame>)>> = BTreeMap::new();
         for (to, frame) in merged {
-            if let Err(error) = self.mesh.send(to, PeerRequest::Replicate(frame)).await {
+            let bytes = frame_bytes(&frame.batches);
+            let groups = by_peer.entry(to).or_default();
+            match groups.last_mut() {
+                Some((size, frames)) if *size + bytes <= MAX_MESSAGE_BYTES => {
+                    *size += bytes;
+                    frames.push(frame);
+                }
+                _ => groups.push((bytes, vec![frame])),
+            }
+        }
+        let messages = by_peer
+            .into_iter()
+            .flat_map(|(to, groups)| groups.into_iter().map(move |(_, frames)| (to, frames)));
+        for (to, mut frames) in messages {
+            let request = if frames.len() == 1 {
+                match frames.pop() {
+                    Some(frame) => PeerRequest::Replicate(frame),
+                    None => continue,
+                }
+            } else {
+                PeerRequest::ReplicateMany(frames)
+            };
+            if let Err(error) = self.mesh.send(to, request).await {
                 debug!(%to, %error, "replication message not sent");
             }
         }
@@ -1015,7 +1045,8 @@ fn merge_append(previous: &mut ReplicateFrame, next: &ReplicateFrame) -> bool {
     };
     let fits = *epoch == *next_epoch
         && *prev_offset + entries.len() as u64 == *next_offset
-        && entries.len() + next_entries.len() <= MAX_MERGED_ENTRIES;
+        && entries.len() + next_entries.len() <= MAX_MERGED_ENTRIES
+        && frame_bytes(&previous.batches) + frame_bytes(&next.batches) <= MAX_MESSAGE_BYTES;
     if !fits {
         return false;
     }
@@ -1024,6 +1055,15 @@ fn merge_append(previous: &mut ReplicateFrame, next: &ReplicateFrame) -> bool {
     previous.batches.extend(next.batches.iter().cloned());
     true
 }
+
+/// The bytes of the batches a frame carries.
+fn frame_bytes(batches: &[serde_bytes::ByteBuf]) -> usize {
+    batches.iter().map(|b| b.len()).sum()
+}
+
+/// Most batch bytes one merged replication message carries (the peer
+/// protocol refuses frames over 32 MiB).
+const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Most events handled in one turn before its messages go out.
 const TURN_EVENTS: usize = 256;
