@@ -170,6 +170,8 @@ enum Command {
         seal: bool,
     },
     Flush(oneshot::Sender<()>),
+    /// Send every open batch of a topic now.
+    Seal(Arc<str>),
 }
 
 /// A record's acknowledgement: resolves once the record is stored (or failed).
@@ -271,6 +273,11 @@ impl Producer {
         for (i, record) in records.into_iter().enumerate() {
             deliveries.push(self.push(topic, record, i == last).await?);
         }
+        // Every partition's part goes out now, not only the last record's.
+        self.shared
+            .commands
+            .send(Command::Seal(Arc::from(topic)))
+            .map_err(|_| Error::Closed)?;
         let mut out = Vec::with_capacity(deliveries.len());
         let mut first_error = None;
         for delivery in deliveries {
@@ -499,17 +506,23 @@ impl SenderTask {
                 }
                 self.run_outputs(&key, outputs);
             }
+            Command::Seal(topic) => self.seal_queues(|key| key.0 == topic),
             Command::Flush(done) => {
-                let now = self.now();
-                let keys: Vec<QueueKey> = self.queues.keys().cloned().collect();
-                for key in keys {
-                    if let Some(queue) = self.queues.get_mut(&key) {
-                        queue.seal();
-                        let outputs = queue.poll(now);
-                        self.run_outputs(&key, outputs);
-                    }
-                }
+                self.seal_queues(|_| true);
                 self.flushes.push(done);
+            }
+        }
+    }
+
+    /// Seals the open batch of every queue `which` picks, and sends what can go.
+    fn seal_queues(&mut self, which: impl Fn(&QueueKey) -> bool) {
+        let now = self.now();
+        let keys: Vec<QueueKey> = self.queues.keys().filter(|k| which(k)).cloned().collect();
+        for key in keys {
+            if let Some(queue) = self.queues.get_mut(&key) {
+                queue.seal();
+                let outputs = queue.poll(now);
+                self.run_outputs(&key, outputs);
             }
         }
     }
