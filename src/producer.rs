@@ -201,7 +201,7 @@ impl Producer {
         let heads = Arc::new(Mutex::new(HashMap::new()));
         let routing = Arc::new(Mutex::new(Routing::default()));
         let memory = Arc::new(Semaphore::new(
-            config.buffer_memory.min(Semaphore::MAX_PERMITS),
+            config.buffer_memory.clamp(1, Semaphore::MAX_PERMITS),
         ));
         let task = SenderTask {
             node: node.clone(),
@@ -210,6 +210,7 @@ impl Producer {
             queues: HashMap::new(),
             in_flight: FuturesUnordered::new(),
             flushes: Vec::new(),
+            counts: HashMap::new(),
             heads: heads.clone(),
             routing: routing.clone(),
             start: tokio::time::Instant::now(),
@@ -356,7 +357,7 @@ impl Producer {
 
     async fn reserve_memory(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
         let config = &self.shared.config;
-        let permits = bytes.clamp(1, config.buffer_memory) as u32;
+        let permits = bytes.clamp(1, config.buffer_memory.max(1)) as u32;
         let acquire = self.shared.memory.clone().acquire_many_owned(permits);
         match tokio::time::timeout(config.max_block, acquire).await {
             Ok(Ok(permit)) => Ok(permit),
@@ -442,7 +443,10 @@ struct SenderTask {
     id: Option<ProducerId>,
     queues: HashMap<QueueKey, Queue>,
     in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Answered> + Send>>>,
-    flushes: Vec<oneshot::Sender<()>>,
+    /// Waiting `flush` calls, each with the records per queue it waits for.
+    flushes: Vec<(HashMap<QueueKey, u64>, oneshot::Sender<()>)>,
+    /// Per queue: records pushed, and records reported (stored or failed).
+    counts: HashMap<QueueKey, (u64, u64)>,
     heads: Arc<Mutex<ChainHeads>>,
     /// Shared with the producer handles: a topic that turns out gone is
     /// looked up again on the next send.
@@ -498,6 +502,7 @@ impl SenderTask {
             } => {
                 let now = self.now();
                 let key = (topic, partition);
+                self.counts.entry(key.clone()).or_default().0 += 1;
                 let queue = self.queue(&key);
                 let mut outputs = queue.push(item, now);
                 if seal {
@@ -508,8 +513,14 @@ impl SenderTask {
             }
             Command::Seal(topic) => self.seal_queues(|key| key.0 == topic),
             Command::Flush(done) => {
+                // A flush waits for the records sent before it, not for
+                // those other clones keep sending meanwhile.
+                let targets = self
+                    .counts
+                    .iter()
+                    .map(|(k, (pushed, _))| (k.clone(), *pushed));
+                self.flushes.push((targets.collect(), done));
                 self.seal_queues(|_| true);
-                self.flushes.push(done);
             }
         }
     }
@@ -534,7 +545,9 @@ impl SenderTask {
             let settings = SendSettings {
                 batch_bytes: config.batch_size.max(1),
                 linger: config.linger,
-                max_in_flight: config.max_in_flight.max(1),
+                // The bounds `ProducerConfig::validate` states, for configs
+                // that were not validated.
+                max_in_flight: config.max_in_flight.clamp(1, 16),
                 retry_backoff: config.retry_backoff,
                 delivery_timeout: config.delivery_timeout,
                 retries: config.retries,
@@ -584,11 +597,23 @@ impl SenderTask {
     }
 
     fn answer_flushes(&mut self) {
-        if !self.flushes.is_empty() && self.queues.values().all(Queue::is_idle) {
-            for done in self.flushes.drain(..) {
-                let _ = done.send(());
-            }
+        if self.flushes.is_empty() {
+            return;
         }
+        let counts = &self.counts;
+        let reported = |key: &QueueKey| counts.get(key).map_or(0, |c| c.1);
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flushes)
+            .into_iter()
+            .partition(|(targets, _)| targets.iter().all(|(key, target)| reported(key) >= *target));
+        self.flushes = waiting;
+        for (_, answer) in done {
+            let _ = answer.send(());
+        }
+    }
+
+    /// Counts records reported (stored, already stored or failed) for `key`.
+    fn reported(&mut self, key: &QueueKey, records: usize) {
+        self.counts.entry(key.clone()).or_default().1 += records as u64;
     }
 
     fn run_outputs(&mut self, key: &QueueKey, outputs: Vec<Output<Record, Token, Stored, Cause>>) {
@@ -635,6 +660,7 @@ impl SenderTask {
                     outcome: (base_offset, ids),
                     chain_after,
                 } => {
+                    self.reported(key, tokens.len());
                     if self.id.is_some()
                         && let Ok(mut heads) = self.heads.lock()
                     {
@@ -655,6 +681,7 @@ impl SenderTask {
                     }
                 }
                 Output::AlreadyStored { tokens } => {
+                    self.reported(key, tokens.len());
                     for (token, seq) in tokens {
                         let _ = token.reply.send(Err(Error::AlreadyStored {
                             topic: topic.to_string(),
@@ -664,6 +691,7 @@ impl SenderTask {
                     }
                 }
                 Output::Failed { tokens, failure } => {
+                    self.reported(key, tokens.len());
                     debug!(%topic, partition, ?failure, records = tokens.len(), "records failed");
                     if let Failure::Refused(Cause(error)) = &failure
                         && matches!(

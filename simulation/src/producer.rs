@@ -464,7 +464,18 @@ impl World {
                 let start = original.base_offset as usize;
                 let stored = self.leader.log.get(start..start + records.len());
                 if stored != Some(&records[..]) {
-                    Answer::Refused("a retry differs from the original")
+                    // As the real leader: other records at these sequence
+                    // numbers are answered with where the chain stands.
+                    let (next_seq, head) = self
+                        .leader
+                        .state
+                        .as_ref()
+                        .map_or((0, genesis), |s| (s.next_seq, s.head));
+                    Answer::OutOfSequence {
+                        next_seq,
+                        head,
+                        error: "out of sequence",
+                    }
                 } else if start + records.len() > self.leader.committed {
                     // Stored, not committed yet: answer once it is.
                     self.leader.waiting.push((

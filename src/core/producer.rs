@@ -863,10 +863,22 @@ mod tests {
                     .iter()
                     .find(|r| r.0 == base && r.1 == records.len())
             {
-                let start = r.2 as usize;
-                let stored: Vec<u64> = self.log[start..start + r.1].iter().map(|l| l.1).collect();
-                if stored != records {
-                    return Answer::Refused("a retry differs from the original");
+                // As the real leader: the retry must end at the same
+                // producer-chain hash as the stored batch.
+                let end = r.2 as usize + r.1;
+                let stored_after = self.log[..end].iter().fold(genesis(), |h, (seq, v)| {
+                    chain::producer_link(&h, PRODUCER, *seq, &digest(*v))
+                });
+                let retry_after = records.iter().enumerate().fold(prev, |h, (i, v)| {
+                    chain::producer_link(&h, PRODUCER, base + i as u64, &digest(*v))
+                });
+                if stored_after != retry_after {
+                    // As the real leader: where the chain stands.
+                    return Answer::OutOfSequence {
+                        next_seq: self.next_seq,
+                        head,
+                        error: "out of sequence",
+                    };
                 }
                 return Answer::Stored(r.2);
             }
@@ -1080,6 +1092,8 @@ mod tests {
             "at least the records beyond the leader's window were skipped"
         );
 
+        // A replay that differs is caught where it reaches the log's
+        // position (records before it were already reported, unverified).
         let mut differs = Sender::new(
             settings(),
             Idempotence::Replay {
@@ -1088,15 +1102,11 @@ mod tests {
             },
             genesis(),
         );
-        let done = drive(
-            &mut differs,
-            &mut leader,
-            &[1, 2, 99, 4],
-            &mut Rng::new(4),
-            false,
-        );
+        let mut input: Vec<u64> = (1..=14).collect();
+        input[2] = 99;
+        let done = drive(&mut differs, &mut leader, &input, &mut Rng::new(4), false);
         assert!(
-            done.failed.contains(&99),
+            done.failed.contains(&12) && done.failed.contains(&14),
             "a replay that differs is refused: {:?}",
             done.failed
         );

@@ -638,7 +638,14 @@ impl PartitionReplica {
             prev: wire::producer_head(pb, digests),
         };
         if batch.producer_head() != Some(after.prev) {
-            return Err(Refusal::ProducerConflict { seq: pb.base_seq });
+            // Other records at these sequence numbers: not a retry. Say where
+            // the producer's chain stands, as for any stamp that does not fit
+            // (a restarted named producer starts at sequence 0 and learns its
+            // place from this answer).
+            let (next_seq, head) = state
+                .as_ref()
+                .map_or((0, genesis), |s| (s.next_seq, s.head));
+            return Err(Refusal::OutOfSequence { next_seq, head });
         }
         let produced = Produced {
             base_offset: original.base_offset,
