@@ -424,12 +424,19 @@ impl<P: PeerKey> Replica<P> {
     /// Whether the replica set may change now: this replica leads, an entry
     /// of its own epoch is committed, and the last change is committed.
     pub fn can_reconfigure(&self) -> bool {
-        let own_committed = self.commit > 0
+        self.is_leader()
+            && self.has_committed_own_epoch()
+            && self.members_index.is_none_or(|i| i < self.commit)
+    }
+
+    /// Whether an entry of this replica's current epoch is committed (so
+    /// everything before the epoch is committed too).
+    pub fn has_committed_own_epoch(&self) -> bool {
+        self.commit > 0
             && self
                 .log
                 .get(self.commit as usize - 1)
-                .is_some_and(|e| e.epoch == self.epoch);
-        self.is_leader() && own_committed && self.members_index.is_none_or(|i| i < self.commit)
+                .is_some_and(|e| e.epoch == self.epoch)
     }
 
     /// The next replica set on the way to `target` (the placement's choice),

@@ -564,8 +564,29 @@ impl PartitionReplica {
         let epoch = self.core.epoch();
         let window = self.settings.dedup_window;
         if !self.dedup.is_built_for(epoch) {
-            self.dedup
-                .rebuild(store, &self.topic, self.partition, epoch, window);
+            // The index is read from the store's committed records: wait until
+            // everything from before this epoch is committed and readable, so
+            // that keys the previous leader stored are not missed.
+            let epoch_start = self
+                .core
+                .log()
+                .iter()
+                .position(|e| e.epoch == epoch)
+                .map(|index| self.record_end(index as u64));
+            let readable = store
+                .partition_state(&self.topic, self.partition)
+                .map_or(0, |s| s.high_watermark);
+            match epoch_start {
+                Some(start) if self.core.has_committed_own_epoch() && readable >= start => {
+                    self.dedup
+                        .rebuild(store, &self.topic, self.partition, epoch, window);
+                }
+                _ => {
+                    return Err(Refusal::Other(
+                        "the partition's new leader is still reading its recent dedup keys".into(),
+                    ));
+                }
+            }
         }
         let duplicates: Vec<(u32, u64, MessageId)> = records
             .iter()
