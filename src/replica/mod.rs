@@ -743,11 +743,18 @@ impl Task {
             let _ = reply.send(Err(refusal));
             return;
         };
-        if let Some(pb) = &frame.producer
-            && let Err(error) = replica.load_producer(&self.store, pb.producer)
-        {
-            let _ = reply.send(Err(Refusal::Other(error.to_string())));
-            return;
+        if let Some(pb) = &frame.producer {
+            let refusal = match replica.load_producer(&self.store, pb.producer) {
+                Ok(true) => None,
+                Ok(false) => Some(Refusal::Other(
+                    "this producer's batches are still being written here; retry".into(),
+                )),
+                Err(error) => Some(Refusal::Other(error.to_string())),
+            };
+            if let Some(refusal) = refusal {
+                let _ = reply.send(Err(refusal));
+                return;
+            }
         }
         let effects = replica.produce(frame, reply, now, &self.store);
         self.run_effects(&key, effects).await;

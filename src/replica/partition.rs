@@ -149,6 +149,9 @@ pub(crate) struct PartitionReplica {
     /// by entry index: a producer's state loaded from the store meanwhile is
     /// brought up to the log end with them.
     unwritten_steps: BTreeMap<u64, (u64, u32, ProducerStep)>,
+    /// Unwritten entries of producers not tracked here (their steps were not
+    /// computed): such a producer cannot be loaded until they are written.
+    unwritten_untracked: BTreeMap<u64, ProducerId>,
     waiters: Vec<Waiter>,
     /// Entries confirmed durable on this node.
     durable: u64,
@@ -228,6 +231,7 @@ impl PartitionReplica {
             payloads: BTreeMap::new(),
             producers: BTreeMap::new(),
             unwritten_steps: BTreeMap::new(),
+            unwritten_untracked: BTreeMap::new(),
             waiters: Vec::new(),
             durable,
             committed: 0,
@@ -401,6 +405,7 @@ impl PartitionReplica {
                     count: header.records.len() as u32,
                     bytes: Arc::new(bytes),
                     producer,
+                    stamped_by: header.header.producer.as_ref().map(|p| p.producer),
                 },
             );
         }
@@ -433,6 +438,7 @@ impl PartitionReplica {
                 self.durable = self.core.durable();
                 // The store holds these entries now.
                 self.unwritten_steps = self.unwritten_steps.split_off(&self.durable);
+                self.unwritten_untracked = self.unwritten_untracked.split_off(&self.durable);
                 let mut effects = self.apply(actions, None);
                 self.answer_waiters();
                 self.notice_role(&mut effects);
@@ -688,9 +694,19 @@ impl PartitionReplica {
 
     /// Loads producer state from the store for producers not yet seen (to be
     /// called before [`Self::produce`] with the store at hand).
-    pub fn load_producer(&mut self, store: &Store, producer: ProducerId) -> Result<(), StoreError> {
+    /// Returns `false` when it cannot yet: batches of that producer this
+    /// replica received as a follower, without following its state, are
+    /// still being written.
+    pub fn load_producer(
+        &mut self,
+        store: &Store,
+        producer: ProducerId,
+    ) -> Result<bool, StoreError> {
         if self.producers.contains_key(&producer) {
-            return Ok(());
+            return Ok(true);
+        }
+        if self.unwritten_untracked.values().any(|p| *p == producer) {
+            return Ok(false);
         }
         let mut state = store.producer_state(&self.topic, self.partition, producer)?;
         // Entries appended since may not be in the store yet: apply those of
@@ -718,7 +734,7 @@ impl PartitionReplica {
             ));
         }
         self.producers.insert(producer, state);
-        Ok(())
+        Ok(true)
     }
 
     /// Chains one chunk onto the log and proposes it.
@@ -752,6 +768,7 @@ impl PartitionReplica {
                 base_offset,
                 count: chunk.len() as u32,
                 bytes,
+                stamped_by: producer.as_ref().map(|p| p.producer),
                 producer: producer.clone().map(|first| ProducerStep {
                     after: wire::producer_head(&first, chunk.digests()),
                     newest: chunk.timestamps().1,
@@ -863,11 +880,14 @@ impl PartitionReplica {
                     count,
                     bytes,
                     producer,
+                    stamped_by,
                 }) => {
                     if let Some(step) = producer {
                         self.follow_producer(*base_offset, *count, step);
                         self.unwritten_steps
                             .insert(index, (*base_offset, *count, step.clone()));
+                    } else if let Some(untracked) = stamped_by {
+                        self.unwritten_untracked.insert(index, *untracked);
                     }
                     ((*base_offset, *count), Some(bytes.clone()))
                 }
@@ -932,6 +952,7 @@ impl PartitionReplica {
         self.payloads.split_off(&from);
         self.durable = self.durable.min(from);
         self.unwritten_steps.split_off(&from);
+        self.unwritten_untracked.split_off(&from);
         // A state that cannot be rolled back (every batch it remembers was
         // cut) is dropped, to be loaded again, rather than taken for "never
         // wrote here", which would restart the producer's chain.
@@ -1086,6 +1107,8 @@ enum Incoming {
         /// How the batch moves its idempotent producer's state, when that
         /// state is tracked here (computed once, where the records are at hand).
         producer: Option<ProducerStep>,
+        /// The idempotent producer that wrote the batch, tracked here or not.
+        stamped_by: Option<ProducerId>,
     },
 }
 
