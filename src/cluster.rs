@@ -614,10 +614,5 @@ fn refusal_error(refusal: Refusal, topic: &str, partition: u32) -> Error {
             partition,
             originals,
         },
-        Refusal::ProducerConflict { seq } => Error::ProducerConflict {
-            topic,
-            partition,
-            seq,
-        },
     }
 }

@@ -161,11 +161,6 @@ pub enum Refusal {
     /// offset, original ID) repeat dedup keys the partition stored within
     /// its dedup window.
     Duplicates(Vec<(u32, u64, MessageId)>),
-    /// A retried batch differs from the batch stored at its sequence.
-    ProducerConflict {
-        /// The batch's first sequence.
-        seq: u64,
-    },
 }
 
 /// A peer's answer.

@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    create_replicated, node_id, signal, spawn, start_cluster, stop_all, wait_for_agreement,
-    wait_until,
+    create_replicated, node_id, read_all, signal, spawn, start_cluster, stop_all,
+    wait_for_agreement, wait_until,
 };
 use meshlog::net::NodeId;
 use meshlog::{
@@ -34,18 +34,10 @@ fn batch(key: &str, first: usize, count: usize) -> Vec<ProducerRecord> {
 
 /// Every record of a partition, from offset 0 up to the high watermark.
 fn all_values(store: &meshlog::store::Store, topic: &str, partition: u32) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    loop {
-        let read = store.read(topic, partition, offset, 1 << 20).expect("read");
-        if read.records.is_empty() {
-            return out;
-        }
-        for record in read.records {
-            out.push(String::from_utf8_lossy(record.value()).into_owned());
-            offset = record.offset + 1;
-        }
-    }
+    read_all(store, topic, partition)
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value()).into_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,26 +293,18 @@ async fn a_killed_leader_loses_no_acknowledged_record_and_replicas_agree() {
         let store = meshlog::store::Store::open(dir.path(), true).expect("reopen the store");
         for partition in 0..PARTITIONS {
             let mut seen = BTreeSet::new();
-            let mut offset = 0;
-            loop {
-                let read = store.read(TOPIC, partition, offset, 1 << 20).expect("read");
-                if read.records.is_empty() {
-                    break;
-                }
-                for record in read.records {
-                    let value = String::from_utf8_lossy(record.value()).into_owned();
-                    assert!(
-                        seen.insert(value.clone()),
-                        "{value} stored twice in partition {partition}"
+            for record in read_all(&store, TOPIC, partition) {
+                let value = String::from_utf8_lossy(record.value()).into_owned();
+                assert!(
+                    seen.insert(value.clone()),
+                    "{value} stored twice in partition {partition}"
+                );
+                if let Some(expected) = values.get(&(partition, record.offset)) {
+                    assert_eq!(
+                        &value, expected,
+                        "partition {partition} offset {}",
+                        record.offset
                     );
-                    if let Some(expected) = values.get(&(partition, record.offset)) {
-                        assert_eq!(
-                            &value, expected,
-                            "partition {partition} offset {}",
-                            record.offset
-                        );
-                    }
-                    offset = record.offset + 1;
                 }
             }
             store

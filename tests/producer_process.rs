@@ -15,7 +15,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    create_replicated, node_id, spawn, start_cluster, stop_all, wait_for_agreement, wait_until,
+    create_replicated, node_id, read_all, spawn, start_cluster, stop_all, wait_for_agreement,
+    wait_until,
 };
 use common::{Line, NodeProcess};
 use futures::stream::FuturesOrdered;
@@ -32,20 +33,14 @@ fn stored(
     topic: &str,
     partition: u32,
 ) -> Vec<(u64, String, String)> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    loop {
-        let read = store.read(topic, partition, offset, 1 << 20).expect("read");
-        if read.records.is_empty() {
-            return out;
-        }
-        for record in read.records {
-            let key = String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned();
-            let value = String::from_utf8_lossy(record.value()).into_owned();
-            out.push((record.offset, key, value));
-            offset = record.offset + 1;
-        }
-    }
+    read_all(store, topic, partition)
+        .iter()
+        .map(|r| {
+            let key = String::from_utf8_lossy(r.key().unwrap_or_default()).into_owned();
+            let value = String::from_utf8_lossy(r.value()).into_owned();
+            (r.offset, key, value)
+        })
+        .collect()
 }
 
 /// Checks one store: each value once, each key's values in send order

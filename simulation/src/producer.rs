@@ -466,16 +466,7 @@ impl World {
                 if stored != Some(&records[..]) {
                     // As the real leader: other records at these sequence
                     // numbers are answered with where the chain stands.
-                    let (next_seq, head) = self
-                        .leader
-                        .state
-                        .as_ref()
-                        .map_or((0, genesis), |s| (s.next_seq, s.head));
-                    Answer::OutOfSequence {
-                        next_seq,
-                        head,
-                        error: "out of sequence",
-                    }
+                    self.out_of_sequence(genesis)
                 } else if start + records.len() > self.leader.committed {
                     // Stored, not committed yet: answer once it is.
                     self.leader.waiting.push((
@@ -489,20 +480,23 @@ impl World {
                     Answer::Stored(original.base_offset)
                 }
             }
-            Err(_) => {
-                let (next_seq, head) = self
-                    .leader
-                    .state
-                    .as_ref()
-                    .map_or((0, genesis), |s| (s.next_seq, s.head));
-                Answer::OutOfSequence {
-                    next_seq,
-                    head,
-                    error: "out of sequence",
-                }
-            }
+            Err(_) => self.out_of_sequence(genesis),
         };
         self.answer(batch, attempt, answer);
+    }
+
+    /// The answer to a stamp that does not fit: where the producer's chain stands.
+    fn out_of_sequence(&self, genesis: MessageId) -> Answer<u64, &'static str> {
+        let (next_seq, head) = self
+            .leader
+            .state
+            .as_ref()
+            .map_or((0, genesis), |s| (s.next_seq, s.head));
+        Answer::OutOfSequence {
+            next_seq,
+            head,
+            error: "out of sequence",
+        }
     }
 
     fn answer(&mut self, batch: u64, attempt: u32, answer: Answer<u64, &'static str>) {

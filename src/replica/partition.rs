@@ -635,13 +635,15 @@ impl PartitionReplica {
     ) -> Result<Option<(Produced, u64)>, Refusal> {
         let state = self.producer_state(pb.producer)?;
         let genesis = chain::producer_genesis(pb.producer, &self.topic, self.partition);
-        let check =
-            ProducerState::check(state.as_ref(), genesis, pb, digests.len()).map_err(|_| {
-                let (next_seq, head) = state
-                    .as_ref()
-                    .map_or((0, genesis), |s| (s.next_seq, s.head));
-                Refusal::OutOfSequence { next_seq, head }
-            })?;
+        // Where the producer's chain stands, for a stamp that does not fit.
+        let out_of_sequence = || {
+            let (next_seq, head) = state
+                .as_ref()
+                .map_or((0, genesis), |s| (s.next_seq, s.head));
+            Refusal::OutOfSequence { next_seq, head }
+        };
+        let check = ProducerState::check(state.as_ref(), genesis, pb, digests.len())
+            .map_err(|_| out_of_sequence())?;
         let SequenceCheck::Retry(original) = check else {
             return Ok(None);
         };
@@ -669,10 +671,7 @@ impl PartitionReplica {
             // the producer's chain stands, as for any stamp that does not fit
             // (a restarted named producer starts at sequence 0 and learns its
             // place from this answer).
-            let (next_seq, head) = state
-                .as_ref()
-                .map_or((0, genesis), |s| (s.next_seq, s.head));
-            return Err(Refusal::OutOfSequence { next_seq, head });
+            return Err(out_of_sequence());
         }
         let produced = Produced {
             base_offset: original.base_offset,

@@ -154,3 +154,21 @@ pub async fn wait_for_agreement(
     })
     .await;
 }
+
+/// Every committed record of a partition in one store, in offset order.
+pub fn read_all(
+    store: &meshlog::store::Store,
+    topic: &str,
+    partition: u32,
+) -> Vec<meshlog::ConsumerRecord> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let read = store.read(topic, partition, offset, 1 << 20).expect("read");
+        let Some(last) = read.records.last() else {
+            return out;
+        };
+        offset = last.offset + 1;
+        out.extend(read.records);
+    }
+}
