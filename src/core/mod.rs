@@ -10,9 +10,11 @@
 //! - [`membership`]: who is in the mesh and alive (gossip heartbeats with
 //!   SWIM-style suspicion and refutation).
 //! - [`placement`]: target replica sets by rendezvous hashing.
+//! - [`group`]: consumer-group coordination (join, sync, heartbeat, commit, assignors).
 //! - [`producer`]: one producer's batching, in-flight window and ordered retries.
 //! - [`replication`]: one partition's log among its replicas (Raft rules, hash-chained).
 
+pub mod group;
 pub mod membership;
 pub mod ownership;
 pub mod placement;
