@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use crate::config::TopicConfig;
+use crate::core::group::{GroupError, GroupRequest, GroupResponse};
 use crate::core::membership::Status;
 use crate::core::placement;
 use crate::error::{Error, Result};
@@ -86,13 +87,29 @@ impl Node {
 
     /// Asks `peer` (or this node, when it is `peer`) one request.
     async fn ask(&self, peer: NodeId, request: PeerRequest) -> Result<PeerResponse> {
+        self.ask_within(peer, request, PEER_REQUEST_TIMEOUT).await
+    }
+
+    /// [`Node::ask`], waiting up to `patience` for the answer.
+    async fn ask_within(
+        &self,
+        peer: NodeId,
+        request: PeerRequest,
+        patience: Duration,
+    ) -> Result<PeerResponse> {
         if Some(peer) == self.me()
             && let Some(replicator) = &self.inner.replicator
         {
-            return self.ask_local(replicator, request).await;
+            return match tokio::time::timeout(patience, self.ask_local(replicator, request)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(Error::Net(NetError::Request {
+                    peer,
+                    reason: "timed out".into(),
+                })),
+            };
         }
         let mesh = self.inner.mesh.as_ref().ok_or(Error::Closed)?;
-        match tokio::time::timeout(PEER_REQUEST_TIMEOUT, mesh.request(peer, request)).await {
+        match tokio::time::timeout(patience, mesh.request(peer, request)).await {
             Ok(answer) => answer.map_err(Error::Net),
             Err(_) => Err(Error::Net(NetError::Request {
                 peer,
@@ -139,6 +156,15 @@ impl Node {
                     .map_err(refused)?;
                 Ok(PeerResponse::Fetched(answer.await.unwrap_or(Err(
                     Refusal::Other("the node is shutting down".into()),
+                ))))
+            }
+            PeerRequest::Group(request) => {
+                let groups = self.inner.groups.as_ref().ok_or(Error::Closed)?;
+                let (reply, answer) = oneshot::channel();
+                let call = crate::coordinator::GroupCall { request, reply };
+                groups.send(call).await.map_err(|_| Error::Closed)?;
+                Ok(PeerResponse::Group(answer.await.unwrap_or(Err(
+                    crate::core::group::GroupError::NotCoordinator,
                 ))))
             }
             PeerRequest::Replicate(_)
@@ -518,6 +544,112 @@ impl Node {
                 }
             }
         }
+    }
+}
+
+impl Node {
+    /// Creates the internal `__offsets` topic unless the mesh has it.
+    async fn ensure_offsets_topic(&self) -> Result<()> {
+        let topic = crate::coordinator::OFFSETS_TOPIC;
+        match self.topic_metadata(topic).await {
+            Ok(_) => return Ok(()),
+            Err(Error::TopicNotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let config = crate::coordinator::offsets_topic_config();
+        let nodes = self.storage_nodes(1).await?;
+        if nodes.is_empty() {
+            return Err(Error::NotEnoughNodes(
+                "no storage node to hold committed offsets".into(),
+            ));
+        }
+        let rf = config.effective_replication_factor(nodes.len()) as usize;
+        let replicas: Vec<Vec<NodeId>> = (0..config.partitions)
+            .map(|p| placement::target_replicas(topic, p, &nodes, rf))
+            .collect();
+        self.append_meta(MetaCommand::CreateTopic {
+            name: topic.to_string(),
+            config,
+            replicas,
+        })
+        .await?;
+        self.wait_for_topic(topic, true).await?;
+        info!(rf, "created the __offsets topic");
+        Ok(())
+    }
+
+    /// Asks the coordinator of the request's group — the leader of the
+    /// group's `__offsets` partition — following its moves until `timeout`.
+    /// Each attempt waits up to `patience` (a join waits for its round).
+    pub(crate) async fn ask_coordinator(
+        &self,
+        group: &str,
+        request: GroupRequest,
+        patience: Duration,
+        timeout: Duration,
+    ) -> Result<GroupResponse> {
+        self.ensure_offsets_topic().await?;
+        let topic = crate::coordinator::OFFSETS_TOPIC;
+        let partition = crate::coordinator::offsets_partition(group);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(20);
+        for attempt in 0usize.. {
+            let replicas = self.partition_replicas(topic, partition).await?;
+            let target = match self.gossiped_leader(topic, partition) {
+                Some(leader) if attempt % 2 == 0 => leader,
+                _ => replicas[attempt % replicas.len()],
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let asked = self
+                .ask_within(
+                    target,
+                    PeerRequest::Group(request.clone()),
+                    patience.min(left),
+                )
+                .await;
+            match asked {
+                Ok(PeerResponse::Group(Ok(answer))) => return Ok(answer),
+                Ok(PeerResponse::Group(Err(
+                    GroupError::NotCoordinator
+                    | GroupError::CoordinatorLoading
+                    | GroupError::NotStored(_),
+                ))) => {}
+                Ok(PeerResponse::Group(Err(refusal))) => return Err(Error::Group(refusal)),
+                Ok(other) => debug!(?other, "unexpected answer from a coordinator"),
+                Err(error) => debug!(%error, "coordinator request failed"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            if attempt % replicas.len() == replicas.len() - 1 {
+                if let Ok(mut topics) = self.inner.remote_topics.lock() {
+                    topics.remove(topic);
+                }
+                tokio::time::sleep(backoff.min(deadline - tokio::time::Instant::now())).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+        Err(Error::Group(GroupError::NotCoordinator))
+    }
+
+    /// Asks every `__offsets` partition's coordinator for its groups.
+    pub(crate) async fn list_groups_in_mesh(&self) -> Result<Vec<String>> {
+        self.ensure_offsets_topic().await?;
+        let mut names = std::collections::BTreeSet::new();
+        // One group name per partition routes the request to its coordinator.
+        for partition in 0..crate::coordinator::OFFSETS_PARTITIONS {
+            let probe = (0u32..)
+                .map(|i| format!("probe-{i}"))
+                .find(|g| crate::coordinator::offsets_partition(g) == partition)
+                .unwrap_or_default();
+            let answer = self
+                .ask_coordinator(&probe, GroupRequest::List, PEER_REQUEST_TIMEOUT, META_WAIT)
+                .await?;
+            if let GroupResponse::Groups(groups) = answer {
+                names.extend(groups);
+            }
+        }
+        Ok(names.into_iter().collect())
     }
 }
 

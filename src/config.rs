@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::core::group::Assignor;
 use crate::error::ConfigError;
 use crate::net::MeshConfig;
 
@@ -434,6 +435,18 @@ pub struct ConsumerConfig {
     /// A replica answers a fetch once this many bytes of records are ready,
     /// or at `fetch_max_wait` (`fetch.min.bytes`). Default 1: at once.
     pub fetch_min_bytes: usize,
+    /// How partitions are shared in the group (`partition.assignment.strategy`);
+    /// every member of a group must use the same. Default cooperative-sticky.
+    pub assignor: Assignor,
+    /// The coordinator removes a member it has not heard from for this long
+    /// and gives its partitions to the others (`session.timeout.ms`). Default 45 s.
+    pub session_timeout: Duration,
+    /// How often the member tells the coordinator it is alive, from a
+    /// background task (`heartbeat.interval.ms`). Default 3 s.
+    pub heartbeat_interval: Duration,
+    /// How long a rebalance waits for members to rejoin: a member that does
+    /// not call `poll` for this long is left out (`max.poll.interval.ms`). Default 5 min.
+    pub max_poll_interval: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -447,6 +460,10 @@ impl Default for ConsumerConfig {
             max_partition_fetch_bytes: 1024 * 1024,
             fetch_max_wait: Duration::from_millis(500),
             fetch_min_bytes: 1,
+            assignor: Assignor::CooperativeSticky,
+            session_timeout: Duration::from_secs(45),
+            heartbeat_interval: Duration::from_secs(3),
+            max_poll_interval: Duration::from_secs(300),
         }
     }
 }
@@ -461,6 +478,19 @@ impl ConsumerConfig {
     /// Sets `auto_offset_reset`.
     pub fn with_auto_offset_reset(mut self, reset: OffsetReset) -> Self {
         self.auto_offset_reset = reset;
+        self
+    }
+
+    /// Sets the assignor.
+    pub fn with_assignor(mut self, assignor: Assignor) -> Self {
+        self.assignor = assignor;
+        self
+    }
+
+    /// Sets `session_timeout`, and `heartbeat_interval` to a third of it.
+    pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self.heartbeat_interval = timeout / 3;
         self
     }
 
@@ -483,6 +513,15 @@ impl ConsumerConfig {
         }
         if self.enable_auto_commit && self.auto_commit_interval.is_zero() {
             return Err(invalid("auto_commit_interval", "must be positive"));
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.session_timeout {
+            return Err(invalid(
+                "heartbeat_interval",
+                "must be positive and below session_timeout (a third of it is usual)",
+            ));
+        }
+        if self.max_poll_interval.is_zero() {
+            return Err(invalid("max_poll_interval", "must be positive"));
         }
         Ok(())
     }

@@ -348,6 +348,11 @@ pub enum Error {
     /// A peer refused the request for a reason given as text.
     #[error("refused by the mesh: {0}")]
     Refused(String),
+    /// A consumer group's coordinator refused the request: a stale
+    /// generation (the member was fenced), an unknown member, a rebalance
+    /// in progress, a partition not assigned to the member, ...
+    #[error("consumer group: {0}")]
+    Group(#[from] crate::core::group::GroupError),
     /// The node has shut down.
     #[error("the node is shut down")]
     Closed,

@@ -52,6 +52,7 @@ pub mod chain;
 mod cluster;
 pub mod config;
 pub mod consumer;
+pub mod coordinator;
 pub mod core;
 pub mod error;
 pub mod meta;
@@ -66,12 +67,12 @@ pub mod wire;
 
 pub use chain::{MessageId, ProducerId};
 pub use config::{
-    Acks, ConsumerConfig, NodeConfig, OffsetReset, Partitioner, ProducerConfig, Retention,
-    TopicConfig,
+    Acks, Assignor, ConsumerConfig, NodeConfig, OffsetReset, Partitioner, ProducerConfig,
+    Retention, TopicConfig,
 };
-pub use consumer::Consumer;
+pub use consumer::{Consumer, RebalanceListener};
 pub use error::{Error, Result};
-pub use node::{GroupOffset, Node, PartitionDescription, TopicDescription};
+pub use node::{GroupInfo, GroupOffset, Node, PartitionDescription, TopicDescription};
 pub use producer::{Delivery, Producer, ProducerRecord};
 pub use record::{ConsumerRecord, Header, Record, RecordMetadata};
 pub use replica::dedup::DEDUP_HEADER;

@@ -52,6 +52,8 @@ pub(crate) struct NodeInner {
     pub(crate) mesh: Option<Arc<Mesh>>,
     /// The replication task, on a storage node in a mesh.
     pub(crate) replicator: Option<Replicator>,
+    /// This node's group coordinators (storage nodes in a mesh).
+    pub(crate) groups: Option<mpsc::Sender<crate::coordinator::GroupCall>>,
     /// The leader last seen for each partition, for routing produce requests.
     pub(crate) leaders: Mutex<std::collections::HashMap<(String, u32), crate::net::NodeId>>,
     /// Who leads what, as the leaders gossip it (storage nodes).
@@ -66,6 +68,7 @@ struct NodeTasks {
     writer: std::thread::JoinHandle<()>,
     retention: tokio::task::JoinHandle<()>,
     replicator: Option<tokio::task::JoinHandle<()>>,
+    coordinator: Option<tokio::task::JoinHandle<()>>,
     stop: watch::Sender<bool>,
 }
 
@@ -141,6 +144,37 @@ pub struct GroupOffset {
     pub lag: u64,
 }
 
+impl GroupOffset {
+    fn new(topic: String, partition: u32, committed: u64, start: u64, end: u64) -> Self {
+        GroupOffset {
+            lag: end.saturating_sub(committed),
+            topic,
+            partition,
+            committed,
+            log_start_offset: start,
+            log_end_offset: end,
+        }
+    }
+}
+
+/// A consumer group, as `meshlog group describe` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupInfo {
+    /// The group.
+    pub group: String,
+    /// `Stable`, `Rebalancing`, `Empty` (no members) or `Dead` (unknown).
+    pub state: String,
+    /// The current generation.
+    pub generation: u64,
+    /// The group's assignor, once a member chose one.
+    pub assignor: Option<crate::config::Assignor>,
+    /// Each member with its partitions in the current generation.
+    pub members: Vec<(String, Vec<(String, u32)>)>,
+    /// Committed offsets with log bounds and lag.
+    pub offsets: Vec<GroupOffset>,
+}
+
 /// Milliseconds since the Unix epoch by the system clock.
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -199,7 +233,8 @@ impl Node {
             _ => crate::replica::Founding::Alone,
         };
         let ownership = Arc::new(Mutex::new(crate::core::ownership::OwnershipTable::new()));
-        let (replicator, replicator_task) = match storage_mesh {
+        let (groups, group_calls) = mpsc::channel(1024);
+        let (replicator, replicator_task, coordinator_task) = match storage_mesh {
             Some(mesh) => {
                 let inbound = mesh.take_inbound().ok_or(Error::Closed)?;
                 let (replicator, task) = Replicator::start(ReplicatorSetup {
@@ -213,11 +248,19 @@ impl Node {
                     ownership: ownership.clone(),
                     appended: appended.subscribe(),
                     dedup_window: config.dedup_window,
+                    groups: groups.clone(),
                 });
-                (Some(replicator), Some(task))
+                let coordinator = crate::coordinator::start(
+                    replicator.clone(),
+                    store.clone(),
+                    group_calls,
+                    stop.subscribe(),
+                );
+                (Some(replicator), Some(task), Some(coordinator))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
+        let groups = replicator.as_ref().map(|_| groups);
         info!(data_dir = %config.data_dir.display(), fsync, "node opened");
         Ok(Node {
             inner: Arc::new(NodeInner {
@@ -228,6 +271,7 @@ impl Node {
                 config,
                 mesh,
                 replicator,
+                groups,
                 leaders: Mutex::new(Default::default()),
                 ownership,
                 remote_topics: Mutex::new(Default::default()),
@@ -235,6 +279,7 @@ impl Node {
                     writer,
                     retention,
                     replicator: replicator_task,
+                    coordinator: coordinator_task,
                     stop,
                 })),
             }),
@@ -358,36 +403,110 @@ impl Node {
         })
     }
 
-    /// The consumer groups that have committed offsets here, sorted.
+    /// The consumer groups, sorted: in a mesh, those every `__offsets`
+    /// coordinator knows (with members or committed offsets); on a node of
+    /// its own, those with offsets in its store.
     pub async fn list_groups(&self) -> Result<Vec<String>> {
+        if self.in_mesh() {
+            return self.list_groups_in_mesh().await;
+        }
         Ok(self.store()?.list_groups()?)
     }
 
-    /// A group's committed offsets with each partition's log bounds and lag.
-    pub async fn describe_group(&self, group: &str) -> Result<Vec<GroupOffset>> {
-        let store = self.store()?;
-        let mut out = Vec::new();
-        for (topic, partition, committed) in store.group_offsets(group)? {
-            let state = store.partition_state(&topic, partition)?;
-            out.push(GroupOffset {
-                lag: state.high_watermark.saturating_sub(committed),
-                topic,
-                partition,
-                committed,
-                log_start_offset: state.log_start_offset,
-                log_end_offset: state.high_watermark,
+    /// A group's state, members with their partitions, and committed offsets
+    /// with each partition's log end and lag (Kafka's `--describe --group`).
+    pub async fn describe_group(&self, group: &str) -> Result<GroupInfo> {
+        if !self.in_mesh() {
+            let store = self.store()?;
+            let mut offsets = Vec::new();
+            for (topic, partition, committed) in store.group_offsets(group)? {
+                let state = store.partition_state(&topic, partition)?;
+                offsets.push(GroupOffset::new(
+                    topic,
+                    partition,
+                    committed,
+                    state.log_start_offset,
+                    state.high_watermark,
+                ));
+            }
+            return Ok(GroupInfo {
+                group: group.to_string(),
+                state: if offsets.is_empty() { "Dead" } else { "Empty" }.into(),
+                generation: 0,
+                assignor: None,
+                members: Vec::new(),
+                offsets,
             });
         }
-        Ok(out)
+        let request = crate::core::group::GroupRequest::Describe {
+            group: group.to_string(),
+        };
+        let described = match self
+            .ask_coordinator(
+                group,
+                request,
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            )
+            .await?
+        {
+            crate::core::group::GroupResponse::Described(d) => d,
+            other => return Err(Error::Refused(format!("unexpected answer {other:?}"))),
+        };
+        let mut offsets = Vec::new();
+        let mut topics: std::collections::BTreeMap<String, TopicDescription> = Default::default();
+        for ((topic, partition), committed) in described.offsets {
+            if !topics.contains_key(&topic)
+                && let Ok(description) = self.describe_topic_in_mesh(&topic).await
+            {
+                topics.insert(topic.clone(), description);
+            }
+            let bounds = topics
+                .get(&topic)
+                .and_then(|t| t.partitions.get(partition as usize))
+                .map_or((0, committed), |p| (p.log_start_offset, p.high_watermark));
+            offsets.push(GroupOffset::new(
+                topic, partition, committed, bounds.0, bounds.1,
+            ));
+        }
+        Ok(GroupInfo {
+            group: described.group,
+            state: described.state,
+            generation: described.generation,
+            assignor: described.assignor,
+            members: described.members,
+            offsets,
+        })
     }
 
     /// Sets a group's committed offsets (Kafka's `--reset-offsets --execute`).
-    /// Consumers of the group pick them up when they next start.
+    /// In a mesh the group must have no active members
+    /// (`Error::Group(GroupNotEmpty)` otherwise); its consumers start from
+    /// these offsets when they next join.
     pub async fn commit_group_offsets(
         &self,
         group: &str,
         offsets: Vec<(String, u32, u64)>,
     ) -> Result<()> {
+        if self.in_mesh() {
+            let request = crate::core::group::GroupRequest::Commit {
+                group: group.to_string(),
+                member: None,
+                offsets: offsets.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
+            };
+            return match self
+                .ask_coordinator(
+                    group,
+                    request,
+                    Duration::from_secs(5),
+                    Duration::from_secs(30),
+                )
+                .await?
+            {
+                crate::core::group::GroupResponse::Committed => Ok(()),
+                other => Err(Error::Refused(format!("unexpected answer {other:?}"))),
+            };
+        }
         let op = WriteOp::CommitOffsets {
             group: group.to_string(),
             offsets,
@@ -441,6 +560,9 @@ impl Node {
         let _ = tasks.retention.await;
         if let Some(replicator) = tasks.replicator {
             let _ = replicator.await;
+        }
+        if let Some(coordinator) = tasks.coordinator {
+            let _ = coordinator.await;
         }
         if self.inner.writes.send(WriterMessage::Stop).await.is_err() {
             debug!("writer already stopped");

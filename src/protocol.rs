@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chain::MessageId;
 use crate::config::Acks;
+use crate::core::group::{GroupError, GroupRequest, GroupResponse};
 use crate::core::ownership::OwnershipRecord;
 use crate::core::replication::Message;
 use crate::net::NodeId;
@@ -38,6 +39,8 @@ pub enum PeerRequest {
     },
     /// Replication traffic of several partitions to one peer, handled in order.
     ReplicateMany(Vec<ReplicateFrame>),
+    /// A consumer-group request, for the group's coordinator.
+    Group(GroupRequest),
 }
 
 /// A replication message for one partition.
@@ -178,6 +181,8 @@ pub enum PeerResponse {
     Topic(Result<TopicDescription, Refusal>),
     /// The outcome of a fetch.
     Fetched(Result<Fetched, Refusal>),
+    /// A group coordinator's answer.
+    Group(Result<GroupResponse, GroupError>),
 }
 
 #[cfg(test)]

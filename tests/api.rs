@@ -117,7 +117,7 @@ async fn committed_offsets_resume_a_group_and_reset_policies_apply() {
     assert_eq!(got.len(), 10);
     first.seek("t", 0, 4).unwrap();
     first.commit().await.unwrap();
-    assert_eq!(first.committed("t", 0).unwrap(), Some(4));
+    assert_eq!(first.committed("t", 0).await.unwrap(), Some(4));
 
     // Same group, restarted node: resumes at the committed offset.
     node.shutdown().await;
@@ -310,12 +310,12 @@ async fn auto_commit_commits_what_earlier_polls_returned() {
     );
     // Nothing was handed out before this poll, so nothing is committed yet:
     // a crash now would re-deliver offsets 0 and 1.
-    assert_eq!(consumer.committed("t", 0).unwrap(), None);
+    assert_eq!(consumer.committed("t", 0).await.unwrap(), None);
     assert_eq!(
         consumer.poll(Duration::from_secs(5)).await.unwrap().len(),
         1
     );
-    assert_eq!(consumer.committed("t", 0).unwrap(), Some(2));
+    assert_eq!(consumer.committed("t", 0).await.unwrap(), Some(2));
     consumer.close().await.unwrap();
     let mut again = node.consumer(earliest("auto")).unwrap();
     again.subscribe(&["t"]).unwrap();

@@ -229,6 +229,9 @@ pub enum GroupError {
     /// This node does not coordinate the group (any more); ask the leader of its `__offsets` partition.
     #[error("this node is not the group's coordinator")]
     NotCoordinator,
+    /// The coordinator is still reading its `__offsets` partition; retry shortly.
+    #[error("the group's coordinator is loading; retry")]
+    CoordinatorLoading,
     /// The record could not be stored; nothing changed. Retry.
     #[error("the coordinator could not store the record: {0}")]
     NotStored(String),

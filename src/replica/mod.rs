@@ -38,6 +38,7 @@ use crate::protocol::{
 };
 use crate::store::{Store, TopicEntry, WriteOp, WriteOutcome};
 
+pub(crate) use partition::Leadership;
 use partition::{Effect, PartitionReplica, PartitionSettings, ProduceReply, WriteKind};
 
 /// How often replicas get a tick (elections, heartbeats, timeouts).
@@ -57,6 +58,12 @@ pub(crate) enum Request {
     Fetch {
         frame: FetchFrame,
         reply: oneshot::Sender<Result<Fetched, Refusal>>,
+    },
+    /// Whether this node leads a partition with its whole log readable.
+    Leadership {
+        topic: String,
+        partition: u32,
+        reply: oneshot::Sender<Leadership>,
     },
     /// The live state of the replicas of a topic hosted here.
     Describe {
@@ -106,6 +113,8 @@ pub(crate) struct ReplicatorSetup {
     pub appended: watch::Receiver<u64>,
     /// How long a leader remembers records' dedup keys.
     pub dedup_window: Duration,
+    /// Where consumer-group requests from peers go.
+    pub groups: mpsc::Sender<crate::coordinator::GroupCall>,
 }
 
 impl Replicator {
@@ -122,6 +131,7 @@ impl Replicator {
             ownership,
             appended,
             dedup_window,
+            groups,
         } = setup;
         let (requests, receiver) = mpsc::channel(1024);
         let task = Task {
@@ -146,6 +156,7 @@ impl Replicator {
             appended,
             generations: 0,
             outbox: Vec::new(),
+            groups,
         };
         let handle = tokio::spawn(task.run(receiver, inbound, stop));
         (Replicator { requests }, handle)
@@ -202,6 +213,8 @@ struct Task {
     /// Replication messages of the current turn, sent at its end (appends to
     /// one follower merged): see [`Task::run`].
     outbox: Vec<(NodeId, ReplicateFrame)>,
+    /// This node's group coordinators.
+    groups: mpsc::Sender<crate::coordinator::GroupCall>,
 }
 
 /// The ownership table a node's tasks share.
@@ -633,6 +646,17 @@ impl Task {
         match request {
             Request::Produce { frame, reply } => self.produce(frame, reply).await,
             Request::Fetch { frame, reply } => self.fetch(frame, reply),
+            Request::Leadership {
+                topic,
+                partition,
+                reply,
+            } => {
+                let answer = match self.replicas.get(&(topic, partition)) {
+                    Some(replica) => replica.leadership(&self.store),
+                    None => Leadership::Follower { hint: None },
+                };
+                let _ = reply.send(answer);
+            }
             Request::Describe { name, reply } => {
                 let _ = reply.send(self.statuses(&name));
             }
@@ -795,6 +819,20 @@ impl Task {
                         .await
                         .unwrap_or(Err(Refusal::Other("the node is shutting down".into())));
                     let _ = reply.send(PeerResponse::Fetched(outcome));
+                });
+            }
+            PeerRequest::Group(request) => {
+                // On a task of its own: the coordinator waits on this task
+                // (leadership, appends), so this task must never wait on it.
+                let (tx, rx) = oneshot::channel();
+                let call = crate::coordinator::GroupCall { request, reply: tx };
+                let groups = self.groups.clone();
+                tokio::spawn(async move {
+                    let _ = groups.send(call).await;
+                    let outcome = rx
+                        .await
+                        .unwrap_or(Err(crate::core::group::GroupError::NotCoordinator));
+                    let _ = reply.send(PeerResponse::Group(outcome));
                 });
             }
             PeerRequest::Ownership(records) => {

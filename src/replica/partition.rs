@@ -29,6 +29,23 @@ use crate::replica::dedup::{DedupIndex, Original, dedup_key};
 use crate::store::{ProducerState, ReplicatedEntry, SequenceCheck, Store, VoteRow};
 use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch, StoredBatch};
 
+/// Whether a replica leads its partition, as a reader of the whole log needs to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Leadership {
+    /// It leads `epoch`, and every record committed before the epoch is readable here.
+    Leader {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// It leads but is still catching up on what was committed before its epoch.
+    Catching,
+    /// Another replica leads (`hint`, if known).
+    Follower {
+        /// The leader this replica knows of.
+        hint: Option<NodeId>,
+    },
+}
+
 /// A produce request's answer channel.
 pub(crate) type ProduceReply = oneshot::Sender<Result<Produced, Refusal>>;
 
@@ -573,26 +590,13 @@ impl PartitionReplica {
             // The index is read from the store's committed records: wait until
             // everything from before this epoch is committed and readable, so
             // that keys the previous leader stored are not missed.
-            let epoch_start = self
-                .core
-                .log()
-                .iter()
-                .position(|e| e.epoch == epoch)
-                .map(|index| self.record_end(index as u64));
-            let readable = store
-                .partition_state(&self.topic, self.partition)
-                .map_or(0, |s| s.high_watermark);
-            match epoch_start {
-                Some(start) if self.core.has_committed_own_epoch() && readable >= start => {
-                    self.dedup
-                        .rebuild(store, &self.topic, self.partition, epoch, window);
-                }
-                _ => {
-                    return Err(Refusal::Other(
-                        "the partition's new leader is still reading its recent dedup keys".into(),
-                    ));
-                }
+            if self.leadership(store) != (Leadership::Leader { epoch }) {
+                return Err(Refusal::Other(
+                    "the partition's new leader is still reading its recent dedup keys".into(),
+                ));
             }
+            self.dedup
+                .rebuild(store, &self.topic, self.partition, epoch, window);
         }
         let duplicates: Vec<(u32, u64, MessageId)> = records
             .iter()
@@ -606,6 +610,33 @@ impl PartitionReplica {
             Ok(())
         } else {
             Err(Refusal::Duplicates(duplicates))
+        }
+    }
+
+    /// Whether this replica leads, and whether its store already holds (and
+    /// can be read for) every record committed before its epoch — what a
+    /// reader of the whole log (dedup index, group coordinator) waits for.
+    pub fn leadership(&self, store: &Store) -> Leadership {
+        if !self.core.is_leader() {
+            return Leadership::Follower {
+                hint: self.core.leader_hint().copied(),
+            };
+        }
+        let epoch = self.core.epoch();
+        let epoch_start = self
+            .core
+            .log()
+            .iter()
+            .position(|e| e.epoch == epoch)
+            .map(|index| self.record_end(index as u64));
+        let readable = store
+            .partition_state(&self.topic, self.partition)
+            .map_or(0, |s| s.high_watermark);
+        match epoch_start {
+            Some(start) if self.core.has_committed_own_epoch() && readable >= start => {
+                Leadership::Leader { epoch }
+            }
+            _ => Leadership::Catching,
         }
     }
 

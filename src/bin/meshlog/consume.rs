@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
-use meshlog::{ConsumerConfig, ConsumerRecord, Node, OffsetReset};
+use meshlog::{Assignor, ConsumerConfig, ConsumerRecord, Node, OffsetReset};
 
 use crate::CliResult;
 
@@ -32,9 +32,38 @@ pub struct ConsumeArgs {
     /// Print partition, offset and ID before each record, separated by tabs.
     #[arg(long)]
     pub print_metadata: bool,
+    /// With --group: the member is dropped from the group when silent this long.
+    #[arg(long, value_name = "MS", default_value_t = 45_000)]
+    pub session_timeout_ms: u64,
+    /// With --group: how partitions are shared (all members must agree).
+    #[arg(long, value_enum, default_value_t = AssignorArg::CooperativeSticky)]
+    pub assignor: AssignorArg,
 }
 
-/// Polls until `--max-messages`, `--timeout-ms` or Ctrl-C, committing after each batch.
+/// `partition.assignment.strategy`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AssignorArg {
+    /// Contiguous ranges per topic.
+    Range,
+    /// Partitions dealt in turn.
+    Roundrobin,
+    /// Balanced and sticky; partitions move without stopping the others.
+    CooperativeSticky,
+}
+
+impl From<AssignorArg> for Assignor {
+    fn from(arg: AssignorArg) -> Self {
+        match arg {
+            AssignorArg::Range => Assignor::Range,
+            AssignorArg::Roundrobin => Assignor::RoundRobin,
+            AssignorArg::CooperativeSticky => Assignor::CooperativeSticky,
+        }
+    }
+}
+
+/// Polls until `--max-messages`, `--timeout-ms` or Ctrl-C, committing after
+/// each batch; with `--group`, shares the topic's partitions with the
+/// group's other members.
 pub async fn run(node: Node, args: &ConsumeArgs) -> CliResult {
     let reset = if args.from_beginning {
         OffsetReset::Earliest
@@ -43,7 +72,9 @@ pub async fn run(node: Node, args: &ConsumeArgs) -> CliResult {
     };
     let mut config = ConsumerConfig::default()
         .with_auto_offset_reset(reset)
-        .with_auto_commit(false);
+        .with_auto_commit(false)
+        .with_assignor(args.assignor.into())
+        .with_session_timeout(Duration::from_millis(args.session_timeout_ms));
     config.group_id = args.group.clone();
     let mut consumer = node.consumer(config)?;
     consumer.subscribe(&[args.topic.as_str()])?;
@@ -76,6 +107,8 @@ pub async fn run(node: Node, args: &ConsumeArgs) -> CliResult {
             consumer.commit().await?;
         }
     }
+    // Leave the group at once, so the others take the partitions now.
+    consumer.close().await?;
     eprintln!("Processed a total of {printed} messages");
     Ok(())
 }

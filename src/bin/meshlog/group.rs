@@ -1,6 +1,6 @@
 //! `meshlog group list | describe | reset-offsets`, as Kafka's
-//! `kafka-consumer-groups.sh` has them (committed offsets and lag; members
-//! and assignments come with consumer groups across the mesh).
+//! `kafka-consumer-groups.sh` has them: members and their partitions,
+//! committed offsets, log end and lag, asked of the group's coordinator.
 
 use clap::{Args, Subcommand};
 use meshlog::Node;
@@ -10,9 +10,9 @@ use crate::CliResult;
 /// Consumer group commands.
 #[derive(Subcommand, Debug)]
 pub enum GroupCommand {
-    /// List the groups that have committed offsets.
+    /// List the groups the mesh's coordinators know.
     List,
-    /// Show a group's committed offset, log end and lag per partition.
+    /// Show a group's state, members and, per partition, owner, committed offset, log end and lag.
     Describe {
         /// The group.
         group: String,
@@ -59,19 +59,55 @@ pub async fn run(node: Node, command: &GroupCommand) -> CliResult {
 }
 
 async fn describe(node: &Node, group: &str) -> CliResult {
-    let offsets = node.describe_group(group).await?;
-    if offsets.is_empty() {
-        return Err(format!("consumer group '{group}' has no committed offsets").into());
+    let info = node.describe_group(group).await?;
+    if info.members.is_empty() && info.offsets.is_empty() {
+        return Err(format!("consumer group '{group}' does not exist").into());
     }
+    let assignor = info.assignor.map_or("-", |a| a.name());
     println!(
-        "{:<20} {:<20} {:>9} {:>15} {:>15} {:>10}",
-        "GROUP", "TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG"
+        "GROUP {group}  STATE {}  GENERATION {}  ASSIGNOR {assignor}  MEMBERS {}",
+        info.state,
+        info.generation,
+        info.members.len()
     );
-    for o in offsets {
+    let owner = |topic: &str, partition: u32| {
+        info.members
+            .iter()
+            .find(|(_, tps)| tps.iter().any(|(t, p)| t == topic && *p == partition))
+            .map_or("-", |(m, _)| m.as_str())
+    };
+    println!(
+        "{:<20} {:>9} {:>15} {:>15} {:>10}  CONSUMER-ID",
+        "TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG"
+    );
+    for o in &info.offsets {
         println!(
-            "{:<20} {:<20} {:>9} {:>15} {:>15} {:>10}",
-            group, o.topic, o.partition, o.committed, o.log_end_offset, o.lag
+            "{:<20} {:>9} {:>15} {:>15} {:>10}  {}",
+            o.topic,
+            o.partition,
+            o.committed,
+            o.log_end_offset,
+            o.lag,
+            owner(&o.topic, o.partition)
         );
+    }
+    for (member, partitions) in &info.members {
+        let uncommitted: Vec<String> = partitions
+            .iter()
+            .filter(|(t, p)| {
+                !info
+                    .offsets
+                    .iter()
+                    .any(|o| o.topic == *t && o.partition == *p)
+            })
+            .map(|(t, p)| format!("{t}/{p}"))
+            .collect();
+        if !uncommitted.is_empty() {
+            println!(
+                "{member} owns (nothing committed yet): {}",
+                uncommitted.join(" ")
+            );
+        }
     }
     Ok(())
 }
