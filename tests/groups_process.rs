@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -165,5 +165,245 @@ async fn two_groups_each_receive_every_record_and_members_of_one_share_partition
     }
     let info = client.describe_group("billing").await.expect("describe");
     assert!(info.members.is_empty(), "close leaves at once: {info:?}");
+    stop_all(client, &mut nodes).await;
+}
+
+/// What one `meshlog consume` process printed: records and memberships.
+#[derive(Default)]
+struct ConsumerOutput {
+    member: Option<String>,
+    /// (partition, offset) of each record printed, in order.
+    records: Vec<(u32, u64)>,
+    /// (generation, partitions) as the member reported them.
+    generations: Vec<(u64, BTreeSet<u32>)>,
+}
+
+/// Reads the lines of the consumer processes into their outputs.
+fn collect(lines: &mpsc::Receiver<Line>, outputs: &mut [ConsumerOutput]) {
+    while let Ok(line) = lines.try_recv() {
+        let output = &mut outputs[line.node];
+        if let Some(rest) = line.text.strip_prefix("member ") {
+            // "member ID generation G: topic/p topic/p"
+            let mut words = rest.split_whitespace();
+            output.member = words.next().map(String::from);
+            let generation = words
+                .nth(1)
+                .and_then(|g| g.trim_end_matches(':').parse().ok())
+                .expect("a generation");
+            let partitions = words
+                .filter_map(|tp| tp.rsplit_once('/')?.1.parse().ok())
+                .collect();
+            output.generations.push((generation, partitions));
+        } else if let Some((partition, rest)) = line.text.split_once('\t')
+            && let Some((offset, _)) = rest.split_once('\t')
+            && let (Ok(partition), Ok(offset)) = (partition.parse(), offset.parse())
+        {
+            output.records.push((partition, offset));
+        }
+    }
+}
+
+/// A `meshlog consume --group` process bootstrapped at `bootstrap`.
+fn spawn_consumer(
+    index: usize,
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    lines: &mpsc::Sender<Line>,
+) -> std::process::Child {
+    let scratch = std::env::temp_dir();
+    let mut child = common::meshlog(&scratch)
+        .args([
+            "--bootstrap-server",
+            bootstrap,
+            "consume",
+            topic,
+            "--group",
+            group,
+        ])
+        .args([
+            "--from-beginning",
+            "--print-metadata",
+            "--session-timeout-ms",
+            "3000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn meshlog consume");
+    common::forward(index, child.stdout.take().expect("stdout"), lines.clone());
+    common::forward(index, child.stderr.take().expect("stderr"), lines.clone());
+    child
+}
+
+/// Every generation's partitions are claimed by one member at most.
+fn assert_one_owner_per_generation(outputs: &[ConsumerOutput]) {
+    let mut owners: BTreeMap<(u64, u32), usize> = BTreeMap::new();
+    for (i, output) in outputs.iter().enumerate() {
+        for (generation, partitions) in &output.generations {
+            for partition in partitions {
+                let owner = owners.entry((*generation, *partition)).or_insert(i);
+                assert_eq!(
+                    *owner, i,
+                    "partition {partition} owned by consumers {owner} and {i} in generation {generation}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_consumers_partitions_move_to_the_others_and_resume_from_its_commits() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let (node_tx, _node_rx) = mpsc::channel::<Line>();
+    let (mut nodes, _ids, client) = start_cluster(&dirs, &node_tx).await;
+    let bootstrap = nodes[0].as_ref().expect("node 0").address.clone();
+    create_replicated(&client, "orders", PARTITIONS).await;
+    let first = produce(&client, "orders", 0, 1200).await;
+
+    let (tx, rx) = mpsc::channel::<Line>();
+    let mut children: Vec<std::process::Child> = (0..3)
+        .map(|i| spawn_consumer(i, &bootstrap, "workers", "orders", &tx))
+        .collect();
+    let mut outputs: Vec<ConsumerOutput> = (0..3).map(|_| ConsumerOutput::default()).collect();
+
+    // All three join one generation that covers the six partitions, and
+    // together they read the first records.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        collect(&rx, &mut outputs);
+        let received: BTreeSet<(u32, u64)> =
+            outputs.iter().flat_map(|o| o.records.clone()).collect();
+        let info = client.describe_group("workers").await.ok();
+        let settled = info.as_ref().is_some_and(|i| {
+            i.state == "Stable"
+                && i.members.len() == 3
+                && i.members.iter().all(|(_, tps)| !tps.is_empty())
+                && i.members.iter().map(|(_, tps)| tps.len()).sum::<usize>() == PARTITIONS as usize
+        });
+        let latest_reported = outputs.iter().all(|o| {
+            let generation = o.generations.last().map(|g| g.0);
+            generation.is_some() && generation == info.as_ref().map(|i| i.generation)
+        });
+        if settled && latest_reported && first.is_subset(&received) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group did not settle: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_one_owner_per_generation(&outputs);
+
+    // SIGKILL the member with the most partitions; note what it committed.
+    let info = client.describe_group("workers").await.expect("describe");
+    let (victim_member, victim_partitions) = info
+        .members
+        .iter()
+        .max_by_key(|(_, tps)| tps.len())
+        .cloned()
+        .expect("a member");
+    let victim = outputs
+        .iter()
+        .position(|o| o.member.as_deref() == Some(victim_member.as_str()))
+        .expect("the victim's process");
+    let victim_partitions: BTreeSet<u32> = victim_partitions.iter().map(|tp| tp.1).collect();
+    // Kill it while it reads new records, so some it printed are not committed yet.
+    let sending = {
+        let client = client.clone();
+        tokio::spawn(async move { produce(&client, "orders", 1200, 1200).await })
+    };
+    let printed_before = outputs[victim].records.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while outputs[victim].records.len() == printed_before {
+        assert!(
+            Instant::now() < deadline,
+            "the victim read none of the new records"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        collect(&rx, &mut outputs);
+    }
+    children[victim].kill().expect("SIGKILL the consumer");
+    let killed_at = Instant::now();
+    let committed_at_kill: BTreeMap<u32, u64> = client
+        .describe_group("workers")
+        .await
+        .expect("describe")
+        .offsets
+        .iter()
+        .map(|o| (o.partition, o.committed))
+        .collect();
+    let second = sending.await.expect("the producer task");
+
+    // Its partitions move to the two others once its session (3 s) expires.
+    let mut moved_after = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let all: BTreeSet<(u32, u64)> = first.union(&second).copied().collect();
+    loop {
+        collect(&rx, &mut outputs);
+        if moved_after.is_none()
+            && let Ok(info) = client.describe_group("workers").await
+            && info.state == "Stable"
+            && info.members.len() == 2
+            && info.members.iter().map(|(_, tps)| tps.len()).sum::<usize>() == PARTITIONS as usize
+        {
+            moved_after = Some(killed_at.elapsed());
+        }
+        let received: BTreeSet<(u32, u64)> =
+            outputs.iter().flat_map(|o| o.records.clone()).collect();
+        if moved_after.is_some() && all.is_subset(&received) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the kill: {} of {} records received, moved: {moved_after:?}",
+            all.intersection(&received).count(),
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let moved_after = moved_after.expect("moved");
+    println!(
+        "the killed consumer's partitions moved {moved_after:?} after SIGKILL (session timeout 3 s)"
+    );
+    assert!(
+        moved_after < Duration::from_secs(3 + 4),
+        "partitions moved within session timeout + 4 s, took {moved_after:?}"
+    );
+    assert_one_owner_per_generation(&outputs);
+
+    // At least once: every record; twice only after the dead member's last commit.
+    let mut seen: BTreeMap<(u32, u64), usize> = BTreeMap::new();
+    for record in outputs.iter().flat_map(|o| o.records.iter()) {
+        *seen.entry(*record).or_default() += 1;
+    }
+    let duplicates: Vec<(u32, u64)> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(r, _)| *r)
+        .collect();
+    for (partition, offset) in &duplicates {
+        assert!(
+            victim_partitions.contains(partition),
+            "{partition}/{offset} read twice but its partition was not the killed member's"
+        );
+        assert!(
+            *offset >= committed_at_kill.get(partition).copied().unwrap_or(0),
+            "{partition}/{offset} read twice though the killed member had committed past it"
+        );
+    }
+    println!(
+        "{} records, {} read twice (each after the killed member's last commit)",
+        all.len(),
+        duplicates.len()
+    );
+
+    for (i, child) in children.iter_mut().enumerate() {
+        if i != victim {
+            common::sigterm(child);
+        }
+        let _ = child.wait();
+    }
     stop_all(client, &mut nodes).await;
 }

@@ -61,7 +61,7 @@ impl From<AssignorArg> for Assignor {
     }
 }
 
-/// Polls until `--max-messages`, `--timeout-ms` or Ctrl-C, committing after
+/// Polls until `--max-messages`, `--timeout-ms`, Ctrl-C or SIGTERM, committing after
 /// each batch; with `--group`, shares the topic's partitions with the
 /// group's other members.
 pub async fn run(node: Node, args: &ConsumeArgs) -> CliResult {
@@ -83,14 +83,28 @@ pub async fn run(node: Node, args: &ConsumeArgs) -> CliResult {
         .timeout_ms
         .map_or(Duration::from_secs(3600), Duration::from_millis);
     let mut printed = 0u64;
+    let mut membership = (None, Vec::new());
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last_record = tokio::time::Instant::now();
     while printed < limit {
+        // Short polls, so membership changes are reported while idle.
         let records = tokio::select! {
             _ = &mut ctrl_c => break,
-            polled = consumer.poll(idle) => polled?,
+            _ = terminate.recv() => break,
+            polled = consumer.poll(idle.min(Duration::from_secs(1))) => polled?,
         };
-        if records.is_empty() && args.timeout_ms.is_some() {
+        if args.print_metadata && args.group.is_some() {
+            let now = (consumer.generation(), consumer.assignment().to_vec());
+            if now != membership {
+                report_membership(&consumer);
+                membership = now;
+            }
+        }
+        if !records.is_empty() {
+            last_record = tokio::time::Instant::now();
+        } else if last_record.elapsed() >= idle {
             break;
         }
         let take = records.len().min((limit - printed) as usize);
@@ -111,6 +125,21 @@ pub async fn run(node: Node, args: &ConsumeArgs) -> CliResult {
     consumer.close().await?;
     eprintln!("Processed a total of {printed} messages");
     Ok(())
+}
+
+/// Says on stderr which partitions this member holds in which generation.
+fn report_membership(consumer: &meshlog::Consumer) {
+    let partitions: Vec<String> = consumer
+        .assignment()
+        .iter()
+        .map(|(t, p)| format!("{t}/{p}"))
+        .collect();
+    eprintln!(
+        "member {} generation {}: {}",
+        consumer.member_id(),
+        consumer.generation().unwrap_or(0),
+        partitions.join(" ")
+    );
 }
 
 fn print_records(args: &ConsumeArgs, records: &[ConsumerRecord]) -> std::io::Result<()> {
