@@ -407,3 +407,120 @@ async fn a_killed_consumers_partitions_move_to_the_others_and_resume_from_its_co
     }
     stop_all(client, &mut nodes).await;
 }
+
+/// The index of the node that leads `__offsets` partition `partition`.
+async fn offsets_leader(
+    client: &Node,
+    ids: &[meshlog::net::NodeId],
+    partition: u32,
+) -> Option<usize> {
+    let description = client.describe_topic("__offsets").await.ok()?;
+    let leader = description.partitions.get(partition as usize)?.leader?;
+    ids.iter().position(|id| *id == leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_reforms_on_the_new_coordinator_with_its_offsets_after_a_sigkill() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let (tx, _rx) = mpsc::channel::<Line>();
+    let (mut nodes, ids, client) = start_cluster(&dirs, &tx).await;
+    create_replicated(&client, "ledger", PARTITIONS).await;
+    let first = produce(&client, "ledger", 0, 600).await;
+    // Creates __offsets; then pick a group whose coordinator is not node 0
+    // (the client's bootstrap).
+    client.list_groups().await.expect("list groups");
+    let mut group = String::new();
+    let mut coordinator = None;
+    for i in 0.. {
+        let name = format!("payments-{i}");
+        let partition = meshlog::coordinator::offsets_partition(&name);
+        let leader = offsets_leader(&client, &ids, partition).await;
+        if leader.is_some_and(|l| l != 0) {
+            (group, coordinator) = (name, leader);
+            break;
+        }
+        assert!(i < 200, "no __offsets partition led by node 1 or 2");
+    }
+    let coordinator = coordinator.expect("a coordinator");
+
+    let mut consumers = vec![
+        group_consumer(&client, &group, Assignor::CooperativeSticky),
+        group_consumer(&client, &group, Assignor::CooperativeSticky),
+    ];
+    for consumer in &mut consumers {
+        consumer.subscribe(&["ledger"]).expect("subscribe");
+    }
+    consume_all(&mut consumers, &first, Duration::from_secs(60)).await;
+    let before = client.describe_group(&group).await.expect("describe");
+    let committed_before: BTreeMap<u32, u64> = before
+        .offsets
+        .iter()
+        .map(|o| (o.partition, o.committed))
+        .collect();
+    assert_eq!(committed_before.values().sum::<u64>(), first.len() as u64);
+
+    nodes[coordinator]
+        .as_mut()
+        .expect("the coordinator's process")
+        .child
+        .kill()
+        .expect("SIGKILL the coordinator's node");
+    let killed_at = Instant::now();
+
+    // The consumers keep polling; the group re-forms on the new leader of
+    // its __offsets partition with every committed offset intact.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reformed = loop {
+        for consumer in &mut consumers {
+            let records = consumer.poll(Duration::from_millis(200)).await;
+            assert!(
+                records.is_ok_and(|r| r.is_empty()),
+                "nothing new to read yet"
+            );
+        }
+        if let Ok(info) = client.describe_group(&group).await
+            && info.members.len() == 2
+            && info.state == "Stable"
+            && info.generation > before.generation
+        {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "the group did not re-form");
+    };
+    println!(
+        "the group re-formed {:?} after its coordinator's node was killed",
+        killed_at.elapsed()
+    );
+    let committed_after: BTreeMap<u32, u64> = reformed
+        .offsets
+        .iter()
+        .map(|o| (o.partition, o.committed))
+        .collect();
+    assert_eq!(
+        committed_after, committed_before,
+        "committed offsets intact"
+    );
+    let new_coordinator = offsets_leader(
+        &client,
+        &ids,
+        meshlog::coordinator::offsets_partition(&group),
+    )
+    .await;
+    assert_ne!(new_coordinator, Some(coordinator));
+
+    // Consumption continues from the committed offsets: new records once each.
+    let second = produce(&client, "ledger", 600, 600).await;
+    let received = consume_all(&mut consumers, &second, Duration::from_secs(60)).await;
+    let all: Vec<(u32, u64)> = received.into_iter().flatten().collect();
+    let distinct: BTreeSet<(u32, u64)> = all.iter().copied().collect();
+    assert_eq!(distinct, second, "exactly the new records");
+    assert_eq!(all.len(), second.len(), "none read twice");
+
+    for consumer in consumers {
+        consumer.close().await.expect("close");
+    }
+    client.shutdown().await;
+    for process in nodes.iter_mut().flatten() {
+        let _ = process.child.kill();
+    }
+}
