@@ -659,10 +659,24 @@ impl Node {
     /// hints. The replica waits up to `frame.max_wait_ms` for records to
     /// arrive (long poll).
     pub(crate) async fn fetch_in_mesh(&self, frame: FetchFrame) -> Result<Fetched> {
+        self.fetch_in_mesh_from(frame, false).await
+    }
+
+    /// [`Node::fetch_in_mesh`]; with `nearest`, from this node's own replica
+    /// when it holds one (no network hop; its commit point trails the
+    /// leader's by up to a heartbeat).
+    pub(crate) async fn fetch_in_mesh_from(
+        &self,
+        frame: FetchFrame,
+        nearest: bool,
+    ) -> Result<Fetched> {
         let (topic, partition) = (frame.topic.clone(), frame.partition);
         let replicas = self.partition_replicas(&topic, partition).await?;
-        let mut target = self
-            .gossiped_leader(&topic, partition)
+        let local = self
+            .me()
+            .filter(|me| nearest && self.inner.replicator.is_some() && replicas.contains(me));
+        let mut target = local
+            .or_else(|| self.gossiped_leader(&topic, partition))
             .unwrap_or(replicas[0]);
         let patience = Duration::from_millis(u64::from(frame.max_wait_ms)) + PEER_REQUEST_TIMEOUT;
         let mut last = Refusal::Other("no replica answered".into());

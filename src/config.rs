@@ -435,6 +435,13 @@ pub struct ConsumerConfig {
     /// A replica answers a fetch once this many bytes of records are ready,
     /// or at `fetch_max_wait` (`fetch.min.bytes`). Default 1: at once.
     pub fetch_min_bytes: usize,
+    /// Read from this node's own replica of a partition when it holds one,
+    /// instead of the leader (Kafka's `client.rack` with a rack-aware
+    /// replica selector: the nearest replica is the local one). Saves a
+    /// network hop for consumers embedded in storage nodes far from the
+    /// leader; records show up there once the follower learns they are
+    /// committed (the next append or heartbeat). Default false.
+    pub fetch_from_nearest: bool,
     /// How partitions are shared in the group (`partition.assignment.strategy`);
     /// every member of a group must use the same. Default cooperative-sticky.
     pub assignor: Assignor,
@@ -460,6 +467,7 @@ impl Default for ConsumerConfig {
             max_partition_fetch_bytes: 1024 * 1024,
             fetch_max_wait: Duration::from_millis(500),
             fetch_min_bytes: 1,
+            fetch_from_nearest: false,
             assignor: Assignor::CooperativeSticky,
             session_timeout: Duration::from_secs(45),
             heartbeat_interval: Duration::from_secs(3),

@@ -282,7 +282,7 @@ fn groups_show_lag_and_reset_offsets_like_kafka() {
 
     let missing = run(d, &["group", "describe", "nobody"], "");
     assert_eq!(missing.status.code(), Some(1));
-    assert!(stderr(&missing).contains("has no committed offsets"));
+    assert!(stderr(&missing).contains("does not exist"));
 }
 
 #[test]

@@ -10,10 +10,12 @@
 //!
 //! What it covers grows with the core: membership ([`scenario`]), the
 //! replication of one partition ([`replication`]), the producer's queue
-//! against an idempotent leader ([`producer`]), and placement in scale mode.
-//! Ownership across partitions and groups join as they land.
+//! against an idempotent leader ([`producer`]), a consumer group's
+//! coordinator and members ([`groups`]), and placement in scale mode.
+//! Ownership across partitions joins as it lands.
 
 pub mod check;
+pub mod groups;
 pub mod net;
 pub mod producer;
 pub mod queue;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use meshlog::core::membership::InjectedFault;
 use meshlog::core::replication::ReplicationFault;
+use meshlog_sim::groups::{self, GroupFault};
 use meshlog_sim::producer;
 use meshlog_sim::replication;
 use meshlog_sim::scale;
@@ -31,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     partitions: u32,
     /// Switch on a deliberate core bug (to see the checkers catch it).
-    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum"])]
+    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum", "ignore-generations"])]
     inject_fault: Option<String>,
 }
 
@@ -43,6 +44,8 @@ fn main() -> ExitCode {
     };
     let replication_fault = (args.inject_fault.as_deref() == Some("commit-without-quorum"))
         .then_some(ReplicationFault::CommitWithoutQuorum);
+    let group_fault = (args.inject_fault.as_deref() == Some("ignore-generations"))
+        .then_some(GroupFault::CoordinatorIgnoresGenerations);
     if args.scale {
         print_scale(args.nodes, args.partitions);
         return ExitCode::SUCCESS;
@@ -54,8 +57,12 @@ fn main() -> ExitCode {
         print_replication_report(&rep);
         let prod = producer::run(seed);
         print_producer_report(&prod);
-        let failed =
-            report.violation.is_some() || rep.violation.is_some() || prod.violation.is_some();
+        let group = groups::run_with(seed, group_fault);
+        print_group_report(&group);
+        let failed = report.violation.is_some()
+            || rep.violation.is_some()
+            || prod.violation.is_some()
+            || group.violation.is_some();
         return if failed {
             ExitCode::FAILURE
         } else {
@@ -74,7 +81,7 @@ fn main() -> ExitCode {
         start,
         end,
         &options,
-        replication_fault,
+        (replication_fault, group_fault),
         args.inject_fault.as_deref(),
     )
 }
@@ -93,18 +100,22 @@ fn sweep(
     start: u64,
     end: u64,
     options: &Options,
-    replication_fault: Option<ReplicationFault>,
+    (replication_fault, group_fault): (Option<ReplicationFault>, Option<GroupFault>),
     inject: Option<&str>,
 ) -> ExitCode {
     let wall = Instant::now();
     let (mut events, mut worst, mut worst_recovery, mut acked) =
         (0u64, Duration::ZERO, Duration::ZERO, 0usize);
     let (mut produced, mut failovers, mut worst_producer) = (0u64, 0u64, Duration::ZERO);
+    let (mut generations, mut commits, mut worst_group) = (0u64, 0u64, Duration::ZERO);
     for seed in start..end {
         let report = scenario::run(seed, options);
         let rep = replication::run(seed, replication_fault);
         let prod = producer::run(seed);
-        events += report.events + rep.events + prod.events;
+        let group = groups::run_with(seed, group_fault);
+        events += report.events + rep.events + prod.events + group.events;
+        (generations, commits) = (generations + group.generations, commits + group.commits);
+        worst_group = worst_group.max(group.recovery.unwrap_or_default());
         acked += rep.acked;
         produced += prod.acked;
         failovers += u64::from(prod.failovers);
@@ -113,7 +124,8 @@ fn sweep(
             .violation
             .as_ref()
             .or(rep.violation.as_ref())
-            .or(prod.violation.as_ref());
+            .or(prod.violation.as_ref())
+            .or(group.violation.as_ref());
         if let Some(v) = violation {
             let flag = inject.map_or(String::new(), |f| format!(" --inject-fault {f}"));
             println!("seed {seed}: FAILED {v}");
@@ -127,7 +139,8 @@ fn sweep(
     println!(
         "{} seeds passed in {secs:.1} s ({:.0} events/s); membership converged at most {worst:?} after the heal; \
          replication: {acked} records acknowledged, a new record committed everywhere at most {worst_recovery:?} after the heal; \
-         producer: {produced} records acknowledged through {failovers} leader failovers, each once and in key order, all at most {worst_producer:?} after the faults ended",
+         producer: {produced} records acknowledged through {failovers} leader failovers, each once and in key order, all at most {worst_producer:?} after the faults ended; \
+         groups: {generations} generations, {commits} commits, one owner per partition per generation, no offset backwards or skipped, all committed at most {worst_group:?} after the faults ended",
         end - start,
         events as f64 / secs
     );
@@ -143,6 +156,21 @@ fn print_replication_report(r: &replication::Report) {
         (Some(v), _) => println!("FAILED {v}"),
         (None, Some(t)) => println!(
             "ok: a new record committed everywhere {t:?} after the heal ({:?} wall)",
+            r.wall
+        ),
+        (None, None) => println!("ok"),
+    }
+}
+
+fn print_group_report(r: &groups::Report) {
+    println!(
+        "groups: {} generations, {} records, {} commits, {} coordinator failovers, {} member crashes, {} events, trace {}",
+        r.generations, r.records, r.commits, r.failovers, r.crashes, r.events, r.trace_hash
+    );
+    match (&r.violation, r.recovery) {
+        (Some(v), _) => println!("FAILED {v}"),
+        (None, Some(t)) => println!(
+            "ok: every record committed {t:?} after the faults ended ({:?} wall)",
             r.wall
         ),
         (None, None) => println!("ok"),

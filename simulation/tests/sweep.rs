@@ -3,6 +3,7 @@
 
 use meshlog::core::membership::InjectedFault;
 use meshlog::core::replication::ReplicationFault;
+use meshlog_sim::groups::{self, GroupFault};
 use meshlog_sim::producer::{self, ProducerFault};
 use meshlog_sim::replication;
 use meshlog_sim::scale;
@@ -143,6 +144,48 @@ fn a_leader_that_ignores_sequence_numbers_is_caught_within_a_few_seeds() {
         caught.expect("a leader storing retries twice must be caught within 10 seeds");
     assert!(
         violation.invariant.contains("duplicates"),
+        "seed {seed}: {violation}"
+    );
+}
+
+#[test]
+fn a_bounded_sweep_of_group_seeds_passes() {
+    let (mut generations, mut commits) = (0, 0);
+    for seed in 0..100 {
+        let report = groups::run(seed);
+        if let Some(v) = &report.violation {
+            panic!("seed {seed}: {v}\nreplay: cargo run -p meshlog-sim --release -- --seed {seed}");
+        }
+        assert!(
+            report.recovery.is_some(),
+            "seed {seed}: everything committed in the end"
+        );
+        generations += report.generations;
+        commits += report.commits;
+    }
+    assert!(
+        generations > 200 && commits > 1_000,
+        "the workload must rebalance and commit ({generations} generations, {commits} commits)"
+    );
+}
+
+#[test]
+fn group_runs_replay_the_same_trace() {
+    let (a, b) = (groups::run(11), groups::run(11));
+    assert_eq!((a.trace_hash, a.events), (b.trace_hash, b.events));
+}
+
+#[test]
+fn a_coordinator_that_ignores_generations_is_caught_within_a_few_seeds() {
+    let caught = (0..20).find_map(|seed| {
+        groups::run_with(seed, Some(GroupFault::CoordinatorIgnoresGenerations))
+            .violation
+            .map(|v| (seed, v))
+    });
+    let (seed, violation) = caught
+        .expect("a coordinator that lets fenced members commit must be caught within 20 seeds");
+    assert!(
+        violation.invariant.contains("backwards") || violation.invariant.contains("skipped"),
         "seed {seed}: {violation}"
     );
 }

@@ -303,7 +303,8 @@ impl Consumer {
             };
             let node = self.node.clone();
             let tp = tp.clone();
-            fetches.push(async move { (tp, node.fetch_in_mesh(frame).await) });
+            let nearest = self.config.fetch_from_nearest;
+            fetches.push(async move { (tp, node.fetch_in_mesh_from(frame, nearest).await) });
         }
         let (mut out, mut advanced, mut failures) = (Vec::new(), Vec::new(), 0);
         while let Some((tp, result)) = fetches.next().await {
@@ -616,6 +617,11 @@ impl Consumer {
             match outcome {
                 Ok((generation, assignment)) => {
                     tracing::debug!(group = %group, generation, partitions = assignment.len(), "joined");
+                    if self.generation().is_none_or(|g| g + 1 != generation) {
+                        // A generation passed without this member: its
+                        // partitions may have moved and its positions are stale.
+                        self.lose_all();
+                    }
                     self.joined_topics = topics;
                     self.membership = Some(membership::start(
                         self.node.clone(),
@@ -652,6 +658,7 @@ impl Consumer {
             session_timeout_ms: millis(self.config.session_timeout),
             rebalance_timeout_ms: millis(self.config.max_poll_interval),
             owned: self.assignment.clone(),
+            owned_generation: self.generation().unwrap_or(0),
         };
         let outcome = membership::join_and_sync(
             self.node.clone(),
@@ -728,6 +735,20 @@ impl Consumer {
             listener.on_partitions_assigned(&added);
         }
         Ok(())
+    }
+
+    /// Forgets every partition without committing (they were lost, not
+    /// given up: another member may own them now). The listener hears of them
+    /// as revoked; what it asks to commit is dropped.
+    fn lose_all(&mut self) {
+        let lost = std::mem::take(&mut self.assignment);
+        if !lost.is_empty()
+            && let Some(Ok(listener)) = self.listener.as_mut().map(|l| l.get_mut())
+        {
+            listener.on_partitions_revoked(&lost, &mut BTreeMap::new());
+        }
+        self.positions.clear();
+        self.paused.clear();
     }
 
     /// Gives partitions up: commits their positions (auto-commit) or what the

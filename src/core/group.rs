@@ -86,6 +86,10 @@ pub struct JoinRequest {
     pub rebalance_timeout_ms: u64,
     /// The partitions it owns now (cooperative: it keeps consuming them).
     pub owned: Vec<TopicPartition>,
+    /// The generation that gave it `owned`. Only claims of the group's
+    /// current generation count: a member that missed generations (cut off,
+    /// its join lost) may still claim partitions others own now.
+    pub owned_generation: u64,
 }
 
 /// A request to a group's coordinator.
@@ -347,6 +351,10 @@ struct Group {
     phase: Phase,
     /// Each member's partitions in the current generation.
     assignment: BTreeMap<MemberId, Vec<TopicPartition>>,
+    /// Each member's partitions in the generation before: a cooperative
+    /// member gives up a moving partition (and commits it) only after it
+    /// learns the new generation, in which nobody owns it yet.
+    previous: BTreeMap<MemberId, Vec<TopicPartition>>,
     offsets: BTreeMap<TopicPartition, u64>,
     /// Joins waiting for the round to end.
     joins: Vec<(RequestId, MemberId)>,
@@ -360,6 +368,7 @@ impl Group {
             members: BTreeMap::new(),
             phase: Phase::Stable,
             assignment: BTreeMap::new(),
+            previous: BTreeMap::new(),
             offsets: BTreeMap::new(),
             joins: Vec::new(),
         }
@@ -390,7 +399,7 @@ pub struct Coordinator {
     next_token: u64,
     /// Appends in flight, by token.
     waiting: BTreeMap<u64, Waiting>,
-    /// Test-only fault: accept commits whatever their generation.
+    /// Test-only fault: accept commits from any member of any generation.
     ignore_generations: bool,
 }
 
@@ -400,8 +409,8 @@ impl Coordinator {
         Self::default()
     }
 
-    /// Test-only fault switch: a coordinator that does not fence stale
-    /// generations (the simulation must catch it).
+    /// Test-only fault switch: a coordinator that does not fence commits
+    /// (from removed members or stale generations); the simulation must catch it.
     pub fn with_fault_ignore_generations(mut self) -> Self {
         self.ignore_generations = true;
         self
@@ -712,7 +721,7 @@ impl Coordinator {
         match stored {
             Ok(()) => {
                 group.generation = generation;
-                group.assignment = assignment;
+                group.previous = std::mem::replace(&mut group.assignment, assignment);
                 for (id, member) in joins {
                     let answer = if group.members.contains_key(&member) {
                         Ok(GroupResponse::Joined {
@@ -869,7 +878,7 @@ impl Coordinator {
             return;
         }
         let assignor = group.assignor.unwrap_or_default();
-        let (assignment, follow_up) = assign(assignor, &group.members);
+        let (assignment, follow_up) = assign(assignor, &group.members, group.generation);
         let generation = group.generation + 1;
         let joins = std::mem::take(&mut group.joins);
         self.next_token += 1;
@@ -961,26 +970,39 @@ fn check_commit(
     now: Duration,
     ignore_generations: bool,
 ) -> Result<u64, GroupError> {
+    if ignore_generations {
+        return Ok(generation);
+    }
     let Some(known) = group.members.get_mut(member) else {
         return Err(GroupError::UnknownMember(member.clone()));
     };
     known.last_heard = now;
-    if ignore_generations {
-        return Ok(generation);
-    }
     if generation != group.generation {
         return Err(GroupError::IllegalGeneration {
             given: generation,
             current: group.generation,
         });
     }
-    let owned = group.assignment.get(member);
     for (tp, _) in offsets {
-        if !owned.is_some_and(|o| o.contains(tp)) {
+        if !may_commit(group, member, tp) {
             return Err(GroupError::NotAssigned(tp.0.clone(), tp.1));
         }
     }
     Ok(generation)
+}
+
+/// Whether `member` may move the offset of `tp` in the current generation:
+/// it owns it, or it owned it in the generation before and nobody owns it
+/// now (a cooperative member committing a partition it is giving up).
+fn may_commit(group: &Group, member: &MemberId, tp: &TopicPartition) -> bool {
+    let owns = |assignment: &BTreeMap<MemberId, Vec<TopicPartition>>, m: &MemberId| {
+        assignment.get(m).is_some_and(|tps| tps.contains(tp))
+    };
+    if owns(&group.assignment, member) {
+        return true;
+    }
+    let owned_before = owns(&group.previous, member);
+    owned_before && !group.assignment.keys().any(|m| owns(&group.assignment, m))
 }
 
 /// Shares the subscribed partitions among `members` with `assignor`.
@@ -989,6 +1011,7 @@ fn check_commit(
 fn assign(
     assignor: Assignor,
     members: &BTreeMap<MemberId, Member>,
+    generation: u64,
 ) -> (BTreeMap<MemberId, Vec<TopicPartition>>, bool) {
     let subscriptions: BTreeMap<MemberId, BTreeSet<String>> = members
         .iter()
@@ -1003,6 +1026,7 @@ fn assign(
     }
     let owned: BTreeMap<MemberId, Vec<TopicPartition>> = members
         .iter()
+        .filter(|(_, m)| m.join.owned_generation == generation)
         .map(|(id, m)| (id.clone(), m.join.owned.clone()))
         .collect();
     let mut assignment = match assignor {

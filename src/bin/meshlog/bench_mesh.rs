@@ -344,8 +344,11 @@ async fn consume(
     clock: Instant,
     total: tokio::sync::watch::Receiver<Option<u64>>,
 ) -> Result<(u64, f64, Histogram<u64>), Box<dyn std::error::Error + Send + Sync>> {
-    // Large polls, so that the one consumer keeps up with several producers.
-    let mut config = ConsumerConfig::default().with_auto_offset_reset(OffsetReset::Earliest);
+    // One consumer group of one member (committing every 5 s, as a Kafka
+    // consumer does); large polls, so that it keeps up with several producers.
+    let mut config = ConsumerConfig::default()
+        .with_group_id(format!("bench-{topic}"))
+        .with_auto_offset_reset(OffsetReset::Earliest);
     config.max_poll_records = 100_000;
     let mut consumer = client.consumer(config)?;
     consumer.subscribe(&[&topic])?;

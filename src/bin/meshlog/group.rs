@@ -64,8 +64,8 @@ async fn describe(node: &Node, group: &str) -> CliResult {
         return Err(format!("consumer group '{group}' does not exist").into());
     }
     let assignor = info.assignor.map_or("-", |a| a.name());
-    println!(
-        "GROUP {group}  STATE {}  GENERATION {}  ASSIGNOR {assignor}  MEMBERS {}",
+    eprintln!(
+        "Group {group}: state {}, generation {}, assignor {assignor}, {} members",
         info.state,
         info.generation,
         info.members.len()
@@ -77,12 +77,13 @@ async fn describe(node: &Node, group: &str) -> CliResult {
             .map_or("-", |(m, _)| m.as_str())
     };
     println!(
-        "{:<20} {:>9} {:>15} {:>15} {:>10}  CONSUMER-ID",
-        "TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG"
+        "{:<20} {:<20} {:>9} {:>15} {:>15} {:>10}  CONSUMER-ID",
+        "GROUP", "TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG"
     );
     for o in &info.offsets {
         println!(
-            "{:<20} {:>9} {:>15} {:>15} {:>10}  {}",
+            "{:<20} {:<20} {:>9} {:>15} {:>15} {:>10}  {}",
+            group,
             o.topic,
             o.partition,
             o.committed,

@@ -7,6 +7,17 @@ fn ms(n: u64) -> Duration {
 }
 
 fn join_request(member: &str, assignor: Assignor, owned: Vec<TopicPartition>) -> GroupRequest {
+    assert!(owned.is_empty(), "use join_owning");
+    join_owning(member, assignor, owned, 0)
+}
+
+/// A join from a member that owns `owned` since `generation`.
+fn join_owning(
+    member: &str,
+    assignor: Assignor,
+    owned: Vec<TopicPartition>,
+    generation: u64,
+) -> GroupRequest {
     GroupRequest::Join {
         group: "g".into(),
         join: JoinRequest {
@@ -15,6 +26,7 @@ fn join_request(member: &str, assignor: Assignor, owned: Vec<TopicPartition>) ->
             assignor,
             session_timeout_ms: SESSION,
             rebalance_timeout_ms: 5_000,
+            owned_generation: generation,
             owned,
         },
     }
@@ -138,7 +150,7 @@ fn rejoin_all(
     for (i, m) in members.iter().enumerate() {
         actions.extend(c.handle(
             100 + i as u64,
-            join_request(m, Assignor::CooperativeSticky, owned[i].clone()),
+            join_owning(m, Assignor::CooperativeSticky, owned[i].clone(), generation),
             now,
         ));
     }
@@ -307,13 +319,29 @@ fn cooperative_moves_never_give_a_partition_two_owners_at_once() {
     // b joins: a keeps consuming everything while the round runs, then
     // gives up half; b gets that half only in the following generation.
     let mut actions = c.handle(2, join_request("b", assignor, vec![]), ms(10));
-    actions.extend(c.handle(3, join_request("a", assignor, a1.clone()), ms(10)));
+    actions.extend(c.handle(3, join_owning("a", assignor, a1.clone(), g1), ms(10)));
     let replies = settle(&mut c, actions, ms(10));
     let g2 = generation_of(&replies[&2]);
     let a2 = assignment_of(&mut c, "a", g2, ms(10));
     let b2 = assignment_of(&mut c, "b", g2, ms(10));
     assert_eq!(a2.len(), 3, "a gives up half");
     assert!(b2.is_empty(), "b waits until a has given them up: {b2:?}");
+    // a commits a partition it gives up, in the new generation: nobody owns it yet.
+    let given_up = a1
+        .iter()
+        .find(|tp| !a2.contains(tp))
+        .expect("one moves")
+        .clone();
+    let commit = GroupRequest::Commit {
+        group: "g".into(),
+        member: Some(("a".into(), g2)),
+        offsets: vec![(given_up.clone(), 9)],
+    };
+    let actions = c.handle(5, commit.clone(), ms(15));
+    assert_eq!(
+        settle(&mut c, actions, ms(15))[&5],
+        Ok(GroupResponse::Committed)
+    );
     let heartbeat = GroupRequest::Heartbeat {
         group: "g".into(),
         member: "a".into(),
@@ -329,6 +357,21 @@ fn cooperative_moves_never_give_a_partition_two_owners_at_once() {
     let assignments = rejoin_all(&mut c, &["a", "b"], &[a2.clone(), b2], g2, ms(30));
     assert_eq!(assignments[0], a2, "a keeps what it kept");
     assert_each_partition_once(&assignments);
+    assert!(assignments[1].contains(&given_up));
+    // Once b owns it, a cannot move it any more.
+    let g3 = c.generation("g");
+    let late = GroupRequest::Commit {
+        group: "g".into(),
+        member: Some(("a".into(), g3)),
+        offsets: vec![(given_up, 10)],
+    };
+    assert!(matches!(
+        &c.handle(6, late, ms(31))[..],
+        [Action::Reply {
+            answer: Err(GroupError::NotAssigned(..)),
+            ..
+        }]
+    ));
 }
 
 #[test]
@@ -402,4 +445,21 @@ fn a_failed_store_answers_not_stored_and_changes_nothing() {
         1,
         "a generation that may be stored is never reused"
     );
+}
+
+#[test]
+fn a_claim_from_a_missed_generation_does_not_keep_a_partition_from_its_owner() {
+    let mut c = Coordinator::new();
+    let assignor = Assignor::CooperativeSticky;
+    let actions = c.handle(1, join_request("a", assignor, vec![]), ms(0));
+    let g1 = generation_of(&settle(&mut c, actions, ms(0))[&1]);
+    let all = assignment_of(&mut c, "a", g1, ms(0));
+    // "b" claims partitions it held in an older generation (it was cut off);
+    // a's claim, from the current generation, wins: nothing moves to b
+    // before a gives it up.
+    let mut actions = c.handle(2, join_owning("b", assignor, all.clone(), g1 - 1), ms(10));
+    actions.extend(c.handle(3, join_owning("a", assignor, all.clone(), g1), ms(10)));
+    let g2 = generation_of(&settle(&mut c, actions, ms(10))[&2]);
+    assert!(assignment_of(&mut c, "b", g2, ms(10)).is_empty());
+    assert_eq!(assignment_of(&mut c, "a", g2, ms(10)).len(), 3);
 }
