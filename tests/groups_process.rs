@@ -165,6 +165,26 @@ async fn two_groups_each_receive_every_record_and_members_of_one_share_partition
     }
     let info = client.describe_group("billing").await.expect("describe");
     assert!(info.members.is_empty(), "close leaves at once: {info:?}");
+
+    // A member subscribed to a topic that does not exist yet rebalances
+    // when it appears, and reads it.
+    let mut early = vec![group_consumer(&client, "early", Assignor::Range)];
+    early[0].subscribe(&["later"]).expect("subscribe");
+    assert!(
+        early[0]
+            .poll(Duration::from_millis(500))
+            .await
+            .expect("poll")
+            .is_empty()
+    );
+    create_replicated(&client, "later", 2).await;
+    let later = produce(&client, "later", 0, 50).await;
+    consume_all(&mut early, &later, Duration::from_secs(30)).await;
+    assert_eq!(
+        early[0].assignment().len(),
+        2,
+        "both partitions of the new topic"
+    );
     stop_all(client, &mut nodes).await;
 }
 
