@@ -785,10 +785,11 @@ impl Consumer {
     /// group leaves it at once, so its partitions are reassigned now rather
     /// than after its session times out.
     pub async fn close(mut self) -> Result<()> {
-        if self.membership.is_some() {
+        if self.membership.is_some() || self.pending_join.is_some() {
             let all = self.assignment.clone();
             self.revoke(&all).await;
             self.membership = None;
+            self.pending_join = None;
             if let Some(group) = self.config.group_id.clone() {
                 membership::leave(&self.node, &group, &self.member).await?;
             }
