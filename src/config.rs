@@ -452,7 +452,10 @@ pub struct ConsumerConfig {
     /// background task (`heartbeat.interval.ms`). Default 3 s.
     pub heartbeat_interval: Duration,
     /// How long a rebalance waits for members to rejoin: a member that does
-    /// not call `poll` for this long is left out (`max.poll.interval.ms`). Default 5 min.
+    /// not call `poll` for this long during a rebalance is left out of the
+    /// new generation (`max.poll.interval.ms`). Unlike Kafka's client, a
+    /// member that stops polling while the group is stable keeps its
+    /// partitions (its heartbeats come from a background task). Default 5 min.
     pub max_poll_interval: Duration,
 }
 

@@ -90,6 +90,7 @@ pub(crate) fn start(
         hosted: BTreeMap::new(),
         replies: BTreeMap::new(),
         next_id: 0,
+        incarnations: 0,
         start: Instant::now(),
         appends: FuturesUnordered::new(),
     };
@@ -100,6 +101,9 @@ pub(crate) fn start(
 struct Hosted {
     /// The leader epoch its state was loaded for.
     epoch: u64,
+    /// Tells this state apart from an earlier one loaded for the same epoch,
+    /// so a late append outcome never reaches a core that did not send it.
+    incarnation: u64,
     core: Coordinator,
     /// Records waiting for the append in flight to finish.
     queue: Vec<(u64, OffsetsRecord)>,
@@ -107,7 +111,7 @@ struct Hosted {
     appending: bool,
 }
 
-/// An append's outcome: partition, epoch, tokens, result.
+/// An append's outcome: partition, incarnation of its core, tokens, result.
 type Appended = (u32, u64, Vec<u64>, Result<(), String>);
 
 struct Task {
@@ -117,6 +121,8 @@ struct Task {
     /// Requests waiting for the core's answer.
     replies: BTreeMap<RequestId, oneshot::Sender<GroupAnswer>>,
     next_id: RequestId,
+    /// Cores loaded so far (each gets the next number).
+    incarnations: u64,
     start: Instant,
     appends: FuturesUnordered<futures::future::BoxFuture<'static, Appended>>,
 }
@@ -200,7 +206,12 @@ impl Task {
                     return Ok(());
                 }
                 self.abandon(partition);
-                let core = self.load(partition)?;
+                let store = self.store.clone();
+                // Reading the log is blocking store work: off the async workers.
+                let core = tokio::task::spawn_blocking(move || load(&store, partition))
+                    .await
+                    .map_err(|e| GroupError::NotStored(e.to_string()))??;
+                self.incarnations += 1;
                 info!(
                     partition,
                     epoch, "coordinating the groups of an __offsets partition"
@@ -209,6 +220,7 @@ impl Task {
                     partition,
                     Hosted {
                         epoch,
+                        incarnation: self.incarnations,
                         core,
                         queue: Vec::new(),
                         appending: false,
@@ -239,42 +251,9 @@ impl Task {
         }
         answer.await.unwrap_or(Leadership::Follower { hint: None })
     }
+}
 
-    /// Replays the partition's committed log into a new core.
-    fn load(&self, partition: u32) -> Result<Coordinator, GroupError> {
-        let unreadable = |e: crate::error::StoreError| GroupError::NotStored(e.to_string());
-        let state = self
-            .store
-            .partition_state(OFFSETS_TOPIC, partition)
-            .map_err(unreadable)?;
-        let mut core = Coordinator::new();
-        let mut offset = state.log_start_offset;
-        let mut records = 0u64;
-        while offset < state.high_watermark {
-            let read = self
-                .store
-                .read(OFFSETS_TOPIC, partition, offset, 4 << 20)
-                .map_err(unreadable)?;
-            let Some(last) = read.records.last() else {
-                break;
-            };
-            offset = last.offset + 1;
-            for record in &read.records {
-                match crate::wire::decode::<OffsetsRecord>(record.value()) {
-                    Ok(decoded) => core.load(&decoded),
-                    // The leader's epoch marker and anything unreadable.
-                    Err(_) if record.value().is_empty() => {}
-                    Err(error) => {
-                        warn!(partition, offset = record.offset, %error, "skipping an unreadable __offsets record");
-                    }
-                }
-                records += 1;
-            }
-        }
-        debug!(partition, records, "loaded an __offsets partition");
-        Ok(core)
-    }
-
+impl Task {
     /// Drops the state of a partition this node no longer coordinates,
     /// failing the requests that wait on it.
     fn abandon(&mut self, partition: u32) {
@@ -321,7 +300,7 @@ impl Task {
         }
         let queued = std::mem::take(&mut hosted.queue);
         hosted.appending = true;
-        let epoch = hosted.epoch;
+        let incarnation = hosted.incarnation;
         let now_ms = crate::node::now_ms();
         let mut tokens = Vec::with_capacity(queued.len());
         let mut records = Vec::with_capacity(queued.len());
@@ -345,7 +324,7 @@ impl Task {
         let replicator = self.replicator.clone();
         self.appends.push(Box::pin(async move {
             if let Some(error) = encode_error {
-                return (partition, epoch, tokens, Err(error));
+                return (partition, incarnation, tokens, Err(error));
             }
             let (reply, answer) = oneshot::channel();
             let outcome = match replicator.request(Request::Produce { frame, reply }).await {
@@ -355,13 +334,17 @@ impl Task {
                     .map_err(|r| format!("{r:?}")),
                 Err(refusal) => Err(format!("{refusal:?}")),
             };
-            (partition, epoch, tokens, outcome)
+            (partition, incarnation, tokens, outcome)
         }));
     }
 
-    fn on_appended(&mut self, (partition, epoch, tokens, outcome): Appended) {
+    fn on_appended(&mut self, (partition, incarnation, tokens, outcome): Appended) {
         let now = self.now();
-        let Some(hosted) = self.hosted.get_mut(&partition).filter(|h| h.epoch == epoch) else {
+        let Some(hosted) = self
+            .hosted
+            .get_mut(&partition)
+            .filter(|h| h.incarnation == incarnation)
+        else {
             return;
         };
         hosted.appending = false;
@@ -393,4 +376,37 @@ impl Task {
             self.carry_out(partition, actions);
         }
     }
+}
+
+/// Replays an `__offsets` partition's committed log into a new core.
+fn load(store: &Store, partition: u32) -> Result<Coordinator, GroupError> {
+    let unreadable = |e: crate::error::StoreError| GroupError::NotStored(e.to_string());
+    let state = store
+        .partition_state(OFFSETS_TOPIC, partition)
+        .map_err(unreadable)?;
+    let mut core = Coordinator::new();
+    let mut offset = state.log_start_offset;
+    let mut records = 0u64;
+    while offset < state.high_watermark {
+        let read = store
+            .read(OFFSETS_TOPIC, partition, offset, 4 << 20)
+            .map_err(unreadable)?;
+        let Some(last) = read.records.last() else {
+            break;
+        };
+        offset = last.offset + 1;
+        for record in &read.records {
+            match crate::wire::decode::<OffsetsRecord>(record.value()) {
+                Ok(decoded) => core.load(&decoded),
+                // The leader's epoch marker and anything unreadable.
+                Err(_) if record.value().is_empty() => {}
+                Err(error) => {
+                    warn!(partition, offset = record.offset, %error, "skipping an unreadable __offsets record");
+                }
+            }
+            records += 1;
+        }
+    }
+    debug!(partition, records, "loaded an __offsets partition");
+    Ok(core)
 }

@@ -622,6 +622,7 @@ impl World {
             },
             session_timeout_ms: SESSION.as_millis() as u64,
             rebalance_timeout_ms: SESSION.as_millis() as u64 * 2,
+            heartbeat_interval_ms: HEARTBEAT.as_millis() as u64,
             owned: member
                 .owned
                 .keys()

@@ -18,6 +18,9 @@ use super::TopicPartition;
 /// How long a coordinator request (other than a join) may keep trying.
 pub(super) const COORDINATOR_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// One attempt of a join waits at most this long before it is sent again.
+const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+
 /// One attempt of a coordinator request waits at most this long.
 const ATTEMPT_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -58,14 +61,20 @@ pub(super) async fn join_and_sync(
 ) -> Result<(u64, Vec<TopicPartition>)> {
     let (node, group) = (&node, group.as_str());
     let member = join.member.clone();
-    // A join waits at the coordinator until every member has rejoined.
-    let patience = max_poll_interval + Duration::from_secs(5);
+    // A join waits at the coordinator until every member has rejoined; a
+    // join sent again (after a lost answer) replaces the first.
+    let patience = (max_poll_interval + Duration::from_secs(5)).min(JOIN_PATIENCE);
     let request = GroupRequest::Join {
         group: group.to_string(),
         join,
     };
     let generation = match node
-        .ask_coordinator(group, request, patience, patience + COORDINATOR_TIMEOUT)
+        .ask_coordinator(
+            group,
+            request,
+            patience,
+            max_poll_interval + COORDINATOR_TIMEOUT,
+        )
         .await?
     {
         GroupResponse::Joined { generation, .. } => generation,

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::{ConsumerConfig, OffsetReset};
@@ -106,6 +106,17 @@ pub struct Consumer {
     /// A join (and sync) in progress, kept across polls: a join waits for
     /// every member to rejoin, which may take longer than one poll.
     pending_join: Option<PendingJoin>,
+    /// Sends commits, one at a time in the order they were made (so an
+    /// asynchronous commit never lands after a later one); started on first use.
+    committer: Option<mpsc::UnboundedSender<CommitJob>>,
+}
+
+/// A commit for the committer task.
+struct CommitJob {
+    group: String,
+    member: Option<(MemberId, u64)>,
+    offsets: Vec<(TopicPartition, u64)>,
+    reply: oneshot::Sender<Result<()>>,
 }
 
 /// A join and sync in progress, with the partition counts it joined with.
@@ -143,6 +154,7 @@ impl Consumer {
             joined_topics: BTreeMap::new(),
             metadata_checked: Instant::now(),
             pending_join: None,
+            committer: None,
         })
     }
 
@@ -252,10 +264,28 @@ impl Consumer {
         }
         let deadline = Instant::now() + timeout;
         let mut wait = Duration::ZERO;
+        if self.config.group_id.is_some()
+            && self.subscriptions.is_empty()
+            && (self.membership.is_some() || self.pending_join.is_some())
+        {
+            self.leave_group().await?;
+        }
         loop {
-            if self.in_group() && !self.ensure_membership(deadline).await? {
-                // Still joining: the next poll goes on with it.
-                return Ok(Vec::new());
+            if self.in_group() {
+                // A cooperative member keeps reading what it owns while it
+                // rejoins; an eager one gave everything up and waits.
+                let keep_reading = self.config.assignor.is_cooperative()
+                    && self.membership.is_some()
+                    && !self.assignment.is_empty();
+                let join_deadline = if keep_reading {
+                    Instant::now()
+                } else {
+                    deadline
+                };
+                if !self.ensure_membership(join_deadline).await? && !keep_reading {
+                    // Still joining: the next poll goes on with it.
+                    return Ok(Vec::new());
+                }
             }
             for tp in self.assignment.clone() {
                 if !self.positions.contains_key(&tp) {
@@ -531,14 +561,47 @@ impl Consumer {
         &mut self,
     ) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
         let offsets = self.uncommitted();
-        let node = self.node.clone();
-        let group = self.config.group_id.clone();
+        let sent = self.send_commit(offsets);
+        async move {
+            match sent {
+                Ok(answer) => answer.await.unwrap_or(Err(Error::Closed)),
+                Err(error) => Err(error),
+            }
+        }
+    }
+
+    /// Queues a commit of `offsets` as this member for the committer task,
+    /// which sends commits one at a time in the order they were made.
+    fn send_commit(
+        &mut self,
+        offsets: Vec<(TopicPartition, u64)>,
+    ) -> Result<oneshot::Receiver<Result<()>>> {
+        let group = self.config.group_id.clone().ok_or(Error::NoGroup)?;
         let member = self.member_and_generation();
-        let handle = tokio::spawn(async move {
-            let group = group.ok_or(Error::NoGroup)?;
-            commit_request(&node, &group, member, offsets).await
+        let (reply, answer) = oneshot::channel();
+        if offsets.is_empty() {
+            let _ = reply.send(Ok(()));
+            return Ok(answer);
+        }
+        let committer = self.committer.get_or_insert_with(|| {
+            let (jobs, mut queue) = mpsc::unbounded_channel::<CommitJob>();
+            let node = self.node.clone();
+            tokio::spawn(async move {
+                while let Some(job) = queue.recv().await {
+                    let result = commit_request(&node, &job.group, job.member, job.offsets).await;
+                    let _ = job.reply.send(result);
+                }
+            });
+            jobs
         });
-        async move { handle.await.unwrap_or(Err(Error::Closed)) }
+        let job = CommitJob {
+            group,
+            member,
+            offsets,
+            reply,
+        };
+        committer.send(job).map_err(|_| Error::Closed)?;
+        Ok(answer)
     }
 
     fn member_and_generation(&self) -> Option<(MemberId, u64)> {
@@ -551,12 +614,12 @@ impl Consumer {
     /// as an admin commit, which the coordinator accepts only while the
     /// group has no members).
     async fn commit_offsets(&mut self, offsets: Vec<(TopicPartition, u64)>) -> Result<()> {
-        let group = self.config.group_id.clone().ok_or(Error::NoGroup)?;
+        self.config.group_id.as_ref().ok_or(Error::NoGroup)?;
         if offsets.is_empty() {
             return Ok(());
         }
-        let member = self.member_and_generation();
-        match commit_request(&self.node, &group, member, offsets.clone()).await {
+        let answer = self.send_commit(offsets.clone())?;
+        match answer.await.unwrap_or(Err(Error::Closed)) {
             Ok(()) => {
                 self.last_committed.extend(offsets);
                 Ok(())
@@ -657,6 +720,7 @@ impl Consumer {
             assignor: self.config.assignor,
             session_timeout_ms: millis(self.config.session_timeout),
             rebalance_timeout_ms: millis(self.config.max_poll_interval),
+            heartbeat_interval_ms: millis(self.config.heartbeat_interval),
             owned: self.assignment.clone(),
             owned_generation: self.generation().unwrap_or(0),
         };
@@ -722,7 +786,19 @@ impl Consumer {
         if !added.is_empty()
             && let Some(group) = &self.config.group_id
         {
-            self.committed_at_assignment = membership::fetch_offsets(&self.node, group).await?;
+            match membership::fetch_offsets(&self.node, group).await {
+                Ok(offsets) => self.committed_at_assignment = offsets,
+                Err(error) => {
+                    // Without the group's offsets the new partitions cannot
+                    // start; rejoin rather than hold them unread.
+                    if let Some(membership) = &self.membership {
+                        membership
+                            .rejoin
+                            .store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    return Err(error);
+                }
+            }
             for tp in &added {
                 self.positions.remove(tp);
             }
@@ -786,17 +862,24 @@ impl Consumer {
     /// than after its session times out.
     pub async fn close(mut self) -> Result<()> {
         if self.membership.is_some() || self.pending_join.is_some() {
-            let all = self.assignment.clone();
-            self.revoke(&all).await;
-            self.membership = None;
-            self.pending_join = None;
-            if let Some(group) = self.config.group_id.clone() {
-                membership::leave(&self.node, &group, &self.member).await?;
-            }
-            return Ok(());
+            return self.leave_group().await;
         }
         if self.config.enable_auto_commit && self.config.group_id.is_some() {
             self.commit().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Consumer {
+    /// Gives every partition up (committing as `revoke` does) and leaves the group.
+    async fn leave_group(&mut self) -> Result<()> {
+        let all = self.assignment.clone();
+        self.revoke(&all).await;
+        self.membership = None;
+        self.pending_join = None;
+        if let Some(group) = self.config.group_id.clone() {
+            membership::leave(&self.node, &group, &self.member).await?;
         }
         Ok(())
     }

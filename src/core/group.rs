@@ -34,6 +34,9 @@ use serde::{Deserialize, Serialize};
 /// A topic and partition.
 pub type TopicPartition = (String, u32);
 
+/// Most partitions one member may subscribe to (a bound on the work one join causes).
+pub const MAX_GROUP_PARTITIONS: u64 = 100_000;
+
 /// A member's id, chosen by the member (unique: it includes random bits).
 pub type MemberId = String;
 
@@ -84,6 +87,9 @@ pub struct JoinRequest {
     pub session_timeout_ms: u64,
     /// How long a round waits for it to rejoin (`max.poll.interval.ms`).
     pub rebalance_timeout_ms: u64,
+    /// How often it heartbeats: a new coordinator waits twice this for the
+    /// members it does not know yet to rejoin.
+    pub heartbeat_interval_ms: u64,
     /// The partitions it owns now (cooperative: it keeps consuming them).
     pub owned: Vec<TopicPartition>,
     /// The generation that gave it `owned`. Only claims of the group's
@@ -233,6 +239,9 @@ pub enum GroupError {
     /// This node does not coordinate the group (any more); ask the leader of its `__offsets` partition.
     #[error("this node is not the group's coordinator")]
     NotCoordinator,
+    /// A join subscribed to more than [`MAX_GROUP_PARTITIONS`] partitions.
+    #[error("a member may subscribe to at most {MAX_GROUP_PARTITIONS} partitions, not {0}")]
+    TooManyPartitions(u64),
     /// The coordinator is still reading its `__offsets` partition; retry shortly.
     #[error("the group's coordinator is loading; retry")]
     CoordinatorLoading,
@@ -358,6 +367,9 @@ struct Group {
     offsets: BTreeMap<TopicPartition, u64>,
     /// Joins waiting for the round to end.
     joins: Vec<(RequestId, MemberId)>,
+    /// Loaded from the log by a new coordinator, which does not know the
+    /// members yet: the first round waits two heartbeat intervals for them.
+    recovering: bool,
 }
 
 impl Group {
@@ -371,6 +383,7 @@ impl Group {
             previous: BTreeMap::new(),
             offsets: BTreeMap::new(),
             joins: Vec::new(),
+            recovering: false,
         }
     }
 
@@ -420,6 +433,7 @@ impl Coordinator {
     /// coordinator takes over.
     pub fn load(&mut self, record: &OffsetsRecord) {
         let group = self.group_mut(record.group());
+        group.recovering = true;
         match record {
             OffsetsRecord::Commit {
                 generation,
@@ -524,6 +538,14 @@ impl Coordinator {
         now: Duration,
         actions: &mut Vec<Action>,
     ) {
+        let partitions: u64 = join.topics.values().map(|n| u64::from(*n)).sum();
+        if partitions > MAX_GROUP_PARTITIONS {
+            actions.push(Action::Reply {
+                id,
+                answer: Err(GroupError::TooManyPartitions(partitions)),
+            });
+            return;
+        }
         let group = self.group_mut(name);
         let others_assignor = group
             .members
@@ -574,7 +596,9 @@ impl Coordinator {
         generation: u64,
         now: Duration,
     ) -> Result<GroupResponse, GroupError> {
-        let group = self.group_mut(name);
+        let Some(group) = self.groups.get_mut(name) else {
+            return Err(GroupError::UnknownMember(member.clone()));
+        };
         let Some(known) = group.members.get_mut(member) else {
             return Err(GroupError::UnknownMember(member.clone()));
         };
@@ -598,7 +622,9 @@ impl Coordinator {
         generation: u64,
         now: Duration,
     ) -> Result<GroupResponse, GroupError> {
-        let group = self.group_mut(name);
+        let Some(group) = self.groups.get_mut(name) else {
+            return Err(GroupError::UnknownMember(member.clone()));
+        };
         let rebalancing = group.rebalancing();
         let Some(known) = group.members.get_mut(member) else {
             return Err(GroupError::UnknownMember(member.clone()));
@@ -722,6 +748,22 @@ impl Coordinator {
             Ok(()) => {
                 group.generation = generation;
                 group.previous = std::mem::replace(&mut group.assignment, assignment);
+                // Sessions restart with the generation (members were busy
+                // rejoining); members that left meanwhile lose their share.
+                for member in group.members.values_mut() {
+                    member.last_heard = now;
+                }
+                let departed: Vec<MemberId> = group
+                    .assignment
+                    .keys()
+                    .filter(|m| !group.members.contains_key(*m))
+                    .cloned()
+                    .collect();
+                for member in &departed {
+                    group.assignment.remove(member);
+                }
+                let follow_up = follow_up || !departed.is_empty();
+                group.recovering = false;
                 for (id, member) in joins {
                     let answer = if group.members.contains_key(&member) {
                         Ok(GroupResponse::Joined {
@@ -835,7 +877,9 @@ impl Coordinator {
         now: Duration,
         actions: &mut Vec<Action>,
     ) {
-        let group = self.group_mut(name);
+        let Some(group) = self.groups.get_mut(name) else {
+            return;
+        };
         if group.members.remove(member).is_none() {
             return;
         }
@@ -867,7 +911,7 @@ impl Coordinator {
         let Phase::Joining { deadline } = group.phase else {
             return;
         };
-        let all_joined = group.members.values().all(|m| m.joined_round);
+        let all_joined = group.members.values().all(|m| m.joined_round) && !group.recovering;
         if !all_joined && now < deadline {
             return;
         }
@@ -946,13 +990,27 @@ impl Coordinator {
 }
 
 /// Opens a round: every member must rejoin, except `joined` (whose join opened it).
+/// A recovering group's round lasts two heartbeat intervals: members the new
+/// coordinator has not heard of yet learn of it at their next heartbeat.
 fn open_round(group: &mut Group, now: Duration, joined: Option<&MemberId>) {
-    let timeout = group
-        .members
-        .values()
-        .map(|m| Duration::from_millis(m.join.rebalance_timeout_ms))
-        .max()
-        .unwrap_or_default();
+    let timeout = if group.recovering {
+        group
+            .members
+            .values()
+            .map(|m| {
+                let heartbeat = Duration::from_millis(m.join.heartbeat_interval_ms);
+                (heartbeat * 2 + Duration::from_millis(500)).min(m.session_timeout())
+            })
+            .max()
+            .unwrap_or_default()
+    } else {
+        group
+            .members
+            .values()
+            .map(|m| Duration::from_millis(m.join.rebalance_timeout_ms))
+            .max()
+            .unwrap_or_default()
+    };
     for (id, member) in group.members.iter_mut() {
         member.joined_round = Some(id) == joined;
     }
@@ -982,6 +1040,11 @@ fn check_commit(
             given: generation,
             current: group.generation,
         });
+    }
+    if matches!(group.phase, Phase::Persisting { .. }) {
+        // Stored after the next generation's record, it could land after a
+        // new owner read the offsets (Kafka: REBALANCE_IN_PROGRESS).
+        return Err(GroupError::RebalanceInProgress);
     }
     for (tp, _) in offsets {
         if !may_commit(group, member, tp) {

@@ -118,7 +118,13 @@ pub async fn run(node: Node, args: &ConsumeArgs) -> CliResult {
             }
         }
         if args.group.is_some() {
-            consumer.commit().await?;
+            match consumer.commit().await {
+                Ok(()) => {}
+                // Refused during a rebalance or after being fenced: the
+                // records stay uncommitted and the consumer rejoins.
+                Err(meshlog::Error::Group(error)) => eprintln!("commit refused: {error}"),
+                Err(error) => return Err(error.into()),
+            }
         }
     }
     // Leave the group at once, so the others take the partitions now.

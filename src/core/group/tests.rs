@@ -26,6 +26,7 @@ fn join_owning(
             assignor,
             session_timeout_ms: SESSION,
             rebalance_timeout_ms: 5_000,
+            heartbeat_interval_ms: 1_000,
             owned_generation: generation,
             owned,
         },
@@ -414,8 +415,15 @@ fn a_new_coordinator_continues_generations_and_offsets_from_the_log() {
             ..
         }]
     ));
+    // The new coordinator does not know the members: its first round waits
+    // for the others to rejoin (two heartbeat intervals) before it ends.
     let actions = next.handle(4, join_request("a", Assignor::Range, vec![]), ms(0));
-    let rejoined = generation_of(&settle(&mut next, actions, ms(0))[&4]);
+    assert!(
+        settle(&mut next, actions, ms(0)).is_empty(),
+        "the round waits"
+    );
+    let actions = next.tick(ms(2_600));
+    let rejoined = generation_of(&settle(&mut next, actions, ms(2_600))[&4]);
     assert!(
         rejoined > generation,
         "generations never repeat across coordinators"
