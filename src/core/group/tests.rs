@@ -471,3 +471,45 @@ fn a_claim_from_a_missed_generation_does_not_keep_a_partition_from_its_owner() {
     assert!(assignment_of(&mut c, "b", g2, ms(10)).is_empty());
     assert_eq!(assignment_of(&mut c, "a", g2, ms(10)).len(), 3);
 }
+
+#[test]
+fn a_member_that_leaves_while_its_generation_is_stored_loses_its_share_at_once() {
+    let mut c = Coordinator::new();
+    let generation = three_members(&mut c, Assignor::Range);
+    // Everyone rejoins; the round ends and its record is being stored when c leaves.
+    let mut actions = Vec::new();
+    for (i, m) in ["a", "b", "c"].iter().enumerate() {
+        actions.extend(c.handle(
+            30 + i as u64,
+            join_request(m, Assignor::Range, vec![]),
+            ms(100),
+        ));
+    }
+    let persist: Vec<Action> = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Persist { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(persist.len(), 1, "the round ended: {actions:?}");
+    let leave = GroupRequest::Leave {
+        group: "g".into(),
+        member: "c".into(),
+    };
+    let left = c.handle(40, leave, ms(101));
+    settle(&mut c, left, ms(101));
+    let replies = settle(&mut c, persist, ms(102));
+    assert_eq!(generation_of(&replies[&30]), generation + 1);
+    // c's partitions are not left to nobody: a new round starts at once.
+    let heartbeat = GroupRequest::Heartbeat {
+        group: "g".into(),
+        member: "a".into(),
+        generation: generation + 1,
+    };
+    assert!(matches!(
+        &c.handle(41, heartbeat, ms(103))[..],
+        [Action::Reply {
+            answer: Err(GroupError::RebalanceInProgress),
+            ..
+        }]
+    ));
+}
