@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use meshlog::core::membership::InjectedFault;
+use meshlog::core::membership::MembershipConfig;
 use meshlog::core::replication::ReplicationFault;
 use meshlog_sim::groups::{self, GroupFault};
 use meshlog_sim::producer;
@@ -241,6 +242,22 @@ fn print_scale(nodes: u32, partitions: u32) {
         "  gossip at steady state: {:.0} bytes per node per second",
         m.bytes_per_node_per_sec
     );
+    let rounds =
+        |d: Duration| d.as_millis() / MembershipConfig::default().gossip_interval.as_millis();
+    match m.death_known_after {
+        Some(t) => println!(
+            "  one death: every live node has it dead (and places all partitions alike) after {t:?} virtual ({} rounds)",
+            rounds(t)
+        ),
+        None => println!("  one death: NOT known everywhere within 600 s virtual"),
+    }
+    match m.join_known_after {
+        Some(t) => println!(
+            "  one join: every node has it alive (and places all partitions alike) after {t:?} virtual ({} rounds)",
+            rounds(t)
+        ),
+        None => println!("  one join: NOT known everywhere within 600 s virtual"),
+    }
     println!(
         "  simulator speed: {:.0} events per second",
         m.events_per_sec

@@ -21,6 +21,12 @@ pub struct MembershipFigures {
     pub rounds: Option<u64>,
     /// Gossip bytes sent per node per second at steady state.
     pub bytes_per_node_per_sec: f64,
+    /// After one node crashes: virtual time until every live node has it
+    /// Dead — from then on every node places every partition the same way
+    /// (placement is a pure function of the live set).
+    pub death_known_after: Option<Duration>,
+    /// After one node joins: virtual time until every node has it Alive.
+    pub join_known_after: Option<Duration>,
     /// Simulated events handled per wall-clock second.
     pub events_per_sec: f64,
 }
@@ -70,7 +76,28 @@ pub fn membership(nodes: u32, seed: u64, limit: Duration) -> MembershipFigures {
     let window = Duration::from_secs(10);
     world.run_until(at_before + window);
     let bytes = world.bytes_sent - bytes_before;
+    let until_converged = |world: &mut World, from: Duration| -> Option<Duration> {
+        let mut t = from;
+        while t <= from + limit {
+            t += interval;
+            world.run_until(t);
+            if world.converged() {
+                return Some(t - from);
+            }
+        }
+        None
+    };
+    let crashed_at = world.now();
+    world.schedule(crashed_at, Event::Fault(Fault::Crash(nodes / 2)));
+    let death_known_after = until_converged(&mut world, crashed_at);
+    let joined_at = world.now();
+    world.add_node(nodes, 0);
+    let seeds = vec![rng.below(nodes as usize) as u32];
+    world.schedule(joined_at, Event::Fault(Fault::Start { node: nodes, seeds }));
+    let join_known_after = until_converged(&mut world, joined_at);
     MembershipFigures {
+        death_known_after,
+        join_known_after,
         nodes,
         converged_after,
         rounds: converged_after.map(|d| (d.as_millis() / interval.as_millis()) as u64),
