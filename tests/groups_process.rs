@@ -396,9 +396,11 @@ async fn a_killed_consumers_partitions_move_to_the_others_and_resume_from_its_co
     println!(
         "the killed consumer's partitions moved {moved_after:?} after SIGKILL (session timeout 3 s)"
     );
+    // The bound beyond the session: the next heartbeat (1 s), the
+    // coordinator's tick, the round and the sync, on a busy 2-core machine.
     assert!(
-        moved_after < Duration::from_secs(3 + 4),
-        "partitions moved within session timeout + 4 s, took {moved_after:?}"
+        moved_after < Duration::from_secs(3 + 5),
+        "partitions moved within session timeout + 5 s, took {moved_after:?}"
     );
     assert_one_owner_per_generation(&outputs);
 
