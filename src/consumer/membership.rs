@@ -36,6 +36,10 @@ pub(super) struct Membership {
     pub generation: u64,
     /// Set by the heartbeat when the coordinator asks the member to rejoin.
     pub rejoin: Arc<AtomicBool>,
+    /// Set when the coordinator no longer counts the member in its
+    /// generation (unknown member, stale generation): its partitions may be
+    /// someone else's now, so it must stop reading them at once.
+    pub fenced: Arc<AtomicBool>,
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
@@ -43,6 +47,17 @@ impl Membership {
     /// Whether the member must rejoin before its next fetch.
     pub fn must_rejoin(&self) -> bool {
         self.rejoin.load(Ordering::Acquire)
+    }
+
+    /// Whether the member was fenced (see `fenced`).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Marks the member fenced (and so due to rejoin).
+    pub fn fence(&self) {
+        self.fenced.store(true, Ordering::Release);
+        self.rejoin.store(true, Ordering::Release);
     }
 }
 
@@ -103,6 +118,8 @@ pub(super) fn start(
     config: &ConsumerConfig,
 ) -> Membership {
     let rejoin = Arc::new(AtomicBool::new(false));
+    let fenced = Arc::new(AtomicBool::new(false));
+    let fenced_flag = fenced.clone();
     let interval = config.heartbeat_interval;
     let flag = rejoin.clone();
     let heartbeat = tokio::spawn(async move {
@@ -127,6 +144,7 @@ pub(super) fn start(
                 Err(Error::Group(
                     GroupError::IllegalGeneration { .. } | GroupError::UnknownMember(_),
                 )) => {
+                    fenced_flag.store(true, Ordering::Release);
                     flag.store(true, Ordering::Release);
                     return;
                 }
@@ -137,6 +155,7 @@ pub(super) fn start(
     Membership {
         generation,
         rejoin,
+        fenced,
         heartbeat,
     }
 }

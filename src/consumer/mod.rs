@@ -271,6 +271,10 @@ impl Consumer {
             self.leave_group().await?;
         }
         loop {
+            if self.membership.as_ref().is_some_and(Membership::is_fenced) {
+                // Its partitions may be someone else's now: stop at once.
+                self.lose_all();
+            }
             if self.in_group() {
                 // A cooperative member keeps reading what it owns while it
                 // rejoins; an eager one gave everything up and waits.
@@ -587,9 +591,16 @@ impl Consumer {
             let (jobs, mut queue) = mpsc::unbounded_channel::<CommitJob>();
             let node = self.node.clone();
             tokio::spawn(async move {
-                while let Some(job) = queue.recv().await {
-                    let result = commit_request(&node, &job.group, job.member, job.offsets).await;
-                    let _ = job.reply.send(result);
+                while let Some(first) = queue.recv().await {
+                    // Commits queued behind one in flight are merged (the
+                    // latest offset per partition wins) and sent as one.
+                    let mut batch = vec![first];
+                    while let Ok(next) = queue.try_recv() {
+                        batch.push(next);
+                    }
+                    for jobs in merge_runs(batch) {
+                        run_commit(&node, jobs).await;
+                    }
                 }
             });
             jobs
@@ -600,7 +611,11 @@ impl Consumer {
             offsets,
             reply,
         };
-        committer.send(job).map_err(|_| Error::Closed)?;
+        if committer.send(job).is_err() {
+            // The committer stopped (its runtime shut down): start a new one next time.
+            self.committer = None;
+            return Err(Error::Closed);
+        }
         Ok(answer)
     }
 
@@ -625,12 +640,15 @@ impl Consumer {
                 Ok(())
             }
             Err(error) => {
-                if matches!(error, Error::Group(_))
-                    && let Some(membership) = &self.membership
-                {
-                    membership
-                        .rejoin
-                        .store(true, std::sync::atomic::Ordering::Release);
+                if let (Error::Group(refusal), Some(membership)) = (&error, &self.membership) {
+                    match refusal {
+                        GroupError::UnknownMember(_) | GroupError::IllegalGeneration { .. } => {
+                            membership.fence();
+                        }
+                        _ => membership
+                            .rejoin
+                            .store(true, std::sync::atomic::Ordering::Release),
+                    }
                 }
                 Err(error)
             }
@@ -882,6 +900,42 @@ impl Consumer {
             membership::leave(&self.node, &group, &self.member).await?;
         }
         Ok(())
+    }
+}
+
+/// Splits queued commits into runs of consecutive jobs of one group and member.
+fn merge_runs(batch: Vec<CommitJob>) -> Vec<Vec<CommitJob>> {
+    let mut runs: Vec<Vec<CommitJob>> = Vec::new();
+    for job in batch {
+        match runs.last_mut() {
+            Some(run) if run[0].group == job.group && run[0].member == job.member => run.push(job),
+            _ => runs.push(vec![job]),
+        }
+    }
+    runs
+}
+
+/// Sends one run of commits as one request and answers each of them.
+async fn run_commit(node: &Node, jobs: Vec<CommitJob>) {
+    let mut offsets: BTreeMap<TopicPartition, u64> = BTreeMap::new();
+    for job in &jobs {
+        offsets.extend(job.offsets.iter().cloned());
+    }
+    let (group, member) = (jobs[0].group.clone(), jobs[0].member.clone());
+    let result = commit_request(node, &group, member, offsets.into_iter().collect()).await;
+    let mut jobs = jobs;
+    let last = jobs.pop();
+    // Errors are not `Clone`: the earlier jobs get a copy, the last the original.
+    for job in jobs {
+        let answer = match &result {
+            Ok(()) => Ok(()),
+            Err(Error::Group(refusal)) => Err(Error::Group(refusal.clone())),
+            Err(other) => Err(Error::Refused(other.to_string())),
+        };
+        let _ = job.reply.send(answer);
+    }
+    if let Some(job) = last {
+        let _ = job.reply.send(result);
     }
 }
 

@@ -916,6 +916,7 @@ impl Coordinator {
             return;
         }
         group.members.retain(|_, m| m.joined_round);
+        group.recovering = false;
         if group.members.is_empty() {
             group.phase = Phase::Stable;
             group.assignment.clear();
@@ -1031,6 +1032,13 @@ fn check_commit(
     if ignore_generations {
         return Ok(generation);
     }
+    let persisting = matches!(group.phase, Phase::Persisting { .. });
+    if group.recovering && !persisting && generation == group.generation {
+        // A new coordinator does not know who owns what in the generation it
+        // loaded; its members (the only owners there are until the next
+        // generation is stored) may still commit, e.g. before they rejoin.
+        return Ok(generation);
+    }
     let Some(known) = group.members.get_mut(member) else {
         return Err(GroupError::UnknownMember(member.clone()));
     };
@@ -1041,17 +1049,27 @@ fn check_commit(
             current: group.generation,
         });
     }
-    if matches!(group.phase, Phase::Persisting { .. }) {
-        // Stored after the next generation's record, it could land after a
-        // new owner read the offsets (Kafka: REBALANCE_IN_PROGRESS).
-        return Err(GroupError::RebalanceInProgress);
-    }
     for (tp, _) in offsets {
         if !may_commit(group, member, tp) {
             return Err(GroupError::NotAssigned(tp.0.clone(), tp.1));
         }
+        if moving_to_another(group, member, tp) {
+            // Stored after the next generation's record, it could land after
+            // the new owner read the offsets (Kafka: REBALANCE_IN_PROGRESS).
+            return Err(GroupError::RebalanceInProgress);
+        }
     }
     Ok(generation)
+}
+
+/// Whether the generation being stored gives `tp` to a member other than `member`.
+fn moving_to_another(group: &Group, member: &MemberId, tp: &TopicPartition) -> bool {
+    let Phase::Persisting { assignment, .. } = &group.phase else {
+        return false;
+    };
+    assignment
+        .iter()
+        .any(|(m, tps)| m != member && tps.contains(tp))
 }
 
 /// Whether `member` may move the offset of `tp` in the current generation:

@@ -403,13 +403,20 @@ fn a_new_coordinator_continues_generations_and_offsets_from_the_log() {
         next.load(record);
     }
     assert_eq!(next.committed("g", &("t".into(), 0)), Some(42));
-    let stale = GroupRequest::Commit {
+    // It does not know who owns what in the loaded generation: its members
+    // may still commit in it until the next generation is stored; older
+    // generations may not.
+    let commit_in = |generation| GroupRequest::Commit {
         group: "g".into(),
         member: Some(("a".into(), generation)),
         offsets: vec![(("t".into(), 0), 50)],
     };
     assert!(matches!(
-        &next.handle(3, stale, ms(0))[..],
+        &next.handle(3, commit_in(generation), ms(0))[..],
+        [Action::Persist { .. }]
+    ));
+    assert!(matches!(
+        &next.handle(5, commit_in(generation - 1), ms(0))[..],
         [Action::Reply {
             answer: Err(GroupError::UnknownMember(_)),
             ..
@@ -428,6 +435,13 @@ fn a_new_coordinator_continues_generations_and_offsets_from_the_log() {
         rejoined > generation,
         "generations never repeat across coordinators"
     );
+    assert!(matches!(
+        &next.handle(6, commit_in(generation), ms(2_700))[..],
+        [Action::Reply {
+            answer: Err(GroupError::IllegalGeneration { .. }),
+            ..
+        }]
+    ));
 }
 
 #[test]
