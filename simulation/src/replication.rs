@@ -10,6 +10,9 @@
 //! - **fencing**: at most one leader per epoch;
 //! - **agreement**: every replica that commits an offset commits the same ID
 //!   there (equal IDs mean equal prefixes);
+//! - **readers**: a reader of any replica, at any time, sees below its commit
+//!   point exactly the entries committed there (a committed entry never
+//!   changes on any replica);
 //! - **no acknowledged loss**: after the faults heal, every acknowledged record
 //!   is in the log of every voter of the final replica set, at its offset;
 //! - **liveness**: after the last fault heals, a new record commits on every
@@ -78,6 +81,8 @@ enum Event {
         entries: Vec<LogEntry>,
     },
     Propose,
+    /// A reader reads one replica's committed entries.
+    Read,
     /// The leader takes one step toward the target replica set.
     Reconfigure,
     /// Placement draws a new target replica set.
@@ -192,6 +197,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         world.schedule(Duration::ZERO, Event::Restart(node));
     }
     world.schedule(Duration::from_millis(10), Event::Propose);
+    world.schedule(Duration::from_millis(50), Event::Read);
     world.schedule(Duration::from_millis(500), Event::Reconfigure);
     world.schedule(Duration::from_secs(2), Event::NewTarget);
     schedule_faults(&mut world, &mut rng, replicas);
@@ -312,6 +318,13 @@ impl World {
                 let next = self.now + Duration::from_millis(20 + self.rng.below(60) as u64);
                 if next < FAULT_PHASE {
                     self.schedule(next, Event::Propose);
+                }
+            }
+            Event::Read => {
+                self.read();
+                let next = self.now + Duration::from_millis(50 + self.rng.below(100) as u64);
+                if next < FAULT_PHASE + LIVENESS_BOUND {
+                    self.schedule(next, Event::Read);
                 }
             }
             Event::Reconfigure => {
@@ -502,6 +515,37 @@ impl World {
         let upto = n.disk.log.len() as u64;
         let last_id = n.disk.log.last().map_or(self.genesis, |e| e.id);
         self.input(node, Input::Persisted { upto, last_id });
+    }
+
+    /// A reader of a random running replica: every entry below its commit
+    /// point must be the one committed there, now and forever (a committed
+    /// entry never changes on any replica, whatever happened since).
+    fn read(&mut self) {
+        let running: Vec<u32> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.replica.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        let node = running[self.rng.below(running.len())];
+        let Some(replica) = self.nodes.get(&node).and_then(|n| n.replica.as_ref()) else {
+            return;
+        };
+        let upto = replica.commit().min(replica.log().len() as u64);
+        let changed = (0..upto).find_map(|offset| {
+            let id = replica.log()[offset as usize].id;
+            let committed = self.committed.get(&offset)?;
+            (*committed != id).then_some((offset, id, *committed))
+        });
+        if let Some((offset, id, committed)) = changed {
+            self.fail(
+                "readers see committed entries unchanged",
+                format!("node {node} serves {id} at committed offset {offset}, where {committed} was committed"),
+            );
+        }
     }
 
     fn committed(&mut self, node: u32, upto: u64) {
