@@ -39,6 +39,12 @@ const APPLY_WAIT_ALL: Duration = Duration::from_secs(5);
 /// How long mesh operations wait for enough storage nodes to be known.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(5);
 
+/// How long one attempt of a group request waits for its answer.
+const GROUP_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// How long a group request keeps trying coordinators.
+const GROUP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long one request to a peer may take before it is retried elsewhere.
 const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -630,6 +636,17 @@ impl Node {
             }
         }
         Err(Error::Group(GroupError::NotCoordinator))
+    }
+
+    /// [`Node::ask_coordinator`] for a request the coordinator answers at
+    /// once: each attempt waits up to 5 s, all of them up to 30 s.
+    pub(crate) async fn ask_group(
+        &self,
+        group: &str,
+        request: GroupRequest,
+    ) -> Result<GroupResponse> {
+        self.ask_coordinator(group, request, GROUP_ATTEMPT, GROUP_TIMEOUT)
+            .await
     }
 
     /// Asks every `__offsets` partition's coordinator for its groups.

@@ -441,15 +441,7 @@ impl Node {
         let request = crate::core::group::GroupRequest::Describe {
             group: group.to_string(),
         };
-        let described = match self
-            .ask_coordinator(
-                group,
-                request,
-                Duration::from_secs(5),
-                Duration::from_secs(30),
-            )
-            .await?
-        {
+        let described = match self.ask_group(group, request).await? {
             crate::core::group::GroupResponse::Described(d) => d,
             other => return Err(Error::Refused(format!("unexpected answer {other:?}"))),
         };
@@ -494,15 +486,7 @@ impl Node {
                 member: None,
                 offsets: offsets.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
             };
-            return match self
-                .ask_coordinator(
-                    group,
-                    request,
-                    Duration::from_secs(5),
-                    Duration::from_secs(30),
-                )
-                .await?
-            {
+            return match self.ask_group(group, request).await? {
                 crate::core::group::GroupResponse::Committed => Ok(()),
                 other => Err(Error::Refused(format!("unexpected answer {other:?}"))),
             };

@@ -100,10 +100,7 @@ pub(super) async fn join_and_sync(
         member,
         generation,
     };
-    match node
-        .ask_coordinator(group, sync, ATTEMPT_PATIENCE, COORDINATOR_TIMEOUT)
-        .await?
-    {
+    match node.ask_group(group, sync).await? {
         GroupResponse::Synced { assignment, .. } => Ok((generation, assignment)),
         other => Err(unexpected(other)),
     }
@@ -183,10 +180,7 @@ pub(super) async fn commit(
         member,
         offsets,
     };
-    match node
-        .ask_coordinator(group, request, ATTEMPT_PATIENCE, COORDINATOR_TIMEOUT)
-        .await?
-    {
+    match node.ask_group(group, request).await? {
         GroupResponse::Committed => Ok(()),
         other => Err(unexpected(other)),
     }
@@ -200,10 +194,7 @@ pub(super) async fn fetch_offsets(
     let request = GroupRequest::FetchOffsets {
         group: group.to_string(),
     };
-    match node
-        .ask_coordinator(group, request, ATTEMPT_PATIENCE, COORDINATOR_TIMEOUT)
-        .await?
-    {
+    match node.ask_group(group, request).await? {
         GroupResponse::Offsets(offsets) => Ok(offsets.into_iter().collect()),
         other => Err(unexpected(other)),
     }

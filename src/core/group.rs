@@ -596,19 +596,8 @@ impl Coordinator {
         generation: u64,
         now: Duration,
     ) -> Result<GroupResponse, GroupError> {
-        let Some(group) = self.groups.get_mut(name) else {
-            return Err(GroupError::UnknownMember(member.clone()));
-        };
-        let Some(known) = group.members.get_mut(member) else {
-            return Err(GroupError::UnknownMember(member.clone()));
-        };
-        known.last_heard = now;
-        if generation != group.generation {
-            return Err(GroupError::IllegalGeneration {
-                given: generation,
-                current: group.generation,
-            });
-        }
+        let group = self.heard_from(name, member, now)?;
+        check_generation(group, generation)?;
         Ok(GroupResponse::Synced {
             generation,
             assignment: group.assignment.get(member).cloned().unwrap_or_default(),
@@ -622,24 +611,29 @@ impl Coordinator {
         generation: u64,
         now: Duration,
     ) -> Result<GroupResponse, GroupError> {
-        let Some(group) = self.groups.get_mut(name) else {
-            return Err(GroupError::UnknownMember(member.clone()));
-        };
-        let rebalancing = group.rebalancing();
-        let Some(known) = group.members.get_mut(member) else {
-            return Err(GroupError::UnknownMember(member.clone()));
-        };
-        known.last_heard = now;
-        if rebalancing {
+        let group = self.heard_from(name, member, now)?;
+        if group.rebalancing() {
             return Err(GroupError::RebalanceInProgress);
         }
-        if generation != group.generation {
-            return Err(GroupError::IllegalGeneration {
-                given: generation,
-                current: group.generation,
-            });
-        }
+        check_generation(group, generation)?;
         Ok(GroupResponse::Alive)
+    }
+
+    /// The group of a member it knows, noting that the member was heard from.
+    fn heard_from(
+        &mut self,
+        name: &str,
+        member: &MemberId,
+        now: Duration,
+    ) -> Result<&mut Group, GroupError> {
+        let unknown = || GroupError::UnknownMember(member.clone());
+        let group = self.groups.get_mut(name).ok_or_else(unknown)?;
+        group
+            .members
+            .get_mut(member)
+            .ok_or_else(unknown)?
+            .last_heard = now;
+        Ok(group)
     }
 
     fn commit(
@@ -1043,12 +1037,7 @@ fn check_commit(
         return Err(GroupError::UnknownMember(member.clone()));
     };
     known.last_heard = now;
-    if generation != group.generation {
-        return Err(GroupError::IllegalGeneration {
-            given: generation,
-            current: group.generation,
-        });
-    }
+    check_generation(group, generation)?;
     for (tp, _) in offsets {
         if !may_commit(group, member, tp) {
             return Err(GroupError::NotAssigned(tp.0.clone(), tp.1));
@@ -1060,6 +1049,18 @@ fn check_commit(
         }
     }
     Ok(generation)
+}
+
+/// Refuses a request that names another generation than the group's.
+fn check_generation(group: &Group, generation: u64) -> Result<(), GroupError> {
+    if generation == group.generation {
+        Ok(())
+    } else {
+        Err(GroupError::IllegalGeneration {
+            given: generation,
+            current: group.generation,
+        })
+    }
 }
 
 /// Whether the generation being stored gives `tp` to a member other than `member`.
