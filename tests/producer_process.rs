@@ -69,6 +69,25 @@ fn check_store(dir: &Path, topic: &str, partitions: u32) -> BTreeMap<String, Vec
     per_key
 }
 
+/// Each store in `dirs` holds, for every key `key{i}`, its values 0..counts[i]
+/// exactly once and in order.
+fn assert_every_key_once_in_order(dirs: &[tempfile::TempDir], topic: &str, counts: &[u64]) {
+    for dir in dirs {
+        let per_key = check_store(dir.path(), topic, PARTITIONS);
+        for (key, count) in counts.iter().enumerate() {
+            let values = per_key
+                .get(&format!("key{key}"))
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(
+                values,
+                (0..*count).collect::<Vec<_>>(),
+                "key{key}: every record once, in order"
+            );
+        }
+    }
+}
+
 /// The leader of `partition` and the index of its process.
 async fn leader_of(client: &Node, ids: &[NodeId], topic: &str, partition: u32) -> Option<usize> {
     let description = client.describe_topic(topic).await.ok()?;
@@ -234,20 +253,7 @@ async fn an_idempotent_producer_stores_100k_keyed_records_exactly_once_through_l
 
     let mut nodes = std::mem::take(&mut *nodes.lock().unwrap());
     stop_all(client, &mut nodes).await;
-    for dir in &dirs[..3] {
-        let per_key = check_store(dir.path(), TOPIC, PARTITIONS);
-        for (key, count) in sent_per_key.iter().enumerate() {
-            let values = per_key
-                .get(&format!("key{key}"))
-                .cloned()
-                .unwrap_or_default();
-            assert_eq!(
-                values,
-                (0..*count).collect::<Vec<_>>(),
-                "key{key}: every record once, in order"
-            );
-        }
-    }
+    assert_every_key_once_in_order(&dirs[..3], TOPIC, &sent_per_key);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,18 +337,5 @@ async fn a_producer_process_killed_and_run_again_with_its_identity_stores_each_r
     let ends: BTreeMap<u32, u64> = BTreeMap::new();
     wait_for_agreement(&client, &ids, TOPIC, PARTITIONS, &ends).await;
     stop_all(client, &mut nodes).await;
-    for dir in &dirs[..3] {
-        let per_key = check_store(dir.path(), TOPIC, PARTITIONS);
-        for key in 0..10 {
-            let values = per_key
-                .get(&format!("key{key}"))
-                .cloned()
-                .unwrap_or_default();
-            assert_eq!(
-                values,
-                (0..LINES / 10).collect::<Vec<_>>(),
-                "key{key}: every line once, in order"
-            );
-        }
-    }
+    assert_every_key_once_in_order(&dirs[..3], TOPIC, &[LINES / 10; 10]);
 }
