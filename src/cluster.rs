@@ -594,9 +594,22 @@ impl Node {
         patience: Duration,
         timeout: Duration,
     ) -> Result<GroupResponse> {
+        let partition = crate::coordinator::offsets_partition(group);
+        self.ask_offsets_leader(partition, request, patience, timeout)
+            .await
+    }
+
+    /// Asks the leader of `__offsets` partition `partition`, following its
+    /// moves until `timeout`; each attempt waits up to `patience`.
+    async fn ask_offsets_leader(
+        &self,
+        partition: u32,
+        request: GroupRequest,
+        patience: Duration,
+        timeout: Duration,
+    ) -> Result<GroupResponse> {
         self.ensure_offsets_topic().await?;
         let topic = crate::coordinator::OFFSETS_TOPIC;
-        let partition = crate::coordinator::offsets_partition(group);
         let deadline = tokio::time::Instant::now() + timeout;
         let mut backoff = Duration::from_millis(20);
         for attempt in 0usize.. {
@@ -651,16 +664,15 @@ impl Node {
 
     /// Asks every `__offsets` partition's coordinator for its groups.
     pub(crate) async fn list_groups_in_mesh(&self) -> Result<Vec<String>> {
-        self.ensure_offsets_topic().await?;
         let mut names = std::collections::BTreeSet::new();
-        // One group name per partition routes the request to its coordinator.
         for partition in 0..crate::coordinator::OFFSETS_PARTITIONS {
-            let probe = (0u32..)
-                .map(|i| format!("probe-{i}"))
-                .find(|g| crate::coordinator::offsets_partition(g) == partition)
-                .unwrap_or_default();
             let answer = self
-                .ask_coordinator(&probe, GroupRequest::List, PEER_REQUEST_TIMEOUT, META_WAIT)
+                .ask_offsets_leader(
+                    partition,
+                    GroupRequest::List { partition },
+                    PEER_REQUEST_TIMEOUT,
+                    META_WAIT,
+                )
                 .await?;
             if let GroupResponse::Groups(groups) = answer {
                 names.extend(groups);

@@ -18,7 +18,7 @@
 //!
 //! [`core::group::Coordinator`]: crate::core::group::Coordinator
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,11 +150,11 @@ impl Task {
 
     async fn on_call(&mut self, call: GroupCall) {
         let GroupCall { request, reply } = call;
-        let Some(group) = request.group() else {
-            let _ = reply.send(Ok(GroupResponse::Groups(self.list().await)));
-            return;
+        let partition = match (&request, request.group()) {
+            (_, Some(group)) => offsets_partition(group),
+            (GroupRequest::List { partition }, None) => *partition,
+            (_, None) => return,
         };
-        let partition = offsets_partition(group);
         if let Err(refusal) = self.lead(partition).await {
             let _ = reply.send(Err(refusal));
             return;
@@ -168,29 +168,6 @@ impl Task {
             None => return,
         };
         self.carry_out(partition, actions);
-    }
-
-    /// The groups of every partition this node coordinates.
-    async fn list(&mut self) -> Vec<String> {
-        let mut names = BTreeSet::new();
-        for partition in 0..OFFSETS_PARTITIONS {
-            if self.lead(partition).await.is_err() {
-                continue;
-            }
-            let now = self.now();
-            if let Some(hosted) = self.hosted.get_mut(&partition) {
-                for action in hosted.core.handle(0, GroupRequest::List, now) {
-                    if let Action::Reply {
-                        answer: Ok(GroupResponse::Groups(groups)),
-                        ..
-                    } = action
-                    {
-                        names.extend(groups);
-                    }
-                }
-            }
-        }
-        names.into_iter().collect()
     }
 
     /// Makes sure this node coordinates `partition` with up-to-date state:

@@ -155,7 +155,11 @@ pub enum GroupRequest {
         group: String,
     },
     /// The groups this coordinator knows.
-    List,
+    List {
+        /// The `__offsets` partition whose coordinator is asked (for
+        /// routing; a coordinator runs one partition's groups).
+        partition: u32,
+    },
 }
 
 impl GroupRequest {
@@ -169,7 +173,7 @@ impl GroupRequest {
             | GroupRequest::Commit { group, .. }
             | GroupRequest::FetchOffsets { group }
             | GroupRequest::Describe { group } => Some(group),
-            GroupRequest::List => None,
+            GroupRequest::List { .. } => None,
         }
     }
 }
@@ -514,7 +518,7 @@ impl Coordinator {
                     answer: Ok(GroupResponse::Described(description)),
                 });
             }
-            GroupRequest::List => {
+            GroupRequest::List { .. } => {
                 let names = self
                     .groups
                     .iter()
