@@ -187,6 +187,8 @@ async fn two_groups_each_receive_every_record_and_members_of_one_share_partition
             .is_empty()
     );
     create_replicated(&client, "later", 2).await;
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    early[0].set_rebalance_listener(Box::new(Recorder(events.clone())));
     let later = produce(&client, "later", 0, 50).await;
     consume_all(&mut early, &later, Duration::from_secs(30)).await;
     assert_eq!(
@@ -194,7 +196,75 @@ async fn two_groups_each_receive_every_record_and_members_of_one_share_partition
         2,
         "both partitions of the new topic"
     );
+    let told: Vec<String> = events.lock().expect("events").clone();
+    assert_eq!(
+        told,
+        ["assigned later/0 later/1"],
+        "the listener heard of the assignment"
+    );
+
+    // A paused partition is not read until resumed.
+    early[0].pause(&[("later".to_string(), 0)]);
+    let more = produce(&client, "later", 50, 50).await;
+    let (in_paused, in_other): (BTreeSet<(u32, u64)>, BTreeSet<(u32, u64)>) =
+        more.iter().partition(|(p, _)| *p == 0);
+    let read = consume_all(&mut early, &in_other, Duration::from_secs(30)).await;
+    assert!(
+        read[0].iter().all(|(p, _)| *p != 0),
+        "nothing read from the paused partition"
+    );
+    early[0].resume(&[("later".to_string(), 0)]);
+    consume_all(&mut early, &in_paused, Duration::from_secs(30)).await;
+
+    // Asynchronous commits are stored in order: the later one, made after
+    // more records were read, wins.
+    let first = early[0].commit_async();
+    let last = produce(&client, "later", 100, 20).await;
+    let mut read = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !last.is_subset(&read) {
+        assert!(Instant::now() < deadline, "the last records were not read");
+        let records = early[0]
+            .poll(Duration::from_millis(200))
+            .await
+            .expect("poll");
+        read.extend(records.iter().map(|r| (r.partition, r.offset)));
+    }
+    let second = early[0].commit_async();
+    first.await.expect("the first commit");
+    second.await.expect("the second commit");
+    for partition in 0..2 {
+        let position = early[0].position("later", partition);
+        let committed = early[0]
+            .committed("later", partition)
+            .await
+            .expect("committed");
+        assert_eq!(committed, position, "partition {partition}");
+    }
     stop_all(client, &mut nodes).await;
+}
+
+/// A rebalance listener that writes down what it is told.
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl meshlog::RebalanceListener for Recorder {
+    fn on_partitions_assigned(&mut self, assigned: &[(String, u32)]) {
+        let names: Vec<String> = assigned.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+        if let Ok(mut events) = self.0.lock() {
+            events.push(format!("assigned {}", names.join(" ")));
+        }
+    }
+
+    fn on_partitions_revoked(
+        &mut self,
+        revoked: &[(String, u32)],
+        _commits: &mut BTreeMap<(String, u32), u64>,
+    ) {
+        let names: Vec<String> = revoked.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+        if let Ok(mut events) = self.0.lock() {
+            events.push(format!("revoked {}", names.join(" ")));
+        }
+    }
 }
 
 /// What one `meshlog consume` process printed: records and memberships.
