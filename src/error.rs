@@ -187,6 +187,10 @@ pub enum StoreError {
     /// The write transaction carrying this operation failed, so nothing in it was stored.
     #[error("write failed, nothing of it was stored: {0}")]
     CommitFailed(String),
+    /// An earlier write failed (a full disk, an I/O error, a crashed writer): the
+    /// store takes no more writes and the node is stopping.
+    #[error("the store stopped after a failed write: {0}")]
+    Failed(String),
     /// A stored batch could not be decoded.
     #[error("stored batch is unreadable: {0}")]
     Wire(#[from] WireError),

@@ -60,6 +60,8 @@ pub(crate) struct NodeInner {
     pub(crate) ownership: Arc<Mutex<crate::core::ownership::OwnershipTable<NodeId>>>,
     /// Topics learned from peers (light clients and routing), by name.
     pub(crate) remote_topics: Mutex<std::collections::HashMap<String, TopicDescription>>,
+    /// Set by the writer when the store fails for good (see [`Node::store_failure`]).
+    store_failure: watch::Receiver<Option<String>>,
     /// Background work to stop on shutdown; `None` once stopped.
     tasks: Mutex<Option<NodeTasks>>,
 }
@@ -196,12 +198,13 @@ impl Node {
         let store = Arc::new(store);
         let (writes, queue) = mpsc::channel(WRITE_QUEUE_DEPTH);
         let appended = Arc::new(watch::channel(0u64).0);
+        let (failed, store_failure) = watch::channel(None);
         let writer = {
             let (store, appended) = (store.clone(), appended.clone());
             let max_group = config.max_group_commit;
             std::thread::Builder::new()
                 .name("meshlog-writer".into())
-                .spawn(move || run_writer(&store, queue, &appended, max_group))
+                .spawn(move || run_writer(&store, queue, &appended, &failed, max_group))
                 .map_err(StoreError::Io)?
         };
         let (stop, stopped) = watch::channel(false);
@@ -262,7 +265,7 @@ impl Node {
         };
         let groups = replicator.as_ref().map(|_| groups);
         info!(data_dir = %config.data_dir.display(), fsync, "node opened");
-        Ok(Node {
+        let node = Node {
             inner: Arc::new(NodeInner {
                 database_path: store.path().to_path_buf(),
                 store: std::sync::RwLock::new(Some(store)),
@@ -275,6 +278,7 @@ impl Node {
                 leaders: Mutex::new(Default::default()),
                 ownership,
                 remote_topics: Mutex::new(Default::default()),
+                store_failure: store_failure.clone(),
                 tasks: Mutex::new(Some(NodeTasks {
                     writer,
                     retention,
@@ -283,7 +287,27 @@ impl Node {
                     stop,
                 })),
             }),
-        })
+        };
+        tokio::spawn(stop_on_store_failure(
+            Arc::downgrade(&node.inner),
+            store_failure,
+        ));
+        Ok(node)
+    }
+
+    /// Waits until the node's store fails (a full disk, an I/O error, a
+    /// crashed writer) and returns why; `None` once the node shut down
+    /// without a failure. By then the node has stopped on its own: it leads
+    /// and votes nowhere, has left the mesh (its peers re-replicate its
+    /// partitions as for any dead node) and takes no more requests. A
+    /// process embedding the node should exit non-zero, as `meshlog node`
+    /// does.
+    pub async fn store_failure(&self) -> Option<String> {
+        let mut failure = self.inner.store_failure.clone();
+        match failure.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            Err(_) => None,
+        }
     }
 
     /// The node's data directory.
@@ -654,10 +678,18 @@ fn unexpected(outcome: WriteOutcome) -> Error {
 
 /// The writer thread: takes every queued request (up to `max_group`) into one
 /// transaction, commits, then answers each request.
+///
+/// The first transaction that fails (a full disk, an I/O error, a corrupt
+/// page) or panics ends the store's writing for good: redb takes no writes
+/// after a failed commit, and a log that silently stops growing would leave
+/// the node voting and leading on a disk it cannot use. The writer reports
+/// the failure on `failed` (the node then stops) and answers every later
+/// write with [`StoreError::Failed`] until it is told to stop.
 fn run_writer(
     store: &Store,
     mut queue: mpsc::Receiver<WriterMessage>,
     appended: &watch::Sender<u64>,
+    failed: &watch::Sender<Option<String>>,
     max_group: usize,
 ) {
     while let Some(first) = queue.blocking_recv() {
@@ -680,8 +712,22 @@ fn run_writer(
                 next = queue.try_recv().ok();
             }
         }
-        if !ops.is_empty() {
-            commit_group(store, ops, replies, appended);
+        if let Some(reason) = failed.borrow().clone() {
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Failed(reason.clone())));
+            }
+        } else if !ops.is_empty() {
+            let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                commit_group(store, ops, replies, appended)
+            }));
+            let failure = match committed {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(_) => Some("the writer thread panicked".to_string()),
+            };
+            if let Some(reason) = failure {
+                failed.send_replace(Some(reason));
+            }
         }
         if stop {
             break;
@@ -689,12 +735,14 @@ fn run_writer(
     }
 }
 
+/// Commits one group and answers its requests; the error is the failed
+/// transaction's (every request in it is answered with it too).
 fn commit_group(
     store: &Store,
     ops: Vec<WriteOp>,
     replies: Vec<oneshot::Sender<Result<WriteOutcome, StoreError>>>,
     appended: &watch::Sender<u64>,
-) {
+) -> Result<(), StoreError> {
     let has_appends = ops
         .iter()
         .any(|op| matches!(op, WriteOp::Append(_) | WriteOp::SetHighWatermark { .. }));
@@ -706,15 +754,34 @@ fn commit_group(
             if has_appends {
                 appended.send_modify(|n| *n = n.wrapping_add(1));
             }
+            Ok(())
         }
         Err(e) => {
-            warn!(error = %e, "write transaction failed");
             let message = e.to_string();
             for reply in replies {
                 let _ = reply.send(Err(StoreError::CommitFailed(message.clone())));
             }
+            Err(e)
         }
     }
+}
+
+/// Stops the node when its store fails: one line says why, then the node
+/// shuts down (replicas and coordinators stop, so it leads and votes nowhere,
+/// and it leaves the mesh). Ends with the node.
+async fn stop_on_store_failure(
+    node: std::sync::Weak<NodeInner>,
+    mut failure: watch::Receiver<Option<String>>,
+) {
+    let Ok(reason) = failure.wait_for(Option::is_some).await.map(|r| r.clone()) else {
+        return;
+    };
+    let Some(inner) = node.upgrade() else { return };
+    tracing::error!(
+        reason = reason.as_deref().unwrap_or_default(),
+        "the store failed: this node steps down from every partition, leaves the mesh and stops"
+    );
+    Node { inner }.shutdown().await;
 }
 
 /// Runs retention every `interval` until told to stop.

@@ -67,15 +67,25 @@ pub async fn start_cluster(
     dirs: &[tempfile::TempDir],
     tx: &mpsc::Sender<Line>,
 ) -> (Vec<Option<NodeProcess>>, Vec<NodeId>, Node) {
-    let first = spawn(0, dirs[0].path(), None, tx);
+    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
+    start_cluster_at(&paths, tx).await
+}
+
+/// Three node processes on `dirs[0..3]` and a light client on `dirs[3]`
+/// that sees them all.
+pub async fn start_cluster_at(
+    dirs: &[&Path],
+    tx: &mpsc::Sender<Line>,
+) -> (Vec<Option<NodeProcess>>, Vec<NodeId>, Node) {
+    let first = spawn(0, dirs[0], None, tx);
     let bootstrap = first.address.clone();
     let nodes = vec![
         Some(first),
-        Some(spawn(1, dirs[1].path(), Some(&bootstrap), tx)),
-        Some(spawn(2, dirs[2].path(), Some(&bootstrap), tx)),
+        Some(spawn(1, dirs[1], Some(&bootstrap), tx)),
+        Some(spawn(2, dirs[2], Some(&bootstrap), tx)),
     ];
     let ids: Vec<NodeId> = nodes.iter().flatten().map(node_id).collect();
-    let client = client(dirs[3].path(), &bootstrap).await;
+    let client = client(dirs[3], &bootstrap).await;
     wait_until(
         "the client sees 3 storage nodes",
         Duration::from_secs(30),

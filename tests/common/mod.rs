@@ -5,7 +5,7 @@
 pub mod cluster;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -165,4 +165,55 @@ pub fn sigterm(child: &Child) {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill -TERM failed");
+}
+
+/// A tmpfs mounted for the test's lifetime.
+pub struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it) on a fresh
+    /// directory, or fails the test saying why (it needs root).
+    pub fn mount(size: &str) -> SmallDisk {
+        match Self::try_mount(size) {
+            Ok(disk) => disk,
+            Err(reason) => {
+                panic!("this test mounts a small tmpfs and needs root to do it: {reason}")
+            }
+        }
+    }
+
+    fn try_mount(size: &str) -> Result<SmallDisk, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("meshlog-full-disk-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let path = dir.keep();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !status.status.success() {
+            let _ = std::fs::remove_dir(&path);
+            return Err(format!(
+                "mount failed: {}",
+                String::from_utf8_lossy(&status.stderr).trim()
+            ));
+        }
+        Ok(SmallDisk { path })
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+        let _ = std::fs::remove_dir(&self.path);
+    }
 }

@@ -93,7 +93,18 @@ pub async fn run_node(data_dir: Option<PathBuf>, fsync: bool, args: &NodeArgs) -
     for address in mesh.wait_listening(Duration::from_secs(10)).await? {
         println!("listening on {address}");
     }
-    wait_for_stop_signal().await?;
+    tokio::select! {
+        signal = wait_for_stop_signal() => signal?,
+        failure = node.store_failure() => {
+            if let Some(reason) = failure {
+                node.shutdown().await;
+                return Err(format!(
+                    "the store failed ({reason}): this node left the mesh and stopped; its peers re-replicate its partitions"
+                )
+                .into());
+            }
+        }
+    }
     eprintln!("shutting down");
     node.shutdown().await;
     Ok(())
