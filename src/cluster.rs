@@ -55,7 +55,7 @@ impl Node {
     }
 
     fn me(&self) -> Option<NodeId> {
-        self.peer_id().map(NodeId)
+        self.peer_id().map(NodeId::from)
     }
 
     /// The live storage nodes this node knows of, itself included when it is one.

@@ -6,11 +6,13 @@
 //!
 //! # Layout
 //! - [`chain`]: message IDs, the partition and producer chains, verification.
+//! - [`peer`]: [`peer::NodeId`], a node's identity as plain data.
 //! - [`record`]: [`Record`], [`ConsumerRecord`], [`RecordMetadata`].
 //! - [`wire`]: versioned postcard frames with hard size caps; stored batches.
 //! - [`store`]: the redb log store (batches, segments, retention, producer
 //!   state, committed offsets) with group commit.
 //! - [`config`]: [`NodeConfig`], [`TopicConfig`], [`ProducerConfig`], [`ConsumerConfig`].
+//! - [`description`]: [`TopicDescription`], [`PartitionDescription`].
 //! - [`core`]: pure state machines (membership, placement, replication): events
 //!   in, actions out, no I/O and no clock, so the simulation drives them too.
 //! - [`net`]: the libp2p shell (the only module that imports libp2p).
@@ -54,10 +56,12 @@ pub mod config;
 pub mod consumer;
 pub mod coordinator;
 pub mod core;
+pub mod description;
 pub mod error;
 pub mod meta;
 pub mod net;
 pub mod node;
+pub mod peer;
 pub mod producer;
 pub mod protocol;
 pub mod record;

@@ -19,9 +19,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::chain::MessageId;
 use crate::config::{ConsumerConfig, NodeConfig, ProducerConfig, TopicConfig};
 use crate::consumer::Consumer;
+pub use crate::description::{PartitionDescription, TopicDescription};
 use crate::error::{Error, Result, StoreError};
 use crate::net::{Mesh, NodeId, PeerId, identity};
 use crate::producer::Producer;
@@ -80,52 +80,6 @@ enum WriterMessage {
         reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
     },
     Stop,
-}
-
-/// A topic and the state of each of its partitions.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[non_exhaustive]
-pub struct TopicDescription {
-    /// The topic's name.
-    pub name: String,
-    /// Its settings.
-    pub config: TopicConfig,
-    /// Its partitions, in order.
-    pub partitions: Vec<PartitionDescription>,
-}
-
-/// The state of one partition.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[non_exhaustive]
-pub struct PartitionDescription {
-    /// The partition number.
-    pub partition: u32,
-    /// The leader epoch of its newest records.
-    pub epoch: u64,
-    /// The first offset still stored.
-    pub log_start_offset: u64,
-    /// One past the last committed offset: consumers read below it.
-    pub high_watermark: u64,
-    /// One past the last stored offset on the describing node; above the
-    /// high watermark while records wait for a quorum.
-    pub log_end_offset: u64,
-    /// The chain ID of the last committed record (the genesis ID when empty).
-    pub head: MessageId,
-    /// Bytes stored.
-    pub bytes: u64,
-    /// The leader the describing node knows of (itself on a node of its own;
-    /// `None` when it does not host the partition or no leader is known).
-    pub leader: Option<crate::net::NodeId>,
-    /// The partition's replicas (empty on a node of its own).
-    pub replicas: Vec<crate::net::NodeId>,
-    /// The replicas in sync, as the leader sees them (empty unless the
-    /// describing node leads the partition).
-    pub in_sync: Vec<crate::net::NodeId>,
-    /// Replicas catching up before they are promoted to voters.
-    pub learners: Vec<crate::net::NodeId>,
-    /// Where placement wants the replicas: the top live storage nodes by
-    /// rendezvous hash (empty when the describing node does not host it).
-    pub target_replicas: Vec<crate::net::NodeId>,
 }
 
 /// One partition of a consumer group's position, as `meshlog group describe` shows it.
@@ -241,7 +195,7 @@ impl Node {
             Some(mesh) => {
                 let inbound = mesh.take_inbound().ok_or(Error::Closed)?;
                 let (replicator, task) = Replicator::start(ReplicatorSetup {
-                    me: NodeId(mesh.peer_id()),
+                    me: NodeId::from(mesh.peer_id()),
                     store: store.clone(),
                     writes: WriteQueue { tx: writes.clone() },
                     mesh: mesh.clone(),

@@ -14,8 +14,8 @@ use crate::config::Acks;
 use crate::core::group::{GroupError, GroupRequest, GroupResponse};
 use crate::core::ownership::OwnershipRecord;
 use crate::core::replication::Message;
-use crate::net::NodeId;
-use crate::node::TopicDescription;
+use crate::description::TopicDescription;
+use crate::peer::NodeId;
 use crate::record::{ConsumerRecord, Record};
 use crate::wire::ProducerBatch;
 

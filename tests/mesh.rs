@@ -41,7 +41,7 @@ async fn sees_all(mesh: &Mesh, expected: &[NodeId]) -> bool {
     let members = mesh.members().await.expect("members");
     expected
         .iter()
-        .filter(|p| p.0 != mesh.peer_id())
+        .filter(|p| **p != NodeId::from(mesh.peer_id()))
         .all(|peer| {
             members
                 .iter()
@@ -52,7 +52,7 @@ async fn sees_all(mesh: &Mesh, expected: &[NodeId]) -> bool {
 /// Re-checks until every mesh sees all the others, or fails at the deadline.
 async fn wait_for_full_membership(meshes: &[Mesh], deadline: Duration) -> Duration {
     let started = Instant::now();
-    let ids: Vec<NodeId> = meshes.iter().map(|m| NodeId(m.peer_id())).collect();
+    let ids: Vec<NodeId> = meshes.iter().map(|m| NodeId::from(m.peer_id())).collect();
     loop {
         let mut all = true;
         for mesh in meshes {
@@ -91,10 +91,10 @@ async fn wait_for_full_membership(meshes: &[Mesh], deadline: Duration) -> Durati
                 for m in members.iter().filter(|m| m.meta.is_none()) {
                     let owner = meshes
                         .iter()
-                        .find(|x| x.peer_id() == m.peer.0)
+                        .find(|x| NodeId::from(x.peer_id()) == m.peer)
                         .expect("member of the test");
                     let view = owner.members().await.expect("members");
-                    let back = view.iter().find(|v| v.peer.0 == mesh.peer_id());
+                    let back = view.iter().find(|v| v.peer == NodeId::from(mesh.peer_id()));
                     println!(
                         "{} lacks meta of {} (inc {} hb {}); that node sees it as {:?}, stats {:?}",
                         mesh.peer_id(),
@@ -157,8 +157,8 @@ async fn a_light_client_lists_the_members_without_becoming_one() {
     }
     let seen = client.members().await.unwrap();
     assert_eq!(
-        seen.iter().map(|m| m.peer.0).collect::<Vec<_>>(),
-        vec![storage.peer_id()]
+        seen.iter().map(|m| m.peer).collect::<Vec<_>>(),
+        vec![NodeId::from(storage.peer_id())]
     );
     // The storage node has handled the client's gossip (the client holds its
     // reply), and did not make the client a member.
@@ -168,7 +168,7 @@ async fn a_light_client_lists_the_members_without_becoming_one() {
             .await
             .unwrap()
             .iter()
-            .all(|m| m.peer.0 != client.peer_id())
+            .all(|m| m.peer != NodeId::from(client.peer_id()))
     );
 }
 

@@ -211,10 +211,10 @@ async fn with_one_of_two_replicas_down_acks_all_fails_fast_and_acks_leader_succe
     let index_of = |id| {
         nodes
             .iter()
-            .position(|n| n.peer_id() == Some(id))
+            .position(|n| n.peer_id().map(meshlog::net::NodeId::from) == Some(id))
             .expect("a node")
     };
-    let (leader_node, follower_node) = (index_of(leader.0), index_of(follower.0));
+    let (leader_node, follower_node) = (index_of(leader), index_of(follower));
     nodes[follower_node].shutdown().await;
     // Once the leader counts the follower out of sync, acks=all fails at once.
     let via = &nodes[leader_node];
@@ -295,7 +295,7 @@ async fn a_fourth_node_takes_over_only_the_partitions_whose_target_changed() {
     }
     let all: Vec<meshlog::net::NodeId> = nodes
         .iter()
-        .map(|n| meshlog::net::NodeId(n.peer_id().expect("on the network")))
+        .map(|n| meshlog::net::NodeId::from(n.peer_id().expect("on the network")))
         .collect();
     let expected_moves = (0..PARTITIONS)
         .filter(|p| {
@@ -431,7 +431,7 @@ async fn two_meshes_refuse_each_other_instead_of_merging() {
     let mut events = a.mesh().expect("on the network").subscribe();
     let addr = address(&a).await;
     let b = start(&dir_b, Some(&addr), Role::Storage).await;
-    let b_id = meshlog::net::NodeId(b.peer_id().expect("on the network"));
+    let b_id = meshlog::net::NodeId::from(b.peer_id().expect("on the network"));
     let refused = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match events.recv().await {
@@ -546,7 +546,7 @@ async fn a_consumer_with_fetch_from_nearest_on_a_follower_reads_every_record_in_
         .expect("a leader");
     let follower = nodes
         .iter()
-        .position(|n| n.peer_id().map(meshlog::net::NodeId) != Some(leader))
+        .position(|n| n.peer_id().map(meshlog::net::NodeId::from) != Some(leader))
         .expect("a follower");
 
     let mut consumer_config =

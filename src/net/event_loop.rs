@@ -17,7 +17,9 @@ use tracing::{debug, info, warn};
 
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use super::codec::encoded_len;
-use super::{Command, GossipStats, Keypair, MeshConfig, NetError, NodeId, peer_id_of};
+use super::{
+    Command, GossipStats, Keypair, MeshConfig, NetError, NodeId, peer_id_of, peer_id_of_node,
+};
 use crate::core::membership::{
     Action, MemberMeta, Membership, MembershipEvent, PROTOCOL_VERSION, Role,
 };
@@ -97,7 +99,7 @@ impl EventLoop {
             std::hash::RandomState::new().hash_one(peer_id)
         };
         let mut membership = Membership::new(
-            NodeId(peer_id),
+            NodeId::from(peer_id),
             meta.clone(),
             incarnation,
             config.membership.clone(),
@@ -116,7 +118,7 @@ impl EventLoop {
                 .behaviour_mut()
                 .kad
                 .add_address(&peer, address.clone());
-            membership.add_seed(NodeId(peer));
+            membership.add_seed(NodeId::from(peer));
         }
         if !config.bootstrap.is_empty() {
             let _ = swarm.behaviour_mut().kad.bootstrap();
@@ -176,12 +178,21 @@ impl EventLoop {
                 let _ = reply.send(self.stats);
             }
             Command::Request { to, request, reply } => {
+                let Some(peer) = peer_id_of_node(&to) else {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(NetError::Request {
+                            peer: to,
+                            reason: "not a peer id".into(),
+                        }));
+                    }
+                    return;
+                };
                 self.ensure_addresses(&to);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .peer
-                    .send_request(&to.0, *request);
+                    .send_request(&peer, *request);
                 if let Some(reply) = reply {
                     self.outbound.insert(id, reply);
                 }
@@ -204,7 +215,7 @@ impl EventLoop {
                 } => {
                     let (reply, answer) = oneshot::channel();
                     let inbound = super::InboundRequest {
-                        from: NodeId(peer),
+                        from: NodeId::from(peer),
                         request,
                         reply,
                     };
@@ -233,7 +244,7 @@ impl EventLoop {
                 debug!(%peer, %error, "peer request failed");
                 if let Some(reply) = self.outbound.remove(&request_id) {
                     let _ = reply.send(Err(NetError::Request {
-                        peer: NodeId(peer),
+                        peer: NodeId::from(peer),
                         reason: error.to_string(),
                     }));
                 }
@@ -278,7 +289,7 @@ impl EventLoop {
                 for (peer, address) in found {
                     debug!(%peer, %address, "found by mDNS");
                     self.learn_address(peer, address);
-                    self.membership.add_seed(NodeId(peer));
+                    self.membership.add_seed(NodeId::from(peer));
                 }
             }
             // Kademlia learns no addresses by itself: feed it what identify reports.
@@ -297,7 +308,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
             })) => {
-                self.membership.add_seed(NodeId(peer));
+                self.membership.add_seed(NodeId::from(peer));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Peer(event)) => self.on_peer_event(event),
@@ -338,10 +349,12 @@ impl EventLoop {
                     request, channel, ..
                 } => {
                     let now = self.now();
-                    let actions = self.membership.handle_message(NodeId(peer), request, now);
-                    let (reply, others): (Vec<_>, Vec<_>) = actions
-                        .into_iter()
-                        .partition(|a| matches!(a, Action::Reply { to, .. } if to.0 == peer));
+                    let actions = self
+                        .membership
+                        .handle_message(NodeId::from(peer), request, now);
+                    let (reply, others): (Vec<_>, Vec<_>) = actions.into_iter().partition(
+                        |a| matches!(a, Action::Reply { to, .. } if *to == NodeId::from(peer)),
+                    );
                     let reply = reply.into_iter().find_map(|a| match a {
                         Action::Reply { message, .. } => Some(message),
                         _ => None,
@@ -361,14 +374,16 @@ impl EventLoop {
                     ..
                 } => {
                     let now = self.now();
-                    let actions = self.membership.handle_message(NodeId(peer), message, now);
+                    let actions = self
+                        .membership
+                        .handle_message(NodeId::from(peer), message, now);
                     self.apply(actions);
                 }
                 Message::Response { response: None, .. } => {}
             },
             request_response::Event::OutboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "gossip not delivered");
-                self.membership.unreachable(&NodeId(peer));
+                self.membership.unreachable(&NodeId::from(peer));
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "gossip from peer failed");
@@ -386,12 +401,15 @@ impl EventLoop {
         for action in actions {
             match action {
                 Action::Send { to, message } | Action::Reply { to, message } => {
+                    let Some(peer) = peer_id_of_node(&to) else {
+                        continue;
+                    };
                     self.count_sent(&message);
                     self.ensure_addresses(&to);
                     self.swarm
                         .behaviour_mut()
                         .gossip
-                        .send_request(&to.0, message);
+                        .send_request(&peer, message);
                 }
                 Action::Event(event) => self.on_membership_event(event),
             }
@@ -400,21 +418,24 @@ impl EventLoop {
 
     /// Before sending to a peer we are not connected to, give the swarm the
     /// addresses the peer gossiped about itself.
-    fn ensure_addresses(&mut self, peer: &NodeId) {
-        if self.swarm.is_connected(&peer.0) {
+    fn ensure_addresses(&mut self, node: &NodeId) {
+        let Some(peer) = peer_id_of_node(node) else {
+            return;
+        };
+        if self.swarm.is_connected(&peer) {
             return;
         }
         let addresses: Vec<Multiaddr> = self
             .membership
             .members()
             .into_iter()
-            .filter(|m| m.peer == *peer)
+            .filter(|m| m.peer == *node)
             .filter_map(|m| m.meta)
             .flat_map(|meta| meta.listen_addrs)
             .filter_map(|a| a.parse().ok())
             .collect();
         for address in addresses {
-            self.learn_address(peer.0, address);
+            self.learn_address(peer, address);
         }
     }
 
@@ -433,11 +454,15 @@ impl EventLoop {
             MembershipEvent::Died { peer } => warn!(%peer, "peer dead"),
             MembershipEvent::Refused { peer, version } => {
                 warn!(%peer, "refusing peer: it speaks protocol version {version}, this node speaks {PROTOCOL_VERSION}");
-                let _ = self.swarm.disconnect_peer_id(peer.0);
+                if let Some(peer) = peer_id_of_node(peer) {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
             }
             MembershipEvent::ForeignMesh { peer, mesh_id } => {
                 warn!(%peer, "refusing peer: it belongs to mesh {mesh_id:016x}, this node to mesh {:016x}; two meshes never merge", self.meta.mesh_id.unwrap_or(0));
-                let _ = self.swarm.disconnect_peer_id(peer.0);
+                if let Some(peer) = peer_id_of_node(peer) {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
             }
         }
         let _ = self.channels.events.send(event);

@@ -14,12 +14,10 @@ pub mod codec;
 mod event_loop;
 pub mod identity;
 
-use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -30,35 +28,20 @@ pub use libp2p::{Multiaddr, PeerId};
 use crate::core::membership::{MemberView, MembershipConfig, MembershipEvent, Role};
 use crate::protocol::{PeerRequest, PeerResponse};
 
-/// A peer's identity in the core and on the wire: a libp2p peer id.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodeId(pub PeerId);
+pub use crate::peer::NodeId;
 
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+impl From<PeerId> for NodeId {
+    fn from(peer: PeerId) -> NodeId {
+        // A peer id's bytes always fit (see `NodeId`); the empty identity is
+        // only a fallback no peer can reach.
+        NodeId::from_bytes(&peer.to_bytes()).unwrap_or_default()
     }
 }
 
-impl fmt::Debug for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl Serialize for NodeId {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0.to_bytes())
-    }
-}
-
-impl<'de> Deserialize<'de> for NodeId {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let bytes: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
-        PeerId::from_bytes(&bytes)
-            .map(NodeId)
-            .map_err(serde::de::Error::custom)
-    }
+/// The libp2p peer id of a node, or `None` for bytes that are no peer id
+/// (an identity a peer made up).
+pub fn peer_id_of_node(node: &NodeId) -> Option<PeerId> {
+    PeerId::from_bytes(node.as_bytes()).ok()
 }
 
 /// The network layer failed.

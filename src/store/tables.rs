@@ -13,7 +13,7 @@ use crate::chain::MessageId;
 use crate::config::TopicConfig;
 use crate::core::replication::LogEntry;
 use crate::error::StoreError;
-use crate::net::NodeId;
+use crate::peer::NodeId;
 use crate::wire::ProducerBatch;
 
 /// The key in [`META`] of the mesh this node belongs to.

@@ -19,7 +19,7 @@ use crate::chain::{self, MessageId, ProducerId};
 use crate::config::TopicConfig;
 use crate::error::StoreError;
 use crate::meta::MetaCommand;
-use crate::net::NodeId;
+use crate::peer::NodeId;
 use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch};
 
 /// Epoch of every batch a single node writes; elections raise it once the mesh replicates.

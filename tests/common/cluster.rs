@@ -35,7 +35,7 @@ pub fn spawn(
 }
 
 pub fn node_id(process: &NodeProcess) -> NodeId {
-    NodeId(PeerId::from_str(&process.peer_id).expect("a peer id"))
+    NodeId::from(PeerId::from_str(&process.peer_id).expect("a peer id"))
 }
 
 /// A light client in the test process, joined through `bootstrap`.

@@ -155,7 +155,7 @@ fn peer(node: &Node) -> String {
 fn name_of(id: &NodeId, nodes: &[Node], names: &[&str]) -> String {
     nodes
         .iter()
-        .position(|n| n.peer_id() == Some(id.0))
+        .position(|n| n.peer_id().map(NodeId::from) == Some(*id))
         .and_then(|i| names.get(i))
         .map_or_else(|| "?".into(), |n| (*n).to_string())
 }
@@ -229,7 +229,7 @@ async fn agree_on_heads(nodes: &[Node], names: &[&str]) -> CliResult {
     // A node's view of a partition it holds: its replica's own state.
     let holds = |node: &Node, d: &meshlog::PartitionDescription| {
         node.peer_id()
-            .is_some_and(|id| d.replicas.contains(&NodeId(id)))
+            .is_some_and(|id| d.replicas.contains(&NodeId::from(id)))
     };
     let views = loop {
         let mut views = Vec::new();
