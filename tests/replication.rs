@@ -596,3 +596,100 @@ async fn a_consumer_with_fetch_from_nearest_on_a_follower_reads_every_record_in_
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_log_is_compacted_and_a_restarted_follower_catches_up_from_the_leaders_store() {
+    init_logs();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new().unwrap()).collect();
+    let mut nodes = three_nodes(&dirs).await;
+    let config = TopicConfig::default()
+        .with_partitions(1)
+        .with_replication_factor(3);
+    nodes[0].create_topic("long", config).await.expect("create");
+    wait_for_leaders(&nodes[0], "long").await;
+    // One record per send and no linger: one log entry each.
+    let send_many = |node: &Node, from: u32, count: u32| {
+        let producer = node.producer(
+            ProducerConfig::default()
+                .with_acks(Acks::All)
+                .with_linger(Duration::ZERO),
+        );
+        async move {
+            let mut sent = Vec::new();
+            for i in from..from + count {
+                let meta = producer
+                    .send("long", None, format!("v{i}").as_bytes())
+                    .await
+                    .expect("send with acks all");
+                sent.push(meta);
+            }
+            sent
+        }
+    };
+    let mut sent = send_many(&nodes[0], 0, 300).await;
+
+    // Stop a follower; the others go on far past what they keep in memory.
+    let leader = nodes[0]
+        .describe_topic("long")
+        .await
+        .expect("describe")
+        .partitions[0]
+        .leader
+        .expect("a leader");
+    let stopped = (0..3)
+        .find(|i| nodes[*i].peer_id().map(meshlog::net::NodeId::from) != Some(leader))
+        .expect("a follower");
+    let live = (0..3).find(|i| *i != stopped).expect("a live node");
+    nodes[stopped].shutdown().await;
+    sent.extend(send_many(&nodes[live], 300, 400).await);
+
+    // Restarted, it reads its log's tail and is sent the entries the leader
+    // no longer holds in memory from the leader's store.
+    let bootstrap = address(&nodes[live]).await;
+    nodes[stopped] = start(&dirs[stopped], Some(&bootstrap), Role::Storage).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut views = Vec::new();
+        for node in &nodes {
+            views.push(node.describe_topic_here("long").await.expect("describe"));
+        }
+        let caught_up = views.iter().all(|v| {
+            v.partitions[0].high_watermark == 700
+                && v.partitions[0].head == views[0].partitions[0].head
+        });
+        if caught_up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted follower did not catch up: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in &nodes {
+        node.shutdown().await;
+    }
+    for dir in &dirs {
+        let store = meshlog::store::Store::open(dir.path(), true).expect("reopen store");
+        let log = store.replica_log("long", 0).expect("the replica's log");
+        let point = log.snapshot.as_ref().expect("a snapshot point is stored");
+        assert!(
+            point.snapshot.index > 500,
+            "compacted up to entry {} of about 700",
+            point.snapshot.index
+        );
+        assert!(
+            log.entries.len() < 200,
+            "a restart reads {} entries, not the whole log",
+            log.entries.len()
+        );
+        for meta in &sent {
+            let read = store.read("long", 0, meta.offset, 1).expect("read");
+            assert_eq!(
+                read.records.first().map(|r| r.id),
+                Some(meta.id),
+                "{meta:?}"
+            );
+        }
+    }
+}

@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     partitions: u32,
     /// Switch on a deliberate core bug (to see the checkers catch it).
-    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum", "ignore-generations"])]
+    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum", "compact-undurable", "ignore-generations"])]
     inject_fault: Option<String>,
 }
 
@@ -43,8 +43,11 @@ fn main() -> ExitCode {
         inject: (args.inject_fault.as_deref() == Some("skip-suspicion"))
             .then_some(InjectedFault::SkipSuspicion),
     };
-    let replication_fault = (args.inject_fault.as_deref() == Some("commit-without-quorum"))
-        .then_some(ReplicationFault::CommitWithoutQuorum);
+    let replication_fault = match args.inject_fault.as_deref() {
+        Some("commit-without-quorum") => Some(ReplicationFault::CommitWithoutQuorum),
+        Some("compact-undurable") => Some(ReplicationFault::CompactUndurable),
+        _ => None,
+    };
     let group_fault = (args.inject_fault.as_deref() == Some("ignore-generations"))
         .then_some(GroupFault::CoordinatorIgnoresGenerations);
     if args.scale {
@@ -107,6 +110,7 @@ fn sweep(
     let wall = Instant::now();
     let (mut events, mut worst, mut worst_recovery, mut acked) =
         (0u64, Duration::ZERO, Duration::ZERO, 0usize);
+    let (mut compactions, mut sent_from_disk) = (0usize, 0usize);
     let (mut produced, mut failovers, mut worst_producer) = (0u64, 0u64, Duration::ZERO);
     let (mut generations, mut commits, mut worst_group) = (0u64, 0u64, Duration::ZERO);
     for seed in start..end {
@@ -118,6 +122,8 @@ fn sweep(
         (generations, commits) = (generations + group.generations, commits + group.commits);
         worst_group = worst_group.max(group.recovery.unwrap_or_default());
         acked += rep.acked;
+        compactions += rep.compactions;
+        sent_from_disk += rep.sent_from_disk;
         produced += prod.acked;
         failovers += u64::from(prod.failovers);
         worst_producer = worst_producer.max(prod.recovery.unwrap_or_default());
@@ -139,7 +145,7 @@ fn sweep(
     let secs = wall.elapsed().as_secs_f64();
     println!(
         "{} seeds passed in {secs:.1} s ({:.0} events/s); membership converged at most {worst:?} after the heal; \
-         replication: {acked} records acknowledged, a new record committed everywhere at most {worst_recovery:?} after the heal; \
+         replication: {acked} records acknowledged, {compactions} compactions, {sent_from_disk} appends sent from disk, a new record committed everywhere at most {worst_recovery:?} after the heal; \
          producer: {produced} records acknowledged through {failovers} leader failovers, each once and in key order, all at most {worst_producer:?} after the faults ended; \
          groups: {generations} generations, {commits} commits, one owner per partition per generation, no offset backwards or skipped, all committed at most {worst_group:?} after the faults ended",
         end - start,
@@ -150,8 +156,15 @@ fn sweep(
 
 fn print_replication_report(r: &replication::Report) {
     println!(
-        "replication: {} replicas, {} elections, {} replica-set changes, {} records acknowledged, {} events, trace {}",
-        r.replicas, r.elections, r.reconfigurations, r.acked, r.events, r.trace_hash
+        "replication: {} replicas, {} elections, {} replica-set changes, {} records acknowledged, {} compactions, {} appends sent from disk, {} events, trace {}",
+        r.replicas,
+        r.elections,
+        r.reconfigurations,
+        r.acked,
+        r.compactions,
+        r.sent_from_disk,
+        r.events,
+        r.trace_hash
     );
     match (&r.violation, r.recovery) {
         (Some(v), _) => println!("FAILED {v}"),

@@ -16,7 +16,11 @@
 //! - **no acknowledged loss**: after the faults heal, every acknowledged record
 //!   is in the log of every voter of the final replica set, at its offset;
 //! - **liveness**: after the last fault heals, a new record commits on every
-//!   voter within a bound, and the run reports how long it took.
+//!   voter within a bound, and the run reports how long it took;
+//! - **bounded memory**: no replica holds more than twice `keep_committed`
+//!   committed, durable entries in memory (the rest is compacted: followers
+//!   that need them are sent them from the leader's disk, and a restart reads
+//!   only the log after the stored snapshot point).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -53,6 +57,10 @@ pub struct Report {
     pub elections: usize,
     /// Replica-set changes proposed (learner added, promoted, removed).
     pub reconfigurations: usize,
+    /// Compactions of a replica's in-memory log.
+    pub compactions: usize,
+    /// Appends a leader sent from its disk (entries it had compacted).
+    pub sent_from_disk: usize,
     /// Trace hash.
     pub trace_hash: String,
     /// Events handled.
@@ -137,6 +145,8 @@ struct World {
     acked: BTreeMap<u64, MessageId>,
     next_record: u64,
     reconfigurations: usize,
+    compactions: usize,
+    sent_from_disk: usize,
 }
 
 /// Runs the replication scenario of `seed`, with an optional injected bug.
@@ -157,6 +167,9 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         heartbeat_interval: Duration::from_millis(60),
         // Small chunks, so that catching up takes many appends.
         max_append_entries: 16 + rng.below(49) + 1_000_000,
+        // Few entries kept, so that compaction, restarts from a snapshot
+        // point and followers served from the leader's disk happen often.
+        keep_committed: 2 + rng.below(15) as u64,
         injected_fault: inject,
         ..ReplicationConfig::default()
     };
@@ -181,6 +194,8 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         acked: BTreeMap::new(),
         next_record: 0,
         reconfigurations: 0,
+        compactions: 0,
+        sent_from_disk: 0,
     };
     // The replicas, and one spare that placement may move the partition to.
     for node in 0..=replicas {
@@ -217,6 +232,8 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         acked: world.acked.len(),
         elections: world.leaders.len(),
         reconfigurations: world.reconfigurations,
+        compactions: world.compactions,
+        sent_from_disk: world.sent_from_disk,
         trace_hash: world.trace.finalize().to_hex()[..16].to_string(),
         events: world.events,
         recovery,
@@ -355,8 +372,31 @@ impl World {
             return false;
         };
         let actions = replica.handle(input, now);
+        let held = replica
+            .commit()
+            .min(replica.durable())
+            .saturating_sub(replica.first_index());
+        let bound = 2 * self.config.keep_committed.max(1);
         self.apply(node, actions);
+        if held > bound {
+            self.fail(
+                "bounded memory: committed entries are compacted",
+                format!("node {node} holds {held} committed, durable entries (at most {bound})"),
+            );
+        }
         true
+    }
+
+    /// The ID at `offset` on `node`: from memory, or from its disk below
+    /// what it holds in memory.
+    fn held(&self, node: u32, offset: u64) -> Option<MessageId> {
+        let n = self.nodes.get(&node)?;
+        let replica = n.replica.as_ref()?;
+        match replica.entry(offset) {
+            Some(entry) => Some(entry.id),
+            None if offset < replica.first_index() => n.disk.log.get(offset as usize).map(|e| e.id),
+            None => None,
+        }
     }
 
     /// Draws a new target: the replica set with one member swapped for the
@@ -432,9 +472,9 @@ impl World {
             return;
         };
         let (offset, actions) = replica.propose(digest, now);
-        if let Some(offset) = offset {
-            let entry = replica.log()[offset as usize].clone();
-            self.proposals.push((leader, entry.epoch, offset, entry.id));
+        if let Some(entry) = offset.and_then(|o| replica.entry(o).map(|e| (o, e.clone()))) {
+            self.proposals
+                .push((leader, entry.1.epoch, entry.0, entry.1.id));
         }
         self.apply(leader, actions);
     }
@@ -463,6 +503,21 @@ impl World {
                     }
                 }
                 Action::PersistLog { from, entries } => self.write(node, from, entries),
+                Action::SendStored {
+                    to,
+                    epoch,
+                    from,
+                    upto,
+                    commit,
+                } => self.send_stored(node, to, epoch, (from, upto), commit),
+                Action::Compacted { snapshot } => {
+                    // Stored with the next write, as the node does; an older
+                    // point only means reading more of the log on restart.
+                    self.compactions += 1;
+                    if let Some(n) = self.nodes.get_mut(&node) {
+                        n.disk.snapshot = Some(snapshot);
+                    }
+                }
                 Action::Committed { upto } => self.committed(node, upto),
                 Action::BecameLeader { epoch } => {
                     self.trace
@@ -478,6 +533,35 @@ impl World {
                 }
             }
         }
+    }
+
+    /// The leader sends entries it holds only on disk, as the node's driver
+    /// reads them from its store.
+    fn send_stored(&mut self, node: u32, to: u32, epoch: u64, range: (u64, u64), commit: u64) {
+        let Some(n) = self.nodes.get(&node) else {
+            return;
+        };
+        let (from, upto) = range;
+        let Some(entries) = n.disk.log.get(from as usize..upto as usize) else {
+            self.fail(
+                "compacted entries are on disk",
+                format!("node {node} has no entries {from}..{upto} on disk to send"),
+            );
+            return;
+        };
+        let prev_id = match from {
+            0 => self.genesis,
+            i => n.disk.log[i as usize - 1].id,
+        };
+        let message = Message::Append {
+            epoch,
+            prev_offset: from,
+            prev_id,
+            entries: entries.to_vec(),
+            commit,
+        };
+        self.sent_from_disk += 1;
+        self.apply(node, vec![Action::Send { to, message }]);
     }
 
     fn write(&mut self, node: u32, from: u64, entries: Vec<LogEntry>) {
@@ -534,9 +618,9 @@ impl World {
         let Some(replica) = self.nodes.get(&node).and_then(|n| n.replica.as_ref()) else {
             return;
         };
-        let upto = replica.commit().min(replica.log().len() as u64);
+        let upto = replica.commit().min(replica.log_end());
         let changed = (0..upto).find_map(|offset| {
-            let id = replica.log()[offset as usize].id;
+            let id = self.held(node, offset)?;
             let committed = self.committed.get(&offset)?;
             (*committed != id).then_some((offset, id, *committed))
         });
@@ -553,9 +637,11 @@ impl World {
         let Some(replica) = self.nodes.get(&node).and_then(|n| n.replica.as_ref()) else {
             return;
         };
-        let log: Vec<LogEntry> = replica.log().to_vec();
-        for offset in seen..upto.min(log.len() as u64) {
-            let id = log[offset as usize].id;
+        let upto = upto.min(replica.log_end());
+        for offset in seen..upto {
+            let Some(id) = self.held(node, offset) else {
+                continue;
+            };
             match self.committed.get(&offset) {
                 Some(other) if *other != id => {
                     self.fail(
@@ -578,7 +664,7 @@ impl World {
         // (never acknowledged, so no guarantee covers it).
         let (now, proposals) = (self.now, std::mem::take(&mut self.proposals));
         for p in proposals {
-            let held = log.get(p.2 as usize).map(|e| e.id);
+            let held = self.held(node, p.2);
             if p.0 == node && p.2 < upto && held == Some(p.3) {
                 self.acked.insert(p.2, p.3);
                 self.trace
@@ -626,7 +712,14 @@ impl World {
         if n.replica.is_some() {
             return;
         }
-        let disk = n.disk.clone();
+        // A restart reads the log from the stored snapshot point on.
+        let mut disk = n.disk.clone();
+        let first = disk.snapshot.as_ref().map_or(0, |s| s.index) as usize;
+        disk.log = disk
+            .log
+            .get(first..)
+            .map(<[LogEntry]>::to_vec)
+            .unwrap_or_default();
         n.replica = Some(Replica::new(node, voters, config, genesis, disk, now, seed));
         let next = self.now + TICK;
         self.schedule(next, Event::Tick(node));
@@ -692,10 +785,7 @@ impl World {
                 self.nodes
                     .get(v)
                     .and_then(|n| n.replica.as_ref())
-                    .is_some_and(|r| {
-                        r.commit() > offset
-                            && r.log().get(offset as usize).map(|e| e.id) == Some(id)
-                    })
+                    .is_some_and(|r| r.commit() > offset && self.held(*v, offset) == Some(id))
             })
     }
 
@@ -707,11 +797,7 @@ impl World {
         let voters = self.final_voters();
         for (offset, id) in &self.acked {
             for (node, n) in self.nodes.iter().filter(|(id, _)| voters.contains(id)) {
-                let held = n
-                    .replica
-                    .as_ref()
-                    .and_then(|r| r.log().get(*offset as usize))
-                    .map(|e| e.id);
+                let held = n.replica.as_ref().and(self.held(*node, *offset));
                 if held != Some(*id) {
                     lost = Some(format!(
                         "acknowledged {id} at offset {offset} is not on node {node} (it has {held:?})"

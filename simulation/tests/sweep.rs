@@ -113,6 +113,25 @@ fn committing_without_a_quorum_is_caught_within_a_few_seeds() {
 }
 
 #[test]
+fn compacting_entries_before_they_are_durable_is_caught_within_a_few_seeds() {
+    let caught = (0..40).find_map(|seed| {
+        replication::run(seed, Some(ReplicationFault::CompactUndurable))
+            .violation
+            .map(|v| (seed, v))
+    });
+    let (seed, violation) = caught.expect(
+        "a replica that compacts what its disk has not confirmed must be caught within 40 seeds",
+    );
+    assert!(
+        violation.invariant.contains("agreement")
+            || violation.invariant.contains("acknowledged")
+            || violation.invariant.contains("readers")
+            || violation.invariant.contains("on disk"),
+        "seed {seed}: {violation}"
+    );
+}
+
+#[test]
 fn a_bounded_sweep_of_producer_seeds_passes() {
     let mut acked = 0;
     for seed in 0..100 {

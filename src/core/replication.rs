@@ -1,8 +1,8 @@
 //! Replication of one partition among its replicas: a pure state machine.
 //!
 //! Raft's rules, with meshlog's hash chain in place of Raft's (term, index)
-//! log-matching check. Not yet driven by the node (the mesh's partitions
-//! issue wires it in); the simulation drives it now.
+//! log-matching check. The node's replication driver and the simulation
+//! both run it.
 //!
 //! # Protocol
 //! - **Epochs and election** (Raft §5.2, §5.4.1). A replica that hears no
@@ -24,6 +24,15 @@
 //!   of the leader's epoch. Followers learn the commit point with each append.
 //! - **Fencing.** Any message with a higher epoch turns a leader into a
 //!   follower; a leader of an old epoch can no longer count a quorum.
+//! - **Bounded memory** (Raft §7, without a state to snapshot: the log's
+//!   records stay in the store). A replica holds in memory only the entries
+//!   from a [`Snapshot`] point on: once more than `2 × keep_committed` of its
+//!   entries are committed and durable, it drops all but the last
+//!   `keep_committed` of them, keeping the ID, epoch and replica set in force
+//!   at the new start ([`Action::Compacted`]: the driver stores the point, so
+//!   a restart reads the log's tail, not its history). A follower that needs
+//!   entries the leader no longer holds in memory is sent them from the
+//!   leader's store ([`Action::SendStored`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -55,6 +64,22 @@ impl LogEntry {
     pub fn has_payload(&self) -> bool {
         self.config.is_none() && self.digest != MessageId([0; 32])
     }
+}
+
+/// The point before the first entry a replica holds in memory: everything
+/// below `index` is committed, durable and dropped from memory (it stays in
+/// the store).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot<P> {
+    /// The first entry held in memory.
+    pub index: u64,
+    /// The ID of entry `index - 1` (the partition genesis when `index` is 0).
+    pub last_id: MessageId,
+    /// The epoch of entry `index - 1` (0 when `index` is 0).
+    pub last_epoch: u64,
+    /// The replica set in force at `index`: that of the last configuration
+    /// entry before it, or the partition's first.
+    pub members: ReplicaSet<P>,
 }
 
 /// Who takes part in a partition: voters elect and count toward the quorum;
@@ -120,6 +145,9 @@ pub struct ReplicationConfig {
     /// Most entries in one append, so that a follower far behind catches up in
     /// bounded messages, one chunk per round trip. Default 64.
     pub max_append_entries: usize,
+    /// Committed entries kept in memory after a compaction; a compaction
+    /// runs once twice as many are held. Default 64.
+    pub keep_committed: u64,
     /// A deliberate bug, for proving that the simulation's checkers catch one.
     #[cfg(feature = "fault-injection")]
     pub injected_fault: Option<ReplicationFault>,
@@ -132,6 +160,8 @@ pub struct ReplicationConfig {
 pub enum ReplicationFault {
     /// The leader commits what it holds itself, without waiting for a quorum.
     CommitWithoutQuorum,
+    /// A replica compacts committed entries before its disk confirmed them.
+    CompactUndurable,
 }
 
 impl Default for ReplicationConfig {
@@ -142,6 +172,7 @@ impl Default for ReplicationConfig {
             heartbeat_interval: Duration::from_millis(200),
             min_insync: 0,
             max_append_entries: 64,
+            keep_committed: 64,
             #[cfg(feature = "fault-injection")]
             injected_fault: None,
         }
@@ -226,6 +257,28 @@ pub enum Action<P> {
         /// The epoch.
         epoch: u64,
     },
+    /// Send `to` an append of the entries `from..upto`, which this replica
+    /// no longer holds in memory: the driver reads them (and the ID before
+    /// `from`) from its store. They are committed, so the store has them.
+    SendStored {
+        /// The receiver.
+        to: P,
+        /// The leader's epoch.
+        epoch: u64,
+        /// The first entry.
+        from: u64,
+        /// One past the last entry.
+        upto: u64,
+        /// The leader's commit point.
+        commit: u64,
+    },
+    /// Entries below `snapshot.index` were dropped from memory; the driver
+    /// stores the point (it restarts from there) and drops what it keeps per
+    /// entry below it.
+    Compacted {
+        /// The new start of the in-memory log.
+        snapshot: Snapshot<P>,
+    },
 }
 
 /// What happens to a replica.
@@ -277,7 +330,9 @@ pub struct DurableState<P> {
     pub epoch: u64,
     /// The candidate it promised in that epoch.
     pub voted_for: Option<P>,
-    /// Its durable log.
+    /// Where its log restarts: `None` for the partition's first entry.
+    pub snapshot: Option<Snapshot<P>>,
+    /// Its durable log, from the snapshot point on.
     pub log: Vec<LogEntry>,
 }
 
@@ -286,6 +341,7 @@ impl<P> Default for DurableState<P> {
         DurableState {
             epoch: 0,
             voted_for: None,
+            snapshot: None,
             log: Vec::new(),
         }
     }
@@ -294,8 +350,9 @@ impl<P> Default for DurableState<P> {
 /// One replica of one partition.
 pub struct Replica<P> {
     me: P,
-    /// The replica set before any configuration entry (the partition's first).
-    initial: ReplicaSet<P>,
+    /// The point before the first entry in `log`, with the replica set in
+    /// force there.
+    snapshot: Snapshot<P>,
     /// The replica set in force: that of the last configuration entry in the
     /// log, committed or not (Raft's single-server changes).
     members: ReplicaSet<P>,
@@ -305,8 +362,9 @@ pub struct Replica<P> {
     genesis: MessageId,
     epoch: u64,
     voted_for: Option<P>,
+    /// The entries from `snapshot.index` on: entry `i` is `log[i - snapshot.index]`.
     log: Vec<LogEntry>,
-    /// Prefix of `log` the driver has confirmed durable.
+    /// Entries the driver has confirmed durable (an index, like `commit`).
     durable: u64,
     commit: u64,
     role: Role<P>,
@@ -315,6 +373,8 @@ pub struct Replica<P> {
     leader_seen: Option<Duration>,
     /// A follower's answer waiting for its entries to be durable: (leader, epoch, log end).
     pending_reply: Option<(P, u64, u64)>,
+    /// The index of this leader's epoch-start marker, while it leads.
+    epoch_start: Option<u64>,
     rng: Rng,
 }
 
@@ -333,14 +393,20 @@ impl<P: PeerKey> Replica<P> {
         let DurableState {
             epoch,
             voted_for,
+            snapshot,
             log,
         } = durable;
-        let durable = log.len() as u64;
-        let initial = ReplicaSet::of_voters(voters);
+        let snapshot = snapshot.unwrap_or_else(|| Snapshot {
+            index: 0,
+            last_id: genesis,
+            last_epoch: 0,
+            members: ReplicaSet::of_voters(voters),
+        });
+        let durable = snapshot.index + log.len() as u64;
         let mut replica = Replica {
             me,
-            members: initial.clone(),
-            initial,
+            members: snapshot.members.clone(),
+            snapshot,
             members_index: None,
             config,
             genesis,
@@ -353,8 +419,12 @@ impl<P: PeerKey> Replica<P> {
             election_deadline: Duration::ZERO,
             leader_seen: None,
             pending_reply: None,
+            epoch_start: None,
             rng: Rng::new(seed),
         };
+        // Everything below the snapshot point was committed before it was
+        // compacted.
+        replica.commit = replica.snapshot.index;
         replica.refresh_members();
         replica.reset_election_deadline(now);
         if replica.members.voters == [replica.me.clone()] {
@@ -432,11 +502,7 @@ impl<P: PeerKey> Replica<P> {
     /// Whether an entry of this replica's current epoch is committed (so
     /// everything before the epoch is committed too).
     pub fn has_committed_own_epoch(&self) -> bool {
-        self.commit > 0
-            && self
-                .log
-                .get(self.commit as usize - 1)
-                .is_some_and(|e| e.epoch == self.epoch)
+        self.commit > 0 && self.epoch_of(self.commit - 1) == Some(self.epoch)
     }
 
     /// The next replica set on the way to `target` (the placement's choice),
@@ -506,10 +572,7 @@ impl<P: PeerKey> Replica<P> {
         let digest = MessageId(*blake3::hash(&bytes).as_bytes());
         let offset = self.append_local(digest, Some(bytes));
         self.refresh_members();
-        let mut actions = vec![Action::PersistLog {
-            from: offset,
-            entries: vec![self.log[offset as usize].clone()],
-        }];
+        let mut actions = vec![self.persist_appended(offset)];
         self.replicate(now, &mut actions);
         (true, actions)
     }
@@ -517,22 +580,23 @@ impl<P: PeerKey> Replica<P> {
     /// Recomputes the replica set in force from the log, and (as leader) who
     /// to replicate to.
     fn refresh_members(&mut self) {
+        let first = self.snapshot.index;
         let last = self
             .log
             .iter()
             .enumerate()
             .rev()
-            .find_map(|(i, e)| e.config.as_ref().map(|c| (i as u64, c)));
+            .find_map(|(i, e)| e.config.as_ref().map(|c| (first + i as u64, c)));
         let (members, index) = match last {
             Some((i, bytes)) => match postcard::from_bytes::<ReplicaSet<P>>(bytes) {
                 Ok(set) => (set, Some(i)),
-                Err(_) => (self.initial.clone(), None),
+                Err(_) => (self.snapshot.members.clone(), None),
             },
-            None => (self.initial.clone(), None),
+            None => (self.snapshot.members.clone(), None),
         };
         self.members = members;
         self.members_index = index;
-        let log_len = self.log.len() as u64;
+        let log_len = self.log_end();
         let me = self.me.clone();
         let wanted: Vec<P> = self
             .members
@@ -563,9 +627,51 @@ impl<P: PeerKey> Replica<P> {
         self.quorum()
     }
 
-    /// The log (durable and not).
+    /// The entries held in memory (durable and not), from
+    /// [`Self::first_index`] on.
     pub fn log(&self) -> &[LogEntry] {
         &self.log
+    }
+
+    /// The index of the first entry held in memory (the snapshot point).
+    pub fn first_index(&self) -> u64 {
+        self.snapshot.index
+    }
+
+    /// The point before the first entry held in memory.
+    pub fn snapshot(&self) -> &Snapshot<P> {
+        &self.snapshot
+    }
+
+    /// One past the last entry (durable or not).
+    pub fn log_end(&self) -> u64 {
+        self.snapshot.index + self.log.len() as u64
+    }
+
+    /// Entry `index`, if it is held in memory.
+    pub fn entry(&self, index: u64) -> Option<&LogEntry> {
+        let at = index.checked_sub(self.snapshot.index)?;
+        self.log.get(usize::try_from(at).ok()?)
+    }
+
+    /// The index of this leader's epoch-start marker (`None` unless it leads).
+    pub fn epoch_start(&self) -> Option<u64> {
+        self.epoch_start.filter(|_| self.is_leader())
+    }
+
+    /// The epoch of entry `index`, also for the last compacted one.
+    fn epoch_of(&self, index: u64) -> Option<u64> {
+        if index + 1 == self.snapshot.index {
+            return Some(self.snapshot.last_epoch);
+        }
+        self.entry(index).map(|e| e.epoch)
+    }
+
+    /// The epoch of the last entry.
+    fn last_epoch(&self) -> u64 {
+        self.log
+            .last()
+            .map_or(self.snapshot.last_epoch, |e| e.epoch)
     }
 
     /// One past the last committed offset.
@@ -582,13 +688,15 @@ impl<P: PeerKey> Replica<P> {
     }
 
     fn head(&self) -> MessageId {
-        self.log.last().map_or(self.genesis, |e| e.id)
+        self.log.last().map_or(self.snapshot.last_id, |e| e.id)
     }
 
+    /// The ID of entry `offset - 1` (the genesis at 0), if known here.
     fn id_before(&self, offset: u64) -> Option<MessageId> {
         match offset {
             0 => Some(self.genesis),
-            n => self.log.get(n as usize - 1).map(|e| e.id),
+            n if n == self.snapshot.index => Some(self.snapshot.last_id),
+            n => self.entry(n - 1).map(|e| e.id),
         }
     }
 
@@ -615,16 +723,21 @@ impl<P: PeerKey> Replica<P> {
             return (None, Vec::new());
         }
         let offset = self.append_local(digest, None);
-        let mut actions = vec![Action::PersistLog {
-            from: offset,
-            entries: vec![self.log[offset as usize].clone()],
-        }];
+        let mut actions = vec![self.persist_appended(offset)];
         self.replicate(now, &mut actions);
         (Some(offset), actions)
     }
 
+    /// The write of the entry just appended at `offset`.
+    fn persist_appended(&self, offset: u64) -> Action<P> {
+        Action::PersistLog {
+            from: offset,
+            entries: self.entry(offset).cloned().into_iter().collect(),
+        }
+    }
+
     fn append_local(&mut self, digest: MessageId, config: Option<Vec<u8>>) -> u64 {
-        let offset = self.log.len() as u64;
+        let offset = self.log_end();
         let id = chain::partition_link(&self.head(), self.epoch, offset, None, &digest);
         self.log.push(LogEntry {
             epoch: self.epoch,
@@ -645,7 +758,48 @@ impl<P: PeerKey> Replica<P> {
             }
             Input::Message { from, message } => self.on_message(from, message, now, &mut actions),
         }
+        self.maybe_compact(&mut actions);
         actions
+    }
+
+    /// Drops committed, durable entries from memory once more than twice
+    /// `keep_committed` of them are held, keeping the last `keep_committed`.
+    fn maybe_compact(&mut self, actions: &mut Vec<Action<P>>) {
+        let keep = self.config.keep_committed.max(1);
+        #[allow(unused_mut)]
+        let mut settled = self.commit.min(self.durable);
+        #[cfg(feature = "fault-injection")]
+        if self.config.injected_fault == Some(ReplicationFault::CompactUndurable) {
+            settled = self.commit;
+        }
+        if settled.saturating_sub(self.snapshot.index) <= 2 * keep {
+            return;
+        }
+        let index = settled - keep;
+        let Some(last) = self.entry(index - 1) else {
+            return;
+        };
+        let (last_id, last_epoch) = (last.id, last.epoch);
+        let cut = (index - self.snapshot.index) as usize;
+        let members = self.log[..cut]
+            .iter()
+            .rev()
+            .find_map(|e| e.config.as_ref())
+            .and_then(|bytes| postcard::from_bytes::<ReplicaSet<P>>(bytes).ok())
+            .unwrap_or_else(|| self.snapshot.members.clone());
+        self.log.drain(..cut);
+        self.snapshot = Snapshot {
+            index,
+            last_id,
+            last_epoch,
+            members,
+        };
+        if self.members_index.is_some_and(|i| i < index) {
+            self.members_index = None;
+        }
+        actions.push(Action::Compacted {
+            snapshot: self.snapshot.clone(),
+        });
     }
 
     fn on_tick(&mut self, now: Duration, actions: &mut Vec<Action<P>>) {
@@ -677,8 +831,8 @@ impl<P: PeerKey> Replica<P> {
         });
         let request = Message::RequestVote {
             epoch: self.epoch,
-            last_epoch: self.log.last().map_or(0, |e| e.epoch),
-            log_end: self.log.len() as u64,
+            last_epoch: self.last_epoch(),
+            log_end: self.log_end(),
         };
         for to in self.members.voters.iter().filter(|v| **v != self.me) {
             actions.push(Action::Send {
@@ -702,10 +856,8 @@ impl<P: PeerKey> Replica<P> {
             .iter()
             .chain(&self.members.learners)
             .filter(|v| **v != self.me);
-        let next = others
-            .clone()
-            .map(|v| (v.clone(), self.log.len() as u64))
-            .collect();
+        let log_end = self.log_end();
+        let next = others.clone().map(|v| (v.clone(), log_end)).collect();
         let matched = others.map(|v| (v.clone(), 0)).collect();
         // The voters that just promised are alive: they count as in sync
         // until they have been silent for the lag, like any follower.
@@ -720,19 +872,17 @@ impl<P: PeerKey> Replica<P> {
             last_sent: Duration::ZERO,
             last_ack,
         };
-        actions.push(Action::BecameLeader { epoch: self.epoch });
         // The epoch-start marker: committing it commits everything before it.
         let offset = self.append_local(MessageId([0; 32]), None);
-        actions.push(Action::PersistLog {
-            from: offset,
-            entries: vec![self.log[offset as usize].clone()],
-        });
+        self.epoch_start = Some(offset);
+        actions.push(Action::BecameLeader { epoch: self.epoch });
+        actions.push(self.persist_appended(offset));
         self.replicate(now, actions);
     }
 
     /// Sends one follower what it lacks from its `next` offset on.
     fn replicate_to(&mut self, to: P, actions: &mut Vec<Action<P>>) {
-        let log_len = self.log.len() as u64;
+        let (log_len, first) = (self.log_end(), self.snapshot.index);
         let (epoch, commit) = (self.epoch, self.commit);
         let Role::Leader { next, .. } = &mut self.role else {
             return;
@@ -741,10 +891,24 @@ impl<P: PeerKey> Replica<P> {
             return;
         };
         let start = (*from).min(log_len);
-        let end = log_len.min(start + self.config.max_append_entries.max(1) as u64);
+        let most = self.config.max_append_entries.max(1) as u64;
+        if start < first {
+            // Compacted here: the driver reads these from the store.
+            let upto = first.min(start + most);
+            *from = upto;
+            actions.push(Action::SendStored {
+                to,
+                epoch,
+                from: start,
+                upto,
+                commit,
+            });
+            return;
+        }
+        let end = log_len.min(start + most);
         *from = end;
         let prev_id = self.id_before(start).unwrap_or(self.genesis);
-        let entries = self.log[start as usize..end as usize].to_vec();
+        let entries = self.log[(start - first) as usize..(end - first) as usize].to_vec();
         let message = Message::Append {
             epoch,
             prev_offset: start,
@@ -895,8 +1059,7 @@ impl<P: PeerKey> Replica<P> {
         now: Duration,
         actions: &mut Vec<Action<P>>,
     ) {
-        let my_last_epoch = self.log.last().map_or(0, |e| e.epoch);
-        let up_to_date = (last_epoch, log_end) >= (my_last_epoch, self.log.len() as u64);
+        let up_to_date = (last_epoch, log_end) >= (self.last_epoch(), self.log_end());
         let free = self.voted_for.is_none() || self.voted_for.as_ref() == Some(&from);
         let granted = epoch == self.epoch && free && up_to_date;
         if granted {
@@ -931,7 +1094,7 @@ impl<P: PeerKey> Replica<P> {
         let reject = |s: &Self| Message::AppendReply {
             epoch: s.epoch,
             success: false,
-            log_end: s.log.len() as u64,
+            log_end: s.log_end(),
         };
         if epoch < self.epoch {
             actions.push(Action::Send {
@@ -945,6 +1108,35 @@ impl<P: PeerKey> Replica<P> {
         };
         self.leader_seen = Some(now);
         self.reset_election_deadline(now);
+        let (mut prev_offset, mut prev_id, mut entries) = (prev_offset, prev_id, entries);
+        let first = self.snapshot.index;
+        if prev_offset < first {
+            // Entries below the snapshot point are committed here, so they
+            // are the leader's too: skip them, checking the one before the
+            // point against the snapshot.
+            let skip = (first - prev_offset) as usize;
+            if entries.len() >= skip {
+                if entries[skip - 1].id != self.snapshot.last_id {
+                    let message = Message::AppendReply {
+                        epoch: self.epoch,
+                        success: false,
+                        log_end: self.commit,
+                    };
+                    actions.push(Action::Send { to: from, message });
+                    return;
+                }
+                entries.drain(..skip);
+                (prev_offset, prev_id) = (first, self.snapshot.last_id);
+            } else {
+                let message = Message::AppendReply {
+                    epoch: self.epoch,
+                    success: true,
+                    log_end: prev_offset + entries.len() as u64,
+                };
+                actions.push(Action::Send { to: from, message });
+                return;
+            }
+        }
         if self.id_before(prev_offset) != Some(prev_id) {
             // Our entry before theirs differs or is missing: the leader walks back.
             let message = Message::AppendReply {
@@ -958,8 +1150,7 @@ impl<P: PeerKey> Replica<P> {
         // Skip entries we already hold; truncate at the first that differs.
         let mut first_new = None;
         for (i, entry) in entries.iter().enumerate() {
-            let offset = prev_offset as usize + i;
-            match self.log.get(offset) {
+            match self.entry(prev_offset + i as u64) {
                 Some(mine) if mine.id == entry.id => {}
                 _ => {
                     first_new = Some(i);
@@ -969,20 +1160,20 @@ impl<P: PeerKey> Replica<P> {
         }
         let log_end = prev_offset + entries.len() as u64;
         if let Some(i) = first_new {
-            let at = prev_offset as usize + i;
+            let at = prev_offset + i as u64;
             // Committed entries are never cut: a leader's log holds them all (§5.4).
-            if (at as u64) < self.commit {
+            if at < self.commit || at < first {
                 return;
             }
-            self.log.truncate(at);
-            self.durable = self.durable.min(at as u64);
+            self.log.truncate((at - first) as usize);
+            self.durable = self.durable.min(at);
             self.log.extend_from_slice(&entries[i..]);
-            let cut_config = self.members_index.is_some_and(|c| c >= at as u64);
+            let cut_config = self.members_index.is_some_and(|c| c >= at);
             if cut_config || entries[i..].iter().any(|e| e.config.is_some()) {
                 self.refresh_members();
             }
             actions.push(Action::PersistLog {
-                from: at as u64,
+                from: at,
                 entries: entries[i..].to_vec(),
             });
         }
@@ -1010,15 +1201,15 @@ impl<P: PeerKey> Replica<P> {
     /// commit point), so a divergent suffix is skipped one epoch at a time
     /// instead of one entry per round trip.
     fn walk_back_hint(&self, prev_offset: u64) -> u64 {
-        let len = self.log.len() as u64;
+        let len = self.log_end();
         if prev_offset > len {
             return len;
         }
         let mut at = prev_offset.saturating_sub(1);
-        let Some(epoch) = self.log.get(at as usize).map(|e| e.epoch) else {
-            return at;
+        let Some(epoch) = self.entry(at).map(|e| e.epoch) else {
+            return at.max(self.commit);
         };
-        while at > self.commit && self.log[at as usize - 1].epoch == epoch {
+        while at > self.commit && self.epoch_of(at - 1) == Some(epoch) {
             at -= 1;
         }
         at
@@ -1036,6 +1227,7 @@ impl<P: PeerKey> Replica<P> {
         if epoch != self.epoch {
             return;
         }
+        let own_end = self.log_end();
         let Role::Leader {
             matched,
             next,
@@ -1052,7 +1244,7 @@ impl<P: PeerKey> Replica<P> {
             let sent_up_to = next.get(&from).copied().unwrap_or(log_end);
             next.insert(from.clone(), log_end.max(sent_up_to));
             // A follower catching up gets the next chunk as soon as it has one.
-            if sent_up_to <= log_end && log_end < self.log.len() as u64 {
+            if sent_up_to <= log_end && log_end < own_end {
                 next.insert(from.clone(), log_end);
                 self.replicate_to(from, actions);
             }
@@ -1083,11 +1275,7 @@ impl<P: PeerKey> Replica<P> {
             return;
         };
         // Only entries of our own epoch are committed by counting (§5.4.2).
-        let own_epoch = quorum_end > 0
-            && self
-                .log
-                .get(quorum_end as usize - 1)
-                .is_some_and(|e| e.epoch == self.epoch);
+        let own_epoch = quorum_end > 0 && self.epoch_of(quorum_end - 1) == Some(self.epoch);
         if own_epoch && quorum_end > self.commit {
             self.commit = quorum_end;
             actions.push(Action::Committed { upto: self.commit });
@@ -1110,6 +1298,8 @@ mod tests {
     /// confirm every write at once.
     struct Cluster {
         replicas: BTreeMap<u32, Replica<u32>>,
+        /// What each replica made durable (never compacted, as the store).
+        disks: BTreeMap<u32, Vec<LogEntry>>,
         cut: BTreeSet<u32>,
         leaders: BTreeMap<u64, u32>,
         now: Duration,
@@ -1121,6 +1311,10 @@ mod tests {
 
     impl Cluster {
         fn new(n: u32) -> Self {
+            Self::with_config(n, ReplicationConfig::default())
+        }
+
+        fn with_config(n: u32, config: ReplicationConfig) -> Self {
             let voters: Vec<u32> = (0..n).collect();
             let replicas = voters
                 .iter()
@@ -1128,7 +1322,7 @@ mod tests {
                     let r = Replica::new(
                         id,
                         voters.clone(),
-                        ReplicationConfig::default(),
+                        config.clone(),
                         MessageId([9; 32]),
                         DurableState::default(),
                         Duration::ZERO,
@@ -1139,6 +1333,7 @@ mod tests {
                 .collect();
             Cluster {
                 replicas,
+                disks: BTreeMap::new(),
                 cut: BTreeSet::new(),
                 leaders: BTreeMap::new(),
                 now: Duration::ZERO,
@@ -1163,13 +1358,37 @@ mod tests {
                             .handle(Input::Message { from: at, message }, now);
                         queue.extend(out.into_iter().map(|a| (to, a)));
                     }
-                    Action::PersistLog { .. } => {
-                        let r = self.replicas.get_mut(&at).unwrap();
-                        let upto = r.log().len() as u64;
-                        let last_id = r.log().last().map_or(MessageId([9; 32]), |e| e.id);
+                    Action::PersistLog { from, entries } => {
+                        let disk = self.disks.entry(at).or_default();
+                        disk.truncate(from as usize);
+                        disk.extend(entries);
+                        let upto = disk.len() as u64;
+                        let last_id = disk.last().map_or(MessageId([9; 32]), |e| e.id);
                         let now = self.now;
+                        let r = self.replicas.get_mut(&at).unwrap();
                         let out = r.handle(Input::Persisted { upto, last_id }, now);
                         queue.extend(out.into_iter().map(|a| (at, a)));
+                    }
+                    Action::SendStored {
+                        to,
+                        epoch,
+                        from,
+                        upto,
+                        commit,
+                    } => {
+                        let disk = &self.disks[&at];
+                        let prev_id = match from {
+                            0 => MessageId([9; 32]),
+                            n => disk[n as usize - 1].id,
+                        };
+                        let message = Message::Append {
+                            epoch,
+                            prev_offset: from,
+                            prev_id,
+                            entries: disk[from as usize..upto as usize].to_vec(),
+                            commit,
+                        };
+                        queue.push((at, Action::Send { to, message }));
                     }
                     Action::BecameLeader { epoch } => {
                         let previous = self.leaders.insert(epoch, at);
@@ -1178,7 +1397,9 @@ mod tests {
                             "two leaders in epoch {epoch}"
                         );
                     }
-                    Action::PersistVote { .. } | Action::Committed { .. } => {}
+                    Action::PersistVote { .. }
+                    | Action::Committed { .. }
+                    | Action::Compacted { .. } => {}
                 }
             }
         }
@@ -1446,6 +1667,73 @@ mod tests {
         );
         assert!(r.is_leader());
         assert!(actions.contains(&Action::BecameLeader { epoch }));
+    }
+
+    #[test]
+    fn committed_entries_are_compacted_and_a_follower_far_behind_catches_up_from_the_store() {
+        let config = ReplicationConfig {
+            keep_committed: 4,
+            max_append_entries: 8,
+            ..ReplicationConfig::default()
+        };
+        let mut c = Cluster::with_config(3, config);
+        c.tick_until(3000);
+        let leader = c.leader().expect("a leader");
+        let behind = (0..3).find(|r| *r != leader).unwrap();
+        c.cut.insert(behind);
+        for n in 0..100 {
+            c.propose(n).expect("the leader accepts");
+            c.tick_until(c.now.as_millis() as u64 + 50);
+        }
+        // Followers learn the last commit point with the next heartbeat.
+        c.tick_until(c.now.as_millis() as u64 + 500);
+        let end = c.replicas[&leader].log_end();
+        for (id, r) in &c.replicas {
+            if *id != behind {
+                assert_eq!(r.commit(), end, "replica {id} committed everything");
+                assert!(
+                    r.log().len() <= 8 + 1,
+                    "replica {id} holds {} entries in memory",
+                    r.log().len()
+                );
+            }
+        }
+        assert!(c.replicas[&leader].first_index() > 50);
+        // Back: what the leader no longer holds in memory comes from its store.
+        c.cut.clear();
+        c.tick_until(c.now.as_millis() as u64 + 3000);
+        // (Its return may have started a new epoch, with a marker of its own.)
+        let leader = c.leader().expect("a leader");
+        let caught_up = &c.replicas[&behind];
+        let end = c.replicas[&leader].commit();
+        assert!(end > 100);
+        assert_eq!(caught_up.commit(), end);
+        assert_eq!(c.disks[&behind], c.disks[&leader], "the same durable log");
+        assert!(caught_up.log().len() <= 8 + 1);
+        // A replica restarted from its snapshot point and the log after it
+        // goes on where it was.
+        let snapshot = caught_up.snapshot().clone();
+        let tail = c.disks[&behind][snapshot.index as usize..].to_vec();
+        let restarted = Replica::new(
+            behind,
+            vec![0, 1, 2],
+            ReplicationConfig::default(),
+            MessageId([9; 32]),
+            DurableState {
+                epoch: caught_up.epoch(),
+                voted_for: None,
+                snapshot: Some(snapshot),
+                log: tail,
+            },
+            c.now,
+            7,
+        );
+        assert_eq!(restarted.log_end(), end);
+        assert_eq!(restarted.commit(), restarted.first_index());
+        c.replicas.insert(behind, restarted);
+        c.propose(200).expect("the leader accepts");
+        c.tick_until(c.now.as_millis() as u64 + 500);
+        assert_eq!(c.replicas[&behind].commit(), end + 1);
     }
 
     #[test]

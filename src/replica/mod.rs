@@ -13,6 +13,7 @@
 
 pub mod dedup;
 mod partition;
+mod spans;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -305,7 +306,7 @@ impl Task {
             let joined_later = || {
                 self.store
                     .replica_log(&topic.name, partition)
-                    .is_ok_and(|log| !log.entries.is_empty())
+                    .is_ok_and(|log| log.snapshot.is_some() || !log.entries.is_empty())
             };
             if voters.contains(&self.me) || joined_later() {
                 self.open_partition(topic, partition);
@@ -978,6 +979,18 @@ impl Task {
                     };
                     self.outbox.push((to, frame));
                 }
+                Effect::SendStored {
+                    to,
+                    epoch,
+                    from,
+                    upto,
+                    commit,
+                } => {
+                    if let Some(frame) = stored_append(&self.store, key, epoch, from, upto, commit)
+                    {
+                        self.outbox.push((to, frame));
+                    }
+                }
                 Effect::Write(write) => {
                     let (op, kind) = write.into_op(&key.0, key.1);
                     let answer = match self.writes.submit(op).await {
@@ -1163,6 +1176,59 @@ pub(crate) fn describe_entry(
         name: topic.name.clone(),
         config: topic.config.clone(),
         partitions,
+    }
+}
+
+/// An append of entries `from..upto` of a partition, read from the store for
+/// a follower that needs entries its leader no longer holds in memory.
+/// `None` (and a log line) when the store no longer holds them.
+fn stored_append(
+    store: &Store,
+    key: &Key,
+    epoch: u64,
+    from: u64,
+    upto: u64,
+    commit: u64,
+) -> Option<ReplicateFrame> {
+    let (topic, partition) = (key.0.as_str(), key.1);
+    let read = || -> Result<Option<ReplicateFrame>, crate::error::StoreError> {
+        let Some((prev_id, rows)) = store.stored_entries(topic, partition, from, upto)? else {
+            return Ok(None);
+        };
+        let mut batches = Vec::new();
+        for row in rows.iter().filter(|r| r.entry.has_payload()) {
+            match store.batch_bytes(topic, partition, row.base_offset)? {
+                Some(bytes) => batches.push(serde_bytes::ByteBuf::from(bytes)),
+                None => return Ok(None),
+            }
+        }
+        let message = Message::Append {
+            epoch,
+            prev_offset: from,
+            prev_id,
+            entries: rows.into_iter().map(|r| r.entry).collect(),
+            commit,
+        };
+        Ok(Some(ReplicateFrame {
+            topic: topic.to_string(),
+            partition,
+            message,
+            batches,
+        }))
+    };
+    match read() {
+        Ok(Some(frame)) => Some(frame),
+        Ok(None) => {
+            warn!(
+                topic,
+                partition, from, upto, "entries to replicate are no longer stored"
+            );
+            None
+        }
+        Err(error) => {
+            warn!(topic, partition, %error, "cannot read entries to replicate");
+            None
+        }
     }
 }
 

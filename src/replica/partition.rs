@@ -26,7 +26,8 @@ use crate::net::NodeId;
 use crate::protocol::{ProduceFrame, Produced, Refusal};
 use crate::record::Record;
 use crate::replica::dedup::{DedupIndex, Original, dedup_key};
-use crate::store::{ProducerState, ReplicatedEntry, SequenceCheck, Store, VoteRow};
+use crate::replica::spans::{Span, Spans};
+use crate::store::{ProducerState, ReplicatedEntry, SequenceCheck, SnapshotRow, Store, VoteRow};
 use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch, StoredBatch};
 
 /// Whether a replica leads its partition, as a reader of the whole log needs to know.
@@ -60,6 +61,15 @@ pub(crate) enum Effect {
     },
     /// Write to the store; report the outcome back with [`PartitionReplica::on_written`].
     Write(PartitionWrite),
+    /// Send `to` an append of entries `from..upto` read from the store (see
+    /// [`Action::SendStored`]).
+    SendStored {
+        to: NodeId,
+        epoch: u64,
+        from: u64,
+        upto: u64,
+        commit: u64,
+    },
 }
 
 /// A store write a partition waits for.
@@ -74,6 +84,8 @@ pub(crate) enum PartitionWrite {
     Vote { vote: VoteRow, then: Vec<Effect> },
     /// Raise the high watermark.
     HighWatermark(u64),
+    /// Store where the replica's log restarts.
+    Snapshot(SnapshotRow),
 }
 
 /// What a write was, as its outcome comes back.
@@ -83,8 +95,8 @@ pub(crate) enum WriteKind {
     Log,
     /// A vote, and the messages to send once it is durable.
     Vote { then: Vec<Effect> },
-    /// A high watermark.
-    HighWatermark,
+    /// A high watermark or a snapshot point: nothing waits on it.
+    State,
 }
 
 impl PartitionWrite {
@@ -119,7 +131,15 @@ impl PartitionWrite {
                     partition,
                     high_watermark,
                 },
-                WriteKind::HighWatermark,
+                WriteKind::State,
+            ),
+            PartitionWrite::Snapshot(snapshot) => (
+                WriteOp::SetSnapshot {
+                    topic,
+                    partition,
+                    snapshot,
+                },
+                WriteKind::State,
             ),
         }
     }
@@ -154,10 +174,8 @@ pub(crate) struct PartitionReplica {
     config: TopicConfig,
     settings: PartitionSettings,
     core: Replica<NodeId>,
-    /// Where each entry of `core.log()` holds its records: (base offset, count).
-    spans: Vec<(u64, u32)>,
-    /// The chain ID before the partition's first stored record.
-    start_prev_id: MessageId,
+    /// Where each entry from the core's snapshot point on holds its records.
+    spans: Spans,
     /// Encoded batches by entry index, kept while followers may still need them.
     payloads: BTreeMap<u64, Arc<Vec<u8>>>,
     /// Idempotent producers' state as of the in-memory log end, loaded lazily.
@@ -176,6 +194,9 @@ pub(crate) struct PartitionReplica {
     committed: u64,
     /// The leader epoch this replica last led, to notice when it stops leading.
     led: Option<u64>,
+    /// While leading: the record offset where its epoch starts (everything
+    /// before it must be readable before a reader of the whole log may start).
+    epoch_start_offset: Option<u64>,
     /// The replication factor: the size of the partition's first replica set.
     rf: usize,
     /// Which opening of this partition's replica this is (see the driver).
@@ -204,13 +225,29 @@ impl PartitionReplica {
             epoch: 0,
             voted_for: None,
         });
-        let spans = log
-            .entries
-            .iter()
-            .map(|r| (r.base_offset, r.count))
-            .collect();
+        let rows = log.entries.iter().map(|r| Span {
+            base: r.base_offset,
+            count: r.count,
+            last_id: r.entry.digest,
+        });
+        let spans = match &log.snapshot {
+            Some(point) => Spans::new(
+                point.snapshot.index,
+                point.record_end,
+                point.record_head,
+                rows.collect(),
+            ),
+            None => Spans::new(
+                0,
+                state.log_start_offset,
+                state.start_prev_id,
+                rows.collect(),
+            ),
+        };
         let entries: Vec<LogEntry> = log.entries.iter().map(|r| r.entry.clone()).collect();
-        let durable = entries.len() as u64;
+        let snapshot = log.snapshot.map(|point| point.snapshot);
+        let first = snapshot.as_ref().map_or(0, |s| s.index);
+        let durable = first + entries.len() as u64;
         let rf = if topic == crate::meta::META_TOPIC {
             crate::meta::META_VOTERS
         } else {
@@ -232,6 +269,7 @@ impl PartitionReplica {
             DurableState {
                 epoch: vote.epoch,
                 voted_for: vote.voted_for,
+                snapshot,
                 log: entries,
             },
             now,
@@ -244,15 +282,15 @@ impl PartitionReplica {
             settings,
             core,
             spans,
-            start_prev_id: state.start_prev_id,
             payloads: BTreeMap::new(),
             producers: BTreeMap::new(),
             unwritten_steps: BTreeMap::new(),
             unwritten_untracked: BTreeMap::new(),
             waiters: Vec::new(),
             durable,
-            committed: 0,
+            committed: first,
             led: None,
+            epoch_start_offset: None,
             rf,
             generation: 0,
             dedup: DedupIndex::default(),
@@ -296,25 +334,12 @@ impl PartitionReplica {
 
     /// Record offset one past the records of the first `entries` entries.
     fn record_end(&self, entries: u64) -> u64 {
-        let entries = (entries as usize).min(self.spans.len());
-        self.spans[..entries]
-            .iter()
-            .rev()
-            .find(|(_, count)| *count > 0)
-            .map_or_else(
-                || self.spans.first().map_or(0, |s| s.0),
-                |(base, count)| base + u64::from(*count),
-            )
+        self.spans.record_end(entries)
     }
 
     /// The chain ID of the last record in the first `entries` entries.
     fn record_head(&self, entries: u64) -> MessageId {
-        let log = self.core.log();
-        let entries = (entries as usize).min(self.spans.len()).min(log.len());
-        (0..entries)
-            .rev()
-            .find(|i| self.spans[*i].1 > 0)
-            .map_or(self.start_prev_id, |i| log[i].digest)
+        self.spans.record_head(entries)
     }
 
     /// As leader, moves the replica set one step toward `target` (the top
@@ -623,12 +648,7 @@ impl PartitionReplica {
             };
         }
         let epoch = self.core.epoch();
-        let epoch_start = self
-            .core
-            .log()
-            .iter()
-            .position(|e| e.epoch == epoch)
-            .map(|index| self.record_end(index as u64));
+        let epoch_start = self.epoch_start_offset;
         let readable = store
             .partition_state(&self.topic, self.partition)
             .map_or(0, |s| s.high_watermark);
@@ -678,13 +698,21 @@ impl PartitionReplica {
         let SequenceCheck::Retry(original) = check else {
             return Ok(None);
         };
-        let index = self
-            .spans
-            .iter()
-            .position(|(base, count)| *base == original.base_offset && *count > 0)
-            .ok_or_else(|| Refusal::Other("a retried batch is no longer in the log".into()))?;
+        // A batch below the in-memory log is committed: its retry is
+        // answered at once (its entries end before the first held).
+        let index = match self.spans.entry_of_batch(original.base_offset) {
+            Some(index) => index,
+            None if original.base_offset < self.record_end(self.spans.first()) => {
+                self.spans.first().saturating_sub(1)
+            }
+            None => {
+                return Err(Refusal::Other(
+                    "a retried batch is no longer in the log".into(),
+                ));
+            }
+        };
         // A retried batch no longer cached is read back from the store.
-        let bytes = match self.payloads.get(&(index as u64)) {
+        let bytes = match self.payloads.get(&index) {
             Some(bytes) => bytes.to_vec(),
             None => store
                 .batch_bytes(&self.topic, self.partition, original.base_offset)
@@ -710,7 +738,7 @@ impl PartitionReplica {
             duplicate: true,
             producer_head: Some(after.prev),
         };
-        Ok(Some((produced, index as u64 + 1)))
+        Ok(Some((produced, index + 1)))
     }
 
     fn producer_state(&mut self, producer: ProducerId) -> Result<Option<ProducerState>, Refusal> {
@@ -775,7 +803,7 @@ impl PartitionReplica {
         now: Duration,
         effects: &mut Vec<Effect>,
     ) -> Result<(Produced, u64), Refusal> {
-        let entries = self.core.log().len() as u64;
+        let entries = self.core.log_end();
         let base_offset = self.record_end(entries);
         let prev_id = self.record_head(entries);
         let header = BatchHeader {
@@ -875,7 +903,34 @@ impl PartitionReplica {
                 Action::BecameLeader { epoch } => {
                     debug!(topic = %self.topic, partition = self.partition, epoch, "leading");
                     self.led = Some(epoch);
+                    self.epoch_start_offset = self
+                        .core
+                        .epoch_start()
+                        .map(|marker| self.record_end(marker));
                     None
+                }
+                Action::SendStored {
+                    to,
+                    epoch,
+                    from,
+                    upto,
+                    commit,
+                } => Some(Effect::SendStored {
+                    to,
+                    epoch,
+                    from,
+                    upto,
+                    commit,
+                }),
+                Action::Compacted { snapshot } => {
+                    self.spans.compact(snapshot.index);
+                    self.payloads = self.payloads.split_off(&snapshot.index);
+                    let row = SnapshotRow {
+                        record_end: self.record_end(snapshot.index),
+                        record_head: self.record_head(snapshot.index),
+                        snapshot,
+                    };
+                    Some(Effect::Write(PartitionWrite::Snapshot(row)))
                 }
             };
             let Some(effect) = effect else { continue };
@@ -897,7 +952,7 @@ impl PartitionReplica {
         entries: Vec<LogEntry>,
         incoming: Option<&BTreeMap<u64, Incoming>>,
     ) -> Effect {
-        if (from as usize) < self.spans.len() {
+        if from < self.spans.end() {
             self.truncate(from);
         }
         let mut replicated = Vec::with_capacity(entries.len());
@@ -919,16 +974,26 @@ impl PartitionReplica {
                     } else if let Some(untracked) = stamped_by {
                         self.unwritten_untracked.insert(index, *untracked);
                     }
-                    ((*base_offset, *count), Some(bytes.clone()))
+                    let span = Span {
+                        base: *base_offset,
+                        count: *count,
+                        last_id: entry.digest,
+                    };
+                    (span, Some(bytes.clone()))
                 }
-                Some(Incoming::Marker) | None => match self.payloads.get(&index) {
-                    Some(bytes) if (index as usize) < self.spans.len() => {
-                        (self.spans[index as usize], Some(bytes.clone()))
+                Some(Incoming::Marker) | None => {
+                    let empty = Span {
+                        base: end,
+                        count: 0,
+                        last_id: entry.digest,
+                    };
+                    match (self.payloads.get(&index), self.spans.get(index)) {
+                        (Some(bytes), Some(span)) => (span, Some(bytes.clone())),
+                        _ => (empty, None),
                     }
-                    _ => ((end, 0), None),
-                },
+                }
             };
-            if index as usize >= self.spans.len() {
+            if index >= self.spans.end() {
                 self.spans.push(span);
             }
             if let Some(bytes) = &batch {
@@ -978,7 +1043,7 @@ impl PartitionReplica {
         }
         let cut_offset = self.record_end(from);
         self.dedup.invalidate();
-        self.spans.truncate(from as usize);
+        self.spans.truncate(from);
         self.payloads.split_off(&from);
         self.durable = self.durable.min(from);
         self.unwritten_steps.split_off(&from);
@@ -1048,11 +1113,10 @@ impl PartitionReplica {
             if !slot.is_empty() {
                 continue;
             }
-            let index = (prev_offset + i as u64) as usize;
-            let Some((base, _)) = self.spans.get(index) else {
+            let Some(Span { base, .. }) = self.spans.get(prev_offset + i as u64) else {
                 continue;
             };
-            match store.batch_bytes(&self.topic, self.partition, *base) {
+            match store.batch_bytes(&self.topic, self.partition, base) {
                 Ok(Some(bytes)) => *slot = Arc::new(bytes),
                 Ok(None) => {
                     warn!(topic = %self.topic, partition = self.partition, base, "a batch to replicate is not stored")

@@ -33,7 +33,7 @@ use crate::record::ConsumerRecord;
 use crate::wire::{self, StoredBatch};
 
 pub use replica::{LogEnd, ReplicaLog, ReplicatedEntry};
-pub use tables::{EntryRow, SequenceCheck, VoteRow};
+pub use tables::{EntryRow, SequenceCheck, SnapshotRow, VoteRow};
 pub use tables::{
     PRODUCER_EXPIRATION_MS, PRODUCER_WINDOW_BATCHES, PartitionState, ProducerState, RecentBatch,
     SegmentMeta, TopicEntry,
@@ -122,6 +122,7 @@ impl Store {
             txn.open_table(GROUP_OFFSETS)?;
             txn.open_table(ENTRIES)?;
             txn.open_table(VOTES)?;
+            txn.open_table(SNAPSHOTS)?;
         }
         txn.commit()?;
         Ok(())

@@ -51,12 +51,15 @@ pub struct LogEnd {
     pub head: MessageId,
 }
 
-/// What a replica restarts from: its vote and its log's entries.
+/// What a replica restarts from: its vote, its snapshot point and its log's
+/// entries from there.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaLog {
     /// Its election state (epoch 0 and no promise when never written).
     pub vote: Option<VoteRow>,
-    /// Its entries, in order from entry 0.
+    /// Where its entries start (`None`: at entry 0).
+    pub snapshot: Option<SnapshotRow>,
+    /// Its entries, in order from the snapshot point.
     pub entries: Vec<EntryRow>,
 }
 
@@ -401,6 +404,23 @@ impl Store {
         Ok(())
     }
 
+    /// Stores where a replica's log restarts.
+    pub(super) fn apply_snapshot(
+        &self,
+        t: &mut Tables<'_>,
+        cache: &mut TxnCache,
+        topic: &str,
+        partition: u32,
+        snapshot: &SnapshotRow,
+    ) -> Result<(), StoreError> {
+        let entry = self.existing_topic(t, cache, topic)?;
+        t.snapshots.insert(
+            (entry.id, partition),
+            self.encode_value(snapshot)?.as_slice(),
+        )?;
+        Ok(())
+    }
+
     /// Stores a replica's epoch and promise.
     pub(super) fn apply_vote(
         &self,
@@ -456,7 +476,8 @@ impl Store {
         }
     }
 
-    /// The vote and entries a replica of `topic/partition` restarts from.
+    /// The vote, snapshot point and entries from there that a replica of
+    /// `topic/partition` restarts from: the log's tail, not its history.
     pub fn replica_log(&self, topic: &str, partition: u32) -> Result<ReplicaLog, StoreError> {
         let txn = self.db.begin_read()?;
         let entry = self.topic_in(&txn, topic)?;
@@ -465,22 +486,71 @@ impl Store {
             Some(v) => Some(self.decode_value("vote", v.value())?),
             None => None,
         };
+        let snapshots = txn.open_table(SNAPSHOTS)?;
+        let snapshot: Option<SnapshotRow> = match snapshots.get((entry.id, partition))? {
+            Some(v) => Some(self.decode_value("snapshot point", v.value())?),
+            None => None,
+        };
+        let first = snapshot.as_ref().map_or(0, |s| s.snapshot.index);
         let entries_table = txn.open_table(ENTRIES)?;
         let mut entries = Vec::new();
         for row in
-            entries_table.range((entry.id, partition, 0)..=(entry.id, partition, u64::MAX))?
+            entries_table.range((entry.id, partition, first)..=(entry.id, partition, u64::MAX))?
         {
             let (k, v) = row?;
-            if k.value().2 != entries.len() as u64 {
+            if k.value().2 != first + entries.len() as u64 {
                 return Err(self.corrupt(format!(
-                    "{topic}/{partition}: log entry {} follows {} entries",
+                    "{topic}/{partition}: log entry {} follows entry {}",
                     k.value().2,
-                    entries.len()
+                    first + entries.len() as u64
                 )));
             }
             entries.push(self.decode_value::<EntryRow>("log entry", v.value())?);
         }
-        Ok(ReplicaLog { vote, entries })
+        Ok(ReplicaLog {
+            vote,
+            snapshot,
+            entries,
+        })
+    }
+
+    /// Entries `from..upto` of a replicated log and the ID of the entry
+    /// before `from` (the genesis at 0), as the leader sends a follower
+    /// that is far behind. `None` when the store no longer holds them all.
+    #[allow(clippy::type_complexity)]
+    pub fn stored_entries(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        upto: u64,
+    ) -> Result<Option<(MessageId, Vec<EntryRow>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let entry = self.topic_in(&txn, topic)?;
+        let table = txn.open_table(ENTRIES)?;
+        let prev_id = match from {
+            0 => chain::partition_genesis(topic, partition),
+            n => match table.get((entry.id, partition, n - 1))? {
+                Some(v) => {
+                    self.decode_value::<EntryRow>("log entry", v.value())?
+                        .entry
+                        .id
+                }
+                None => return Ok(None),
+            },
+        };
+        let mut rows = Vec::new();
+        for row in table.range((entry.id, partition, from)..(entry.id, partition, upto))? {
+            let (k, v) = row?;
+            if k.value().2 != from + rows.len() as u64 {
+                return Ok(None);
+            }
+            rows.push(self.decode_value::<EntryRow>("log entry", v.value())?);
+        }
+        if rows.len() as u64 != upto.saturating_sub(from) {
+            return Ok(None);
+        }
+        Ok(Some((prev_id, rows)))
     }
 
     /// The outcome of a producer's batch already in the log (a retry's answer):

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::chain::MessageId;
 use crate::config::TopicConfig;
 use crate::core::replication::LogEntry;
+use crate::core::replication::Snapshot;
 use crate::error::StoreError;
 use crate::peer::NodeId;
 use crate::wire::ProducerBatch;
@@ -43,6 +44,9 @@ pub(super) const PRODUCERS: TableDefinition<(u32, u32, u64), &[u8]> =
 pub(super) const ENTRIES: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("entries");
 /// (topic id, partition) → [`VoteRow`]: a replica's epoch and promise.
 pub(super) const VOTES: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("votes");
+/// (topic id, partition) → [`SnapshotRow`]: where a replica's log restarts
+/// (it reads the entries from there on, not the whole log).
+pub(super) const SNAPSHOTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("snapshots");
 /// (group, topic, partition) → committed offset (the next offset to read).
 pub(super) const GROUP_OFFSETS: TableDefinition<(&str, &str, u32), u64> =
     TableDefinition::new("group_offsets");
@@ -75,6 +79,20 @@ pub struct EntryRow {
     pub base_offset: u64,
     /// Records in the batch; 0 for an epoch-start marker.
     pub count: u32,
+}
+
+/// Where a replica's log restarts: the point below which its entries are
+/// compacted (committed and dropped from memory), and the record log there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRow {
+    /// The replication snapshot point (entry index, the ID, epoch and replica
+    /// set in force there).
+    pub snapshot: Snapshot<NodeId>,
+    /// One past the last record before the point.
+    pub record_end: u64,
+    /// The chain ID of the last record before the point (the chain ID before
+    /// the partition's first record when there is none).
+    pub record_head: MessageId,
 }
 
 /// A replica's durable election state.

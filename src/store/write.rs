@@ -102,6 +102,16 @@ pub enum WriteOp {
         /// One past the last committed offset.
         high_watermark: u64,
     },
+    /// Store where a replica's log restarts (written lazily, like the high
+    /// watermark: an older point only means reading more entries on open).
+    SetSnapshot {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The point.
+        snapshot: SnapshotRow,
+    },
     /// Store a replica's epoch and promise (always made durable).
     SetVote {
         /// The topic.
@@ -185,6 +195,7 @@ pub(super) struct Tables<'t> {
     pub offsets: Table<'t, (&'static str, &'static str, u32), u64>,
     pub entries: Table<'t, (u32, u32, u64), &'static [u8]>,
     pub votes: Table<'t, (u32, u32), &'static [u8]>,
+    pub snapshots: Table<'t, (u32, u32), &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -199,6 +210,7 @@ impl<'t> Tables<'t> {
             offsets: txn.open_table(GROUP_OFFSETS)?,
             entries: txn.open_table(ENTRIES)?,
             votes: txn.open_table(VOTES)?,
+            snapshots: txn.open_table(SNAPSHOTS)?,
         })
     }
 }
@@ -330,6 +342,13 @@ impl Store {
                 vote,
             } => self
                 .apply_vote(t, cache, &topic, partition, &vote)
+                .map(|()| WriteOutcome::Done),
+            WriteOp::SetSnapshot {
+                topic,
+                partition,
+                snapshot,
+            } => self
+                .apply_snapshot(t, cache, &topic, partition, &snapshot)
                 .map(|()| WriteOutcome::Done),
             WriteOp::ApplyMeta {
                 offset,
