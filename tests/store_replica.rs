@@ -166,3 +166,141 @@ fn an_uncommitted_suffix_is_cut_with_its_producer_state_and_a_committed_one_is_n
         .verify_partition(TOPIC, 0)
         .expect("the chain verifies");
 }
+
+/// A replicated log of `count` one-record entries (about 1 KiB each) in
+/// small segments; returns the entries' IDs and record IDs.
+fn long_log(store: &Store, count: u64) -> (Vec<MessageId>, Vec<MessageId>) {
+    let genesis = chain::partition_genesis(TOPIC, 0);
+    let (mut prev, mut prev_entry) = (genesis, genesis);
+    let (mut entry_ids, mut record_ids) = (Vec::new(), Vec::new());
+    let value = "v".repeat(1000);
+    for i in 0..count {
+        let (entry, head) = batch_entry(1, i, prev, i, prev_entry, &[value.as_str()], None);
+        prev_entry = entry.entry.id;
+        prev = head;
+        entry_ids.push(prev_entry);
+        record_ids.push(head);
+        replicate(store, i, vec![entry]).expect("extends the log");
+    }
+    let op = WriteOp::SetHighWatermark {
+        topic: TOPIC.into(),
+        partition: 0,
+        high_watermark: count,
+    };
+    store.write(vec![op]).expect("transaction");
+    (entry_ids, record_ids)
+}
+
+fn enforce_retention(store: &Store) {
+    let op = WriteOp::EnforceRetention { now_ms: 0 };
+    store.write(vec![op]).expect("transaction");
+}
+
+#[test]
+fn retention_keeps_a_replicated_log_from_its_snapshot_point_and_says_where_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), false).expect("open");
+    let config = TopicConfig::default()
+        .with_segment_bytes(4 * 1024)
+        .with_retention(meshlog::Retention {
+            time: None,
+            bytes: Some(8 * 1024),
+        });
+    store.create_topic(TOPIC, config, 0).expect("create");
+    let (entry_ids, record_ids) = long_log(&store, 100);
+
+    // Without a snapshot point nothing is known compacted: nothing goes.
+    enforce_retention(&store);
+    assert_eq!(store.partition_state(TOPIC, 0).unwrap().log_start_offset, 0);
+
+    // Entries below 60 are compacted: retention may drop segments below them only.
+    let point = meshlog::store::SnapshotRow {
+        snapshot: meshlog::core::replication::Snapshot {
+            index: 60,
+            last_id: entry_ids[59],
+            last_epoch: 1,
+            members: meshlog::core::replication::ReplicaSet::default(),
+        },
+        record_end: 60,
+        record_head: record_ids[59],
+    };
+    let op = WriteOp::SetSnapshot {
+        topic: TOPIC.into(),
+        partition: 0,
+        snapshot: point,
+    };
+    store.write(vec![op]).expect("transaction");
+    enforce_retention(&store);
+    let state = store.partition_state(TOPIC, 0).unwrap();
+    assert!(
+        state.log_start_offset > 0 && state.log_start_offset <= 60,
+        "dropped below the snapshot point only: log start {}",
+        state.log_start_offset
+    );
+    let start = state.log_start_offset;
+    // The entries of dropped records are gone; the store says where it starts.
+    match store.stored_entries(TOPIC, 0, 0, 10).expect("read") {
+        meshlog::store::StoredEntries::Dropped(at) => {
+            assert_eq!(at.snapshot.index, start);
+            assert_eq!(at.snapshot.last_id, entry_ids[start as usize - 1]);
+            assert_eq!(at.record_end, start);
+            assert_eq!(at.record_head, record_ids[start as usize - 1]);
+        }
+        other => panic!("entries before the log start: {other:?}"),
+    }
+    match store
+        .stored_entries(TOPIC, 0, start, start + 5)
+        .expect("read")
+    {
+        meshlog::store::StoredEntries::Entries(prev, rows) => {
+            assert_eq!(prev, entry_ids[start as usize - 1]);
+            assert_eq!(rows.len(), 5);
+        }
+        other => panic!("entries from the log start: {other:?}"),
+    }
+    let log = store.replica_log(TOPIC, 0).expect("log");
+    assert_eq!(log.snapshot.map(|p| p.snapshot.index), Some(60));
+    assert_eq!(
+        log.entries.len(),
+        40,
+        "a restart reads the tail from the snapshot point"
+    );
+
+    // Another replica restarted at that log start takes the entries after it.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = store_with_topic(&other_dir);
+    let meshlog::store::StoredEntries::Dropped(at) = store.stored_entries(TOPIC, 0, 0, 1).unwrap()
+    else {
+        panic!("a log start");
+    };
+    let op = WriteOp::InstallSnapshot {
+        topic: TOPIC.into(),
+        partition: 0,
+        point: at,
+    };
+    other
+        .write(vec![op])
+        .expect("transaction")
+        .pop()
+        .unwrap()
+        .expect("installed");
+    let meshlog::store::StoredEntries::Entries(_, rows) =
+        store.stored_entries(TOPIC, 0, start, 100).unwrap()
+    else {
+        panic!("entries");
+    };
+    let entries: Vec<ReplicatedEntry> = rows
+        .iter()
+        .map(|row| ReplicatedEntry {
+            entry: row.entry.clone(),
+            batch: store
+                .batch_bytes(TOPIC, 0, row.base_offset)
+                .unwrap()
+                .map(Arc::new),
+        })
+        .collect();
+    replicate(&other, start, entries).expect("the entries after the log start extend it");
+    let mine = other.partition_state(TOPIC, 0).unwrap();
+    assert_eq!((mine.log_start_offset, mine.log_end_offset), (start, 100));
+    assert_eq!(mine.head, record_ids[99]);
+}

@@ -110,7 +110,7 @@ fn sweep(
     let wall = Instant::now();
     let (mut events, mut worst, mut worst_recovery, mut acked) =
         (0u64, Duration::ZERO, Duration::ZERO, 0usize);
-    let (mut compactions, mut sent_from_disk) = (0usize, 0usize);
+    let (mut compactions, mut sent_from_disk, mut installs) = (0usize, 0usize, 0usize);
     let (mut produced, mut failovers, mut worst_producer) = (0u64, 0u64, Duration::ZERO);
     let (mut generations, mut commits, mut worst_group) = (0u64, 0u64, Duration::ZERO);
     for seed in start..end {
@@ -124,6 +124,7 @@ fn sweep(
         acked += rep.acked;
         compactions += rep.compactions;
         sent_from_disk += rep.sent_from_disk;
+        installs += rep.installs;
         produced += prod.acked;
         failovers += u64::from(prod.failovers);
         worst_producer = worst_producer.max(prod.recovery.unwrap_or_default());
@@ -145,7 +146,7 @@ fn sweep(
     let secs = wall.elapsed().as_secs_f64();
     println!(
         "{} seeds passed in {secs:.1} s ({:.0} events/s); membership converged at most {worst:?} after the heal; \
-         replication: {acked} records acknowledged, {compactions} compactions, {sent_from_disk} appends sent from disk, a new record committed everywhere at most {worst_recovery:?} after the heal; \
+         replication: {acked} records acknowledged, {compactions} compactions, {sent_from_disk} appends sent from disk, {installs} restarts at a leader's log start, a new record committed everywhere at most {worst_recovery:?} after the heal; \
          producer: {produced} records acknowledged through {failovers} leader failovers, each once and in key order, all at most {worst_producer:?} after the faults ended; \
          groups: {generations} generations, {commits} commits, one owner per partition per generation, no offset backwards or skipped, all committed at most {worst_group:?} after the faults ended",
         end - start,
@@ -156,13 +157,14 @@ fn sweep(
 
 fn print_replication_report(r: &replication::Report) {
     println!(
-        "replication: {} replicas, {} elections, {} replica-set changes, {} records acknowledged, {} compactions, {} appends sent from disk, {} events, trace {}",
+        "replication: {} replicas, {} elections, {} replica-set changes, {} records acknowledged, {} compactions, {} appends sent from disk, {} restarts at a leader's log start, {} events, trace {}",
         r.replicas,
         r.elections,
         r.reconfigurations,
         r.acked,
         r.compactions,
         r.sent_from_disk,
+        r.installs,
         r.events,
         r.trace_hash
     );

@@ -20,7 +20,12 @@
 //! - **bounded memory**: no replica holds more than twice `keep_committed`
 //!   committed, durable entries in memory (the rest is compacted: followers
 //!   that need them are sent them from the leader's disk, and a restart reads
-//!   only the log after the stored snapshot point).
+//!   only the log after the stored snapshot point);
+//! - **catch-up from the log start**: retention drops what a replica has
+//!   compacted from its disk now and then, so a follower behind a leader's
+//!   log start is sent the point and restarts there (its restart is a disk
+//!   write like any other, lost if it crashes first); every checker above
+//!   still holds, counting only what retention kept.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -28,6 +33,7 @@ use std::time::{Duration, Instant};
 use meshlog::chain::{self, MessageId};
 use meshlog::core::replication::{
     Action, DurableState, Input, LogEntry, Message, Replica, ReplicationConfig, ReplicationFault,
+    Snapshot,
 };
 use meshlog::core::rng::Rng;
 
@@ -61,6 +67,8 @@ pub struct Report {
     pub compactions: usize,
     /// Appends a leader sent from its disk (entries it had compacted).
     pub sent_from_disk: usize,
+    /// Followers restarted at a leader's log start.
+    pub installs: usize,
     /// Trace hash.
     pub trace_hash: String,
     /// Events handled.
@@ -85,9 +93,10 @@ enum Event {
     DiskDone {
         node: u32,
         life: u64,
-        from: u64,
-        entries: Vec<LogEntry>,
+        write: DiskWrite,
     },
+    /// Retention drops what one node has compacted from memory from its disk.
+    Retention,
     Propose,
     /// A reader reads one replica's committed entries.
     Read,
@@ -104,16 +113,58 @@ enum Event {
     Heal,
 }
 
+/// A write to a simulated disk.
+#[derive(Clone, Debug)]
+enum DiskWrite {
+    /// Cut the log at `from`, then append `entries`.
+    Log { from: u64, entries: Vec<LogEntry> },
+    /// Drop the log and restart it at the point.
+    Install(Snapshot<u32>),
+}
+
 struct Node {
     replica: Option<Replica<u32>>,
-    /// What survives a crash.
+    /// What survives a crash; `disk.log` holds the entries from `disk_first` on.
     disk: DurableState<u32>,
+    /// The first entry on disk (retention and restarts at a log start move it).
+    disk_first: u64,
+    /// The ID of the entry before `disk_first`.
+    disk_first_prev: MessageId,
+    /// Where retention let the disk's log start, once it dropped entries.
+    log_start: Option<Snapshot<u32>>,
+    /// A restart at a leader's log start in flight: until it is on disk, the
+    /// entries before it on disk are the old log's, not what the replica
+    /// holds committed.
+    installing: Option<u64>,
     /// Bumped on every crash: completions of older writes are void.
     life: u64,
     /// When the disk is next free (writes complete in order).
     disk_busy_until: Duration,
     /// Writes issued and not yet complete: the first may be torn by a crash.
-    in_flight: Vec<(u64, Vec<LogEntry>)>,
+    in_flight: Vec<DiskWrite>,
+}
+
+impl Node {
+    /// The ID of the durable entry at `index`, if the disk holds it.
+    fn disk_id(&self, index: u64) -> Option<MessageId> {
+        if self.installing.is_some_and(|point| index < point) {
+            return None;
+        }
+        let at = index.checked_sub(self.disk_first)?;
+        self.disk.log.get(at as usize).map(|e| e.id)
+    }
+
+    /// One past the last durable entry.
+    fn disk_end(&self) -> u64 {
+        self.disk_first + self.disk.log.len() as u64
+    }
+
+    /// Cuts the durable log at `from`, then appends `entries`.
+    fn disk_write(&mut self, from: u64, entries: &[LogEntry]) {
+        let keep = from.saturating_sub(self.disk_first) as usize;
+        self.disk.log.truncate(keep);
+        self.disk.log.extend_from_slice(entries);
+    }
 }
 
 struct World {
@@ -147,6 +198,7 @@ struct World {
     reconfigurations: usize,
     compactions: usize,
     sent_from_disk: usize,
+    installs: usize,
 }
 
 /// Runs the replication scenario of `seed`, with an optional injected bug.
@@ -196,6 +248,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         reconfigurations: 0,
         compactions: 0,
         sent_from_disk: 0,
+        installs: 0,
     };
     // The replicas, and one spare that placement may move the partition to.
     for node in 0..=replicas {
@@ -204,6 +257,10 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
             Node {
                 replica: None,
                 disk: DurableState::default(),
+                disk_first: 0,
+                disk_first_prev: world.genesis,
+                log_start: None,
+                installing: None,
                 life: 0,
                 disk_busy_until: Duration::ZERO,
                 in_flight: Vec::new(),
@@ -213,6 +270,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
     }
     world.schedule(Duration::from_millis(10), Event::Propose);
     world.schedule(Duration::from_millis(50), Event::Read);
+    world.schedule(Duration::from_millis(1_000), Event::Retention);
     world.schedule(Duration::from_millis(500), Event::Reconfigure);
     world.schedule(Duration::from_secs(2), Event::NewTarget);
     schedule_faults(&mut world, &mut rng, replicas);
@@ -234,6 +292,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         reconfigurations: world.reconfigurations,
         compactions: world.compactions,
         sent_from_disk: world.sent_from_disk,
+        installs: world.installs,
         trace_hash: world.trace.finalize().to_hex()[..16].to_string(),
         events: world.events,
         recovery,
@@ -324,12 +383,14 @@ impl World {
             Event::Deliver { from, to, message } => {
                 self.input(to, Input::Message { from, message });
             }
-            Event::DiskDone {
-                node,
-                life,
-                from,
-                entries,
-            } => self.disk_done(node, life, from, entries),
+            Event::DiskDone { node, life, write } => self.disk_done(node, life, write),
+            Event::Retention => {
+                self.retention();
+                let next = self.now + Duration::from_millis(500 + self.rng.below(3_000) as u64);
+                if next < FAULT_PHASE {
+                    self.schedule(next, Event::Retention);
+                }
+            }
             Event::Propose => {
                 self.propose();
                 let next = self.now + Duration::from_millis(20 + self.rng.below(60) as u64);
@@ -394,7 +455,7 @@ impl World {
         let replica = n.replica.as_ref()?;
         match replica.entry(offset) {
             Some(entry) => Some(entry.id),
-            None if offset < replica.first_index() => n.disk.log.get(offset as usize).map(|e| e.id),
+            None if offset < replica.first_index() => n.disk_id(offset),
             None => None,
         }
     }
@@ -510,6 +571,12 @@ impl World {
                     upto,
                     commit,
                 } => self.send_stored(node, to, epoch, (from, upto), commit),
+                Action::InstallSnapshot { snapshot, .. } => {
+                    if let Some(n) = self.nodes.get_mut(&node) {
+                        n.installing = Some(snapshot.index);
+                    }
+                    self.schedule_write(node, DiskWrite::Install(snapshot));
+                }
                 Action::Compacted { snapshot } => {
                     // Stored with the next write, as the node does; an older
                     // point only means reading more of the log on restart.
@@ -542,49 +609,65 @@ impl World {
             return;
         };
         let (from, upto) = range;
-        let Some(entries) = n.disk.log.get(from as usize..upto as usize) else {
-            self.fail(
-                "compacted entries are on disk",
-                format!("node {node} has no entries {from}..{upto} on disk to send"),
-            );
-            return;
-        };
-        let prev_id = match from {
-            0 => self.genesis,
-            i => n.disk.log[i as usize - 1].id,
-        };
-        let message = Message::Append {
-            epoch,
-            prev_offset: from,
-            prev_id,
-            entries: entries.to_vec(),
-            commit,
+        let message = match &n.log_start {
+            // Retention dropped them: the follower restarts at the log start.
+            Some(start) if from < start.index => Message::InstallSnapshot {
+                epoch,
+                index: start.index,
+                last_id: start.last_id,
+                last_epoch: start.last_epoch,
+                members: postcard::to_stdvec(&start.members).unwrap_or_default(),
+                record_start: (0, self.genesis),
+                commit,
+            },
+            _ => {
+                let (lo, hi) = (
+                    from.saturating_sub(n.disk_first) as usize,
+                    upto.saturating_sub(n.disk_first) as usize,
+                );
+                let Some(entries) = n.disk.log.get(lo..hi).filter(|_| from >= n.disk_first) else {
+                    self.fail(
+                        "compacted entries are on disk",
+                        format!("node {node} has no entries {from}..{upto} on disk to send"),
+                    );
+                    return;
+                };
+                let prev_id = match from {
+                    f if f == n.disk_first => n.disk_first_prev,
+                    f => n.disk.log[(f - n.disk_first) as usize - 1].id,
+                };
+                Message::Append {
+                    epoch,
+                    prev_offset: from,
+                    prev_id,
+                    entries: entries.to_vec(),
+                    commit,
+                }
+            }
         };
         self.sent_from_disk += 1;
         self.apply(node, vec![Action::Send { to, message }]);
     }
 
     fn write(&mut self, node: u32, from: u64, entries: Vec<LogEntry>) {
+        self.schedule_write(node, DiskWrite::Log { from, entries });
+    }
+
+    /// Queues a disk write: writes complete in order, after a random latency.
+    fn schedule_write(&mut self, node: u32, write: DiskWrite) {
         let latency = Duration::from_micros(100 + self.rng.below(3_000) as u64);
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
         };
         let done = (self.now + latency).max(n.disk_busy_until);
         n.disk_busy_until = done;
-        n.in_flight.push((from, entries.clone()));
+        n.in_flight.push(write.clone());
         let life = n.life;
-        self.schedule(
-            done,
-            Event::DiskDone {
-                node,
-                life,
-                from,
-                entries,
-            },
-        );
+        self.schedule(done, Event::DiskDone { node, life, write });
     }
 
-    fn disk_done(&mut self, node: u32, life: u64, from: u64, entries: Vec<LogEntry>) {
+    fn disk_done(&mut self, node: u32, life: u64, write: DiskWrite) {
+        let genesis = self.genesis;
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
         };
@@ -594,11 +677,51 @@ impl World {
         if !n.in_flight.is_empty() {
             n.in_flight.remove(0);
         }
-        n.disk.log.truncate(from as usize);
-        n.disk.log.extend(entries);
-        let upto = n.disk.log.len() as u64;
-        let last_id = n.disk.log.last().map_or(self.genesis, |e| e.id);
-        self.input(node, Input::Persisted { upto, last_id });
+        match write {
+            DiskWrite::Log { from, entries } => {
+                n.disk_write(from, &entries);
+                let upto = n.disk_end();
+                let last_id = match upto.checked_sub(1) {
+                    Some(last) => n.disk_id(last).unwrap_or(n.disk_first_prev),
+                    None => genesis,
+                };
+                self.input(node, Input::Persisted { upto, last_id });
+            }
+            DiskWrite::Install(point) => {
+                let index = point.index;
+                n.disk.log.clear();
+                n.disk_first = index;
+                n.disk_first_prev = point.last_id;
+                n.disk.snapshot = Some(point.clone());
+                n.log_start = Some(point);
+                n.installing = None;
+                self.installs += 1;
+                self.input(node, Input::SnapshotInstalled { index });
+            }
+        }
+    }
+
+    /// Retention on a random node: drops the entries on disk before its
+    /// snapshot point (committed and compacted from memory).
+    fn retention(&mut self) {
+        let ids: Vec<u32> = self.nodes.keys().copied().collect();
+        let node = ids[self.rng.below(ids.len())];
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let Some(point) = n.disk.snapshot.clone() else {
+            return;
+        };
+        if point.index <= n.disk_first || point.index > n.disk_end() {
+            return;
+        }
+        let cut = (point.index - n.disk_first) as usize;
+        n.disk.log.drain(..cut);
+        n.disk_first = point.index;
+        n.disk_first_prev = point.last_id;
+        n.log_start = Some(point);
+        self.trace
+            .update(format!("{:?} retention {node}\n", self.now).as_bytes());
     }
 
     /// A reader of a random running replica: every entry below its commit
@@ -687,12 +810,12 @@ impl World {
         n.life += 1;
         n.disk_busy_until = self.now;
         // The write in progress may have reached the disk in part.
-        if tear && let Some((from, entries)) = n.in_flight.first() {
+        if tear && let Some(DiskWrite::Log { from, entries }) = n.in_flight.first().cloned() {
             let keep = (cut % (entries.len() as u64 + 1)) as usize;
-            n.disk.log.truncate(*from as usize);
-            n.disk.log.extend_from_slice(&entries[..keep]);
+            n.disk_write(from, &entries[..keep]);
         }
         n.in_flight.clear();
+        n.installing = None;
         self.commit_seen.remove(&node);
     }
 
@@ -714,10 +837,11 @@ impl World {
         }
         // A restart reads the log from the stored snapshot point on.
         let mut disk = n.disk.clone();
-        let first = disk.snapshot.as_ref().map_or(0, |s| s.index) as usize;
+        let first = disk.snapshot.as_ref().map_or(0, |s| s.index);
+        let skip = first.saturating_sub(n.disk_first) as usize;
         disk.log = disk
             .log
-            .get(first..)
+            .get(skip..)
             .map(<[LogEntry]>::to_vec)
             .unwrap_or_default();
         n.replica = Some(Replica::new(node, voters, config, genesis, disk, now, seed));
@@ -797,6 +921,9 @@ impl World {
         let voters = self.final_voters();
         for (offset, id) in &self.acked {
             for (node, n) in self.nodes.iter().filter(|(id, _)| voters.contains(id)) {
+                if *offset < n.disk_first {
+                    continue; // dropped by retention
+                }
                 let held = n.replica.as_ref().and(self.held(*node, *offset));
                 if held != Some(*id) {
                     lost = Some(format!(

@@ -33,6 +33,13 @@
 //!   a restart reads the log's tail, not its history). A follower that needs
 //!   entries the leader no longer holds in memory is sent them from the
 //!   leader's store ([`Action::SendStored`]).
+//! - **Catch-up from the log start.** When the leader's store no longer
+//!   holds them either (retention dropped them), it sends
+//!   [`Message::InstallSnapshot`]: the point where its stored log starts.
+//!   A follower whose log does not reach that point with the same ID drops
+//!   its log, restarts at the point ([`Action::InstallSnapshot`], confirmed
+//!   with [`Input::SnapshotInstalled`]) and answers once it is durable; the
+//!   leader then sends the entries from there.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -211,6 +218,26 @@ pub enum Message {
         /// The leader's commit point.
         commit: u64,
     },
+    /// The leader's stored log starts at `index`: a follower that needs
+    /// entries before it restarts there.
+    InstallSnapshot {
+        /// The leader's epoch.
+        epoch: u64,
+        /// The first entry the leader's store holds.
+        index: u64,
+        /// The ID of entry `index - 1`.
+        last_id: MessageId,
+        /// The epoch of entry `index - 1`.
+        last_epoch: u64,
+        /// The encoded [`ReplicaSet`] in force at `index`.
+        #[serde(with = "serde_bytes")]
+        members: Vec<u8>,
+        /// For the driver: the record log's start there (offset of its first
+        /// record, and the chain ID before it).
+        record_start: (u64, MessageId),
+        /// The leader's commit point.
+        commit: u64,
+    },
     /// A follower's answer, sent once the entries are durable.
     AppendReply {
         /// The follower's epoch.
@@ -272,6 +299,15 @@ pub enum Action<P> {
         /// The leader's commit point.
         commit: u64,
     },
+    /// Drop the whole log and restart it at `snapshot` (the leader's log
+    /// start), the record log at `record_start` (offset, chain ID before it).
+    /// Confirm with [`Input::SnapshotInstalled`].
+    InstallSnapshot {
+        /// Where the log restarts.
+        snapshot: Snapshot<P>,
+        /// Where the record log restarts.
+        record_start: (u64, MessageId),
+    },
     /// Entries below `snapshot.index` were dropped from memory; the driver
     /// stores the point (it restarts from there) and drops what it keeps per
     /// entry below it.
@@ -302,6 +338,12 @@ pub enum Input<P> {
         /// its log no longer has there, and is ignored: counting it would claim
         /// entries durable that the disk does not hold.
         last_id: MessageId,
+    },
+    /// The driver made the log restart at entry `index` (after
+    /// [`Action::InstallSnapshot`]) durable.
+    SnapshotInstalled {
+        /// The entry the log restarts at.
+        index: u64,
     },
 }
 
@@ -375,6 +417,9 @@ pub struct Replica<P> {
     pending_reply: Option<(P, u64, u64)>,
     /// The index of this leader's epoch-start marker, while it leads.
     epoch_start: Option<u64>,
+    /// The point the log restarts at, until the driver confirms it durable:
+    /// no append is confirmed meanwhile.
+    installing: Option<u64>,
     rng: Rng,
 }
 
@@ -420,6 +465,7 @@ impl<P: PeerKey> Replica<P> {
             leader_seen: None,
             pending_reply: None,
             epoch_start: None,
+            installing: None,
             rng: Rng::new(seed),
         };
         // Everything below the snapshot point was committed before it was
@@ -757,6 +803,9 @@ impl<P: PeerKey> Replica<P> {
                 self.on_persisted(upto, last_id, now, &mut actions)
             }
             Input::Message { from, message } => self.on_message(from, message, now, &mut actions),
+            Input::SnapshotInstalled { index } => {
+                self.on_snapshot_installed(index, now, &mut actions)
+            }
         }
         self.maybe_compact(&mut actions);
         actions
@@ -949,6 +998,9 @@ impl<P: PeerKey> Replica<P> {
             return;
         }
         self.durable = upto;
+        if self.installing.is_some() {
+            return;
+        }
         if let Some((leader, epoch, log_end)) = self.pending_reply.take() {
             if self.durable >= log_end && epoch == self.epoch {
                 let message = Message::AppendReply {
@@ -982,7 +1034,7 @@ impl<P: PeerKey> Replica<P> {
         let allowed = match &message {
             Message::RequestVote { .. } => !self.hears_leader(now),
             Message::Vote { .. } => self.members.voters.contains(&from),
-            Message::Append { .. } => true,
+            Message::Append { .. } | Message::InstallSnapshot { .. } => true,
             Message::AppendReply { .. } => self.members.contains(&from),
         };
         if !allowed {
@@ -992,6 +1044,7 @@ impl<P: PeerKey> Replica<P> {
             Message::RequestVote { epoch, .. }
             | Message::Vote { epoch, .. }
             | Message::Append { epoch, .. }
+            | Message::InstallSnapshot { epoch, .. }
             | Message::AppendReply { epoch, .. } => *epoch,
         };
         if their_epoch > self.epoch {
@@ -1039,6 +1092,26 @@ impl<P: PeerKey> Replica<P> {
                     now,
                     actions,
                 );
+            }
+            Message::InstallSnapshot {
+                epoch,
+                index,
+                last_id,
+                last_epoch,
+                members,
+                record_start,
+                commit,
+            } => {
+                let Ok(members) = postcard::from_bytes::<ReplicaSet<P>>(&members) else {
+                    return;
+                };
+                let snapshot = Snapshot {
+                    index,
+                    last_id,
+                    last_epoch,
+                    members,
+                };
+                self.on_install_snapshot(from, epoch, snapshot, record_start, commit, now, actions);
             }
             Message::AppendReply {
                 epoch,
@@ -1183,7 +1256,7 @@ impl<P: PeerKey> Replica<P> {
             self.commit = new_commit;
             actions.push(Action::Committed { upto: self.commit });
         }
-        if self.durable >= log_end {
+        if self.durable >= log_end && self.installing.is_none() {
             let message = Message::AppendReply {
                 epoch: self.epoch,
                 success: true,
@@ -1193,6 +1266,92 @@ impl<P: PeerKey> Replica<P> {
         } else {
             self.pending_reply = Some((from, self.epoch, log_end));
         }
+    }
+
+    /// The leader's stored log starts at `snapshot`: restart there unless
+    /// this log already reaches it with the same ID. Entries before the
+    /// point are committed (the leader's log holds them), so a log that does
+    /// not hold entry `index - 1` with that ID holds none of the leader's
+    /// entries from there on: dropping it loses nothing committed.
+    #[allow(clippy::too_many_arguments)]
+    fn on_install_snapshot(
+        &mut self,
+        from: P,
+        epoch: u64,
+        snapshot: Snapshot<P>,
+        record_start: (u64, MessageId),
+        commit: u64,
+        now: Duration,
+        actions: &mut Vec<Action<P>>,
+    ) {
+        if epoch < self.epoch {
+            let message = Message::AppendReply {
+                epoch: self.epoch,
+                success: false,
+                log_end: self.log_end(),
+            };
+            actions.push(Action::Send { to: from, message });
+            return;
+        }
+        self.role = Role::Follower {
+            leader: Some(from.clone()),
+        };
+        self.leader_seen = Some(now);
+        self.reset_election_deadline(now);
+        let index = snapshot.index;
+        let reaches = self.id_before(index) == Some(snapshot.last_id) || index <= self.commit;
+        if reaches {
+            // Already there: the leader goes on from the point.
+            if self.durable >= index {
+                let message = Message::AppendReply {
+                    epoch: self.epoch,
+                    success: true,
+                    log_end: index,
+                };
+                actions.push(Action::Send { to: from, message });
+            } else {
+                self.pending_reply = Some((from, self.epoch, index));
+            }
+            return;
+        }
+        self.log.clear();
+        self.snapshot = snapshot.clone();
+        self.durable = index;
+        // Everything before the leader's log start is committed.
+        let _ = commit;
+        self.commit = index;
+        self.installing = Some(index);
+        self.refresh_members();
+        actions.push(Action::InstallSnapshot {
+            snapshot,
+            record_start,
+        });
+        actions.push(Action::Committed { upto: self.commit });
+        self.pending_reply = Some((from, self.epoch, index));
+    }
+
+    /// The restarted log is durable: answer the leader that waits for it.
+    fn on_snapshot_installed(&mut self, index: u64, now: Duration, actions: &mut Vec<Action<P>>) {
+        if self.installing != Some(index) {
+            return;
+        }
+        self.installing = None;
+        if let Some((leader, epoch, log_end)) = self.pending_reply.take() {
+            if epoch == self.epoch && self.durable >= log_end {
+                let message = Message::AppendReply {
+                    epoch,
+                    success: true,
+                    log_end,
+                };
+                actions.push(Action::Send {
+                    to: leader,
+                    message,
+                });
+            } else {
+                self.pending_reply = Some((leader, epoch, log_end));
+            }
+        }
+        self.advance_commit(now, actions);
     }
 
     /// Where the leader should try next after an append at `prev_offset` did
@@ -1299,7 +1458,7 @@ mod tests {
     struct Cluster {
         replicas: BTreeMap<u32, Replica<u32>>,
         /// What each replica made durable (never compacted, as the store).
-        disks: BTreeMap<u32, Vec<LogEntry>>,
+        disks: BTreeMap<u32, Disk>,
         cut: BTreeSet<u32>,
         leaders: BTreeMap<u64, u32>,
         now: Duration,
@@ -1307,6 +1466,39 @@ mod tests {
 
     fn digest(n: u8) -> MessageId {
         MessageId([n; 32])
+    }
+
+    /// A replica's durable log from `first` on, and where retention let it
+    /// start (entries before `dropped_to` are gone).
+    #[derive(Clone, Debug, Default, PartialEq)]
+    struct Disk {
+        first: u64,
+        first_prev: Option<MessageId>,
+        entries: Vec<LogEntry>,
+        dropped_to: Option<Snapshot<u32>>,
+    }
+
+    impl Disk {
+        fn end(&self) -> u64 {
+            self.first + self.entries.len() as u64
+        }
+
+        fn id_before(&self, index: u64) -> MessageId {
+            match index.checked_sub(self.first + 1) {
+                Some(i) => self.entries[i as usize].id,
+                None => self.first_prev.unwrap_or(MessageId([9; 32])),
+            }
+        }
+
+        /// What retention does: drops the entries before the replica's
+        /// snapshot point and keeps the point.
+        fn drop_before(&mut self, point: Snapshot<u32>) {
+            let cut = (point.index - self.first) as usize;
+            self.entries.drain(..cut);
+            self.first = point.index;
+            self.first_prev = Some(point.last_id);
+            self.dropped_to = Some(point);
+        }
     }
 
     impl Cluster {
@@ -1360,10 +1552,10 @@ mod tests {
                     }
                     Action::PersistLog { from, entries } => {
                         let disk = self.disks.entry(at).or_default();
-                        disk.truncate(from as usize);
-                        disk.extend(entries);
-                        let upto = disk.len() as u64;
-                        let last_id = disk.last().map_or(MessageId([9; 32]), |e| e.id);
+                        disk.entries.truncate((from - disk.first) as usize);
+                        disk.entries.extend(entries);
+                        let upto = disk.end();
+                        let last_id = disk.id_before(upto);
                         let now = self.now;
                         let r = self.replicas.get_mut(&at).unwrap();
                         let out = r.handle(Input::Persisted { upto, last_id }, now);
@@ -1377,18 +1569,43 @@ mod tests {
                         commit,
                     } => {
                         let disk = &self.disks[&at];
-                        let prev_id = match from {
-                            0 => MessageId([9; 32]),
-                            n => disk[n as usize - 1].id,
-                        };
-                        let message = Message::Append {
-                            epoch,
-                            prev_offset: from,
-                            prev_id,
-                            entries: disk[from as usize..upto as usize].to_vec(),
-                            commit,
+                        let message = match &disk.dropped_to {
+                            Some(start) if from < start.index => Message::InstallSnapshot {
+                                epoch,
+                                index: start.index,
+                                last_id: start.last_id,
+                                last_epoch: start.last_epoch,
+                                members: postcard::to_stdvec(&start.members).unwrap(),
+                                record_start: (0, MessageId([9; 32])),
+                                commit,
+                            },
+                            _ => Message::Append {
+                                epoch,
+                                prev_offset: from,
+                                prev_id: disk.id_before(from),
+                                entries: disk.entries
+                                    [(from - disk.first) as usize..(upto - disk.first) as usize]
+                                    .to_vec(),
+                                commit,
+                            },
                         };
                         queue.push((at, Action::Send { to, message }));
+                    }
+                    Action::InstallSnapshot { snapshot, .. } => {
+                        let index = snapshot.index;
+                        self.disks.insert(
+                            at,
+                            Disk {
+                                first: index,
+                                first_prev: Some(snapshot.last_id),
+                                entries: Vec::new(),
+                                dropped_to: Some(snapshot),
+                            },
+                        );
+                        let now = self.now;
+                        let r = self.replicas.get_mut(&at).unwrap();
+                        let out = r.handle(Input::SnapshotInstalled { index }, now);
+                        queue.extend(out.into_iter().map(|a| (at, a)));
                     }
                     Action::BecameLeader { epoch } => {
                         let previous = self.leaders.insert(epoch, at);
@@ -1713,7 +1930,7 @@ mod tests {
         // A replica restarted from its snapshot point and the log after it
         // goes on where it was.
         let snapshot = caught_up.snapshot().clone();
-        let tail = c.disks[&behind][snapshot.index as usize..].to_vec();
+        let tail = c.disks[&behind].entries[snapshot.index as usize..].to_vec();
         let restarted = Replica::new(
             behind,
             vec![0, 1, 2],
@@ -1734,6 +1951,44 @@ mod tests {
         c.propose(200).expect("the leader accepts");
         c.tick_until(c.now.as_millis() as u64 + 500);
         assert_eq!(c.replicas[&behind].commit(), end + 1);
+    }
+
+    #[test]
+    fn a_follower_behind_the_leaders_log_start_restarts_there_and_catches_up() {
+        let config = ReplicationConfig {
+            keep_committed: 4,
+            max_append_entries: 8,
+            ..ReplicationConfig::default()
+        };
+        let mut c = Cluster::with_config(3, config);
+        c.tick_until(3000);
+        let leader = c.leader().expect("a leader");
+        let behind = (0..3).find(|r| *r != leader).unwrap();
+        c.propose(1).expect("the leader accepts");
+        c.tick_until(c.now.as_millis() as u64 + 500);
+        c.cut.insert(behind);
+        for n in 0..60 {
+            c.propose(n).expect("the leader accepts");
+            c.tick_until(c.now.as_millis() as u64 + 50);
+        }
+        // Retention drops what the leader compacted from memory.
+        let point = c.replicas[&leader].snapshot().clone();
+        assert!(point.index > 30);
+        c.disks.get_mut(&leader).unwrap().drop_before(point.clone());
+        c.cut.clear();
+        c.tick_until(c.now.as_millis() as u64 + 3000);
+        let leader = c.leader().expect("a leader");
+        let (l, b) = (&c.replicas[&leader], &c.replicas[&behind]);
+        assert_eq!(b.commit(), l.commit(), "caught up");
+        assert!(b.first_index() >= point.index, "restarted at the log start");
+        let (ld, bd) = (&c.disks[&leader], &c.disks[&behind]);
+        assert_eq!(bd.first, point.index);
+        assert_eq!(
+            bd.entries[..],
+            ld.entries[..bd.entries.len()],
+            "the same entries from the log start"
+        );
+        assert_eq!(bd.end(), ld.end());
     }
 
     #[test]

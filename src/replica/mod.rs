@@ -37,7 +37,7 @@ use crate::node::{PartitionDescription, TopicDescription, WriteQueue, now_ms};
 use crate::protocol::{
     FetchFrame, Fetched, PeerRequest, PeerResponse, ProduceFrame, Produced, Refusal, ReplicateFrame,
 };
-use crate::store::{Store, TopicEntry, WriteOp, WriteOutcome};
+use crate::store::{Store, StoredEntries, TopicEntry, WriteOp, WriteOutcome};
 
 pub(crate) use partition::Leadership;
 use partition::{Effect, PartitionReplica, PartitionSettings, ProduceReply, WriteKind};
@@ -1192,8 +1192,35 @@ fn stored_append(
 ) -> Option<ReplicateFrame> {
     let (topic, partition) = (key.0.as_str(), key.1);
     let read = || -> Result<Option<ReplicateFrame>, crate::error::StoreError> {
-        let Some((prev_id, rows)) = store.stored_entries(topic, partition, from, upto)? else {
-            return Ok(None);
+        let (message, rows) = match store.stored_entries(topic, partition, from, upto)? {
+            StoredEntries::Entries(prev_id, rows) => {
+                let message = Message::Append {
+                    epoch,
+                    prev_offset: from,
+                    prev_id,
+                    entries: rows.iter().map(|r| r.entry.clone()).collect(),
+                    commit,
+                };
+                (message, rows)
+            }
+            StoredEntries::Dropped(point) => {
+                // Retention dropped them: the follower restarts where the
+                // stored log starts.
+                let Ok(members) = postcard::to_stdvec(&point.snapshot.members) else {
+                    return Ok(None);
+                };
+                let message = Message::InstallSnapshot {
+                    epoch,
+                    index: point.snapshot.index,
+                    last_id: point.snapshot.last_id,
+                    last_epoch: point.snapshot.last_epoch,
+                    members,
+                    record_start: (point.record_end, point.record_head),
+                    commit,
+                };
+                (message, Vec::new())
+            }
+            StoredEntries::Missing => return Ok(None),
         };
         let mut batches = Vec::new();
         for row in rows.iter().filter(|r| r.entry.has_payload()) {
@@ -1202,13 +1229,6 @@ fn stored_append(
                 None => return Ok(None),
             }
         }
-        let message = Message::Append {
-            epoch,
-            prev_offset: from,
-            prev_id,
-            entries: rows.into_iter().map(|r| r.entry).collect(),
-            commit,
-        };
         Ok(Some(ReplicateFrame {
             topic: topic.to_string(),
             partition,

@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use crate::chain::{self, MessageId, ProducerId};
 use crate::config::{Acks, TopicConfig};
 use crate::core::replication::{
-    Action, DurableState, Input, LogEntry, Message, Replica, ReplicationConfig,
+    Action, DurableState, Input, LogEntry, Message, Replica, ReplicationConfig, Snapshot,
 };
 use crate::error::StoreError;
 use crate::net::NodeId;
@@ -86,6 +86,8 @@ pub(crate) enum PartitionWrite {
     HighWatermark(u64),
     /// Store where the replica's log restarts.
     Snapshot(SnapshotRow),
+    /// Drop the log and restart it at the leader's log start.
+    Install(SnapshotRow),
 }
 
 /// What a write was, as its outcome comes back.
@@ -97,6 +99,8 @@ pub(crate) enum WriteKind {
     Vote { then: Vec<Effect> },
     /// A high watermark or a snapshot point: nothing waits on it.
     State,
+    /// The log restarted at this entry.
+    Install(u64),
 }
 
 impl PartitionWrite {
@@ -141,6 +145,17 @@ impl PartitionWrite {
                 },
                 WriteKind::State,
             ),
+            PartitionWrite::Install(point) => {
+                let index = point.snapshot.index;
+                (
+                    WriteOp::InstallSnapshot {
+                        topic,
+                        partition,
+                        point,
+                    },
+                    WriteKind::Install(index),
+                )
+            }
         }
     }
 }
@@ -488,6 +503,12 @@ impl PartitionReplica {
             }
             // The messages that waited for the vote go now.
             (WriteKind::Vote { then }, Ok(_)) => then,
+            (WriteKind::Install(index), Ok(_)) => {
+                let actions = self.core.handle(Input::SnapshotInstalled { index }, now);
+                let mut effects = self.apply(actions, None);
+                self.notice_role(&mut effects);
+                effects
+            }
             (_, Ok(_)) => Vec::new(),
             (_, Err(error)) => {
                 warn!(topic = %self.topic, partition = self.partition, %error, "replica write failed");
@@ -922,6 +943,18 @@ impl PartitionReplica {
                     upto,
                     commit,
                 }),
+                Action::InstallSnapshot {
+                    snapshot,
+                    record_start,
+                } => {
+                    self.restart_at(&snapshot, record_start);
+                    let row = SnapshotRow {
+                        snapshot,
+                        record_end: record_start.0,
+                        record_head: record_start.1,
+                    };
+                    Some(Effect::Write(PartitionWrite::Install(row)))
+                }
                 Action::Compacted { snapshot } => {
                     self.spans.compact(snapshot.index);
                     self.payloads = self.payloads.split_off(&snapshot.index);
@@ -1005,6 +1038,30 @@ impl PartitionReplica {
             truncate_from: from,
             entries: replicated,
         })
+    }
+
+    /// Forgets the whole log: it restarts at `snapshot` (entries) and
+    /// `record_start` (records), the leader's log start.
+    fn restart_at(&mut self, snapshot: &Snapshot<NodeId>, record_start: (u64, MessageId)) {
+        let hint = self.core.leader_hint().copied();
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(Err(Refusal::NotLeader { hint }));
+        }
+        self.spans = Spans::new(snapshot.index, record_start.0, record_start.1, Vec::new());
+        self.payloads.clear();
+        self.producers.clear();
+        self.unwritten_steps.clear();
+        self.unwritten_untracked.clear();
+        self.dedup.invalidate();
+        self.durable = snapshot.index;
+        self.committed = snapshot.index;
+        tracing::info!(
+            topic = %self.topic,
+            partition = self.partition,
+            entry = snapshot.index,
+            offset = record_start.0,
+            "restarting the replica's log at the leader's log start"
+        );
     }
 
     /// Advances the tracked state of a batch's idempotent producer as the

@@ -32,7 +32,7 @@ use crate::error::StoreError;
 use crate::record::ConsumerRecord;
 use crate::wire::{self, StoredBatch};
 
-pub use replica::{LogEnd, ReplicaLog, ReplicatedEntry};
+pub use replica::{LogEnd, ReplicaLog, ReplicatedEntry, StoredEntries};
 pub use tables::{EntryRow, SequenceCheck, SnapshotRow, VoteRow};
 pub use tables::{
     PRODUCER_EXPIRATION_MS, PRODUCER_WINDOW_BATCHES, PartitionState, ProducerState, RecentBatch,
@@ -123,6 +123,7 @@ impl Store {
             txn.open_table(ENTRIES)?;
             txn.open_table(VOTES)?;
             txn.open_table(SNAPSHOTS)?;
+            txn.open_table(LOG_STARTS)?;
         }
         txn.commit()?;
         Ok(())

@@ -51,6 +51,17 @@ pub struct LogEnd {
     pub head: MessageId,
 }
 
+/// What the store holds of a range of a replicated log's entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredEntries {
+    /// The entries, with the ID of the entry before the first.
+    Entries(MessageId, Vec<EntryRow>),
+    /// Retention dropped some of them: the stored log starts at this point.
+    Dropped(SnapshotRow),
+    /// Not all of them are stored (the range passes the log end).
+    Missing,
+}
+
 /// What a replica restarts from: its vote, its snapshot point and its log's
 /// entries from there.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,7 +108,17 @@ impl Store {
         }
         let last_entry_id = match index {
             0 => None,
-            n => Some(self.entry_at(t, key, n - 1)?.entry.id),
+            n => match self.entry_row(t, key, n - 1)? {
+                Some(row) => Some(row.entry.id),
+                None => match self.log_start(t, key)? {
+                    Some(point) if point.snapshot.index == n => Some(point.snapshot.last_id),
+                    _ => {
+                        return Err(
+                            self.corrupt(format!("partition {key:?}: entry {} is missing", n - 1))
+                        );
+                    }
+                },
+            },
         };
         cache.partitions.insert(key, state.clone());
         Ok(LogEnd {
@@ -126,7 +147,7 @@ impl Store {
             .next_back()
         {
             Some(row) => row?.0.value().2 + 1,
-            None => 0,
+            None => self.log_start(t, key)?.map_or(0, |p| p.snapshot.index),
         };
         if truncate_from > count {
             return Err(self.diverged(
@@ -421,6 +442,53 @@ impl Store {
         Ok(())
     }
 
+    /// Where a replicated log's stored entries start, once retention dropped some.
+    pub(super) fn log_start(
+        &self,
+        t: &Tables<'_>,
+        key: (u32, u32),
+    ) -> Result<Option<SnapshotRow>, StoreError> {
+        match t.log_starts.get(key)? {
+            Some(v) => Ok(Some(self.decode_value("log start", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Drops a replicated partition's whole log and restarts it at `point`:
+    /// no batches, entries, segments or producer states; the record log
+    /// starts (and ends) at `point.record_end`, after `point.record_head`.
+    pub(super) fn apply_install(
+        &self,
+        t: &mut Tables<'_>,
+        cache: &mut TxnCache,
+        topic: &str,
+        partition: u32,
+        point: &SnapshotRow,
+    ) -> Result<(), StoreError> {
+        let entry = self.existing_topic(t, cache, topic)?;
+        let key = (entry.id, partition);
+        let all = (key.0, key.1, 0)..=(key.0, key.1, u64::MAX);
+        t.batches.retain_in(all.clone(), |_, _| false)?;
+        t.segments.retain_in(all.clone(), |_, _| false)?;
+        t.entries.retain_in(all.clone(), |_, _| false)?;
+        t.producers.retain_in(all, |_, _| false)?;
+        cache.active_segments.remove(&key);
+        cache.producers.retain(|k, _| (k.0, k.1) != key);
+        let mut state = self.cached_partition(t, cache, key)?;
+        state.log_start_offset = point.record_end;
+        state.log_end_offset = point.record_end;
+        state.high_watermark = point.record_end;
+        state.head = point.record_head;
+        state.start_prev_id = point.record_head;
+        state.epoch = point.snapshot.last_epoch;
+        state.bytes = 0;
+        cache.partitions.insert(key, state);
+        let bytes = self.encode_value(point)?;
+        t.log_starts.insert(key, bytes.as_slice())?;
+        t.snapshots.insert(key, bytes.as_slice())?;
+        Ok(())
+    }
+
     /// Stores a replica's epoch and promise.
     pub(super) fn apply_vote(
         &self,
@@ -456,16 +524,6 @@ impl Store {
             Some(v) => Ok(Some(self.decode_value("log entry", v.value())?)),
             None => Ok(None),
         }
-    }
-
-    fn entry_at(
-        &self,
-        t: &Tables<'_>,
-        key: (u32, u32),
-        index: u64,
-    ) -> Result<EntryRow, StoreError> {
-        self.entry_row(t, key, index)?
-            .ok_or_else(|| self.corrupt(format!("partition {key:?}: entry {index} is missing")))
     }
 
     fn diverged(&self, topic: &str, partition: u32, detail: impl Into<String>) -> StoreError {
@@ -516,41 +574,51 @@ impl Store {
 
     /// Entries `from..upto` of a replicated log and the ID of the entry
     /// before `from` (the genesis at 0), as the leader sends a follower
-    /// that is far behind. `None` when the store no longer holds them all.
-    #[allow(clippy::type_complexity)]
+    /// that is far behind; or, when retention dropped some of them, where
+    /// the stored log starts now.
     pub fn stored_entries(
         &self,
         topic: &str,
         partition: u32,
         from: u64,
         upto: u64,
-    ) -> Result<Option<(MessageId, Vec<EntryRow>)>, StoreError> {
+    ) -> Result<StoredEntries, StoreError> {
         let txn = self.db.begin_read()?;
         let entry = self.topic_in(&txn, topic)?;
+        let key = (entry.id, partition);
         let table = txn.open_table(ENTRIES)?;
-        let prev_id = match from {
-            0 => chain::partition_genesis(topic, partition),
-            n => match table.get((entry.id, partition, n - 1))? {
+        let starts = txn.open_table(LOG_STARTS)?;
+        let start: Option<SnapshotRow> = match starts.get(key)? {
+            Some(v) => Some(self.decode_value("log start", v.value())?),
+            None => None,
+        };
+        let prev_id = match (from, start) {
+            (_, Some(point)) if from < point.snapshot.index => {
+                return Ok(StoredEntries::Dropped(point));
+            }
+            (_, Some(point)) if from == point.snapshot.index => point.snapshot.last_id,
+            (0, _) => chain::partition_genesis(topic, partition),
+            (n, _) => match table.get((key.0, key.1, n - 1))? {
                 Some(v) => {
                     self.decode_value::<EntryRow>("log entry", v.value())?
                         .entry
                         .id
                 }
-                None => return Ok(None),
+                None => return Ok(StoredEntries::Missing),
             },
         };
         let mut rows = Vec::new();
-        for row in table.range((entry.id, partition, from)..(entry.id, partition, upto))? {
+        for row in table.range((key.0, key.1, from)..(key.0, key.1, upto))? {
             let (k, v) = row?;
             if k.value().2 != from + rows.len() as u64 {
-                return Ok(None);
+                return Ok(StoredEntries::Missing);
             }
             rows.push(self.decode_value::<EntryRow>("log entry", v.value())?);
         }
         if rows.len() as u64 != upto.saturating_sub(from) {
-            return Ok(None);
+            return Ok(StoredEntries::Missing);
         }
-        Ok(Some((prev_id, rows)))
+        Ok(StoredEntries::Entries(prev_id, rows))
     }
 
     /// The outcome of a producer's batch already in the log (a retry's answer):

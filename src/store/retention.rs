@@ -5,14 +5,25 @@
 //! that must stay. The active (newest) segment is dropped only when all of it
 //! has expired, so a quiet partition frees its space too; size alone never
 //! drops it. A segment's age is that of its newest record.
+//!
+//! A replicated partition drops only segments wholly below its replica's
+//! snapshot point (committed, and compacted from memory: at least
+//! `keep_committed` entries below the high watermark), never what is at or
+//! above the high watermark. With the segments go the entry rows of their
+//! batches, and the point where the stored entries now start is kept
+//! (entry index, the ID and epoch before it, the replica set in force, the
+//! record offset and chain ID there): a replica that needs what was dropped
+//! restarts there.
 
 use redb::ReadableTable;
 
 use super::Store;
 use super::tables::{
-    PRODUCER_EXPIRATION_MS, PartitionState, ProducerState, SegmentMeta, TopicEntry,
+    EntryRow, PRODUCER_EXPIRATION_MS, PartitionState, ProducerState, SegmentMeta, SnapshotRow,
+    TopicEntry,
 };
 use super::write::Tables;
+use crate::core::replication::{ReplicaSet, Snapshot};
 use crate::error::StoreError;
 
 impl Store {
@@ -74,6 +85,12 @@ impl Store {
             return Ok(0);
         };
         let mut state: PartitionState = self.decode_value("partition state", &state_bytes)?;
+        let replicated = self.is_replicated(t, (tid, partition))?;
+        // A replicated partition keeps everything from its snapshot point on.
+        let keep_from = match &replicated {
+            Some(point) => point.as_ref().map_or(0, |p| p.record_end),
+            None => u64::MAX,
+        };
         let retention = &topic.config.retention;
         let ttl_ms = retention
             .time
@@ -88,7 +105,7 @@ impl Store {
                 && retention
                     .bytes
                     .is_some_and(|limit| state.bytes.saturating_sub(segment.bytes) >= limit);
-            if !(expired || surplus) {
+            if !(expired || surplus) || segment.next_offset > keep_from {
                 break;
             }
             self.drop_segment(t, tid, partition, segment)?;
@@ -105,8 +122,91 @@ impl Store {
             };
             t.partitions
                 .insert((tid, partition), self.encode_value(&state)?.as_slice())?;
+            if replicated.is_some() {
+                self.drop_entries_before(t, topic, partition, &state)?;
+            }
         }
         Ok(dropped)
+    }
+
+    /// `Some` for a replicated partition (one with entry rows or a snapshot
+    /// point), with its stored snapshot point if it has one.
+    #[allow(clippy::option_option)]
+    fn is_replicated(
+        &self,
+        t: &Tables<'_>,
+        key: (u32, u32),
+    ) -> Result<Option<Option<SnapshotRow>>, StoreError> {
+        if let Some(v) = t.snapshots.get(key)? {
+            return Ok(Some(Some(self.decode_value("snapshot point", v.value())?)));
+        }
+        let any_entry = t
+            .entries
+            .range((key.0, key.1, 0)..=(key.0, key.1, u64::MAX))?
+            .next()
+            .is_some();
+        Ok(any_entry.then_some(None))
+    }
+
+    /// Drops the entry rows whose records retention dropped and stores where
+    /// the entries now start.
+    fn drop_entries_before(
+        &self,
+        t: &mut Tables<'_>,
+        topic: &TopicEntry,
+        partition: u32,
+        state: &PartitionState,
+    ) -> Result<(), StoreError> {
+        let key = (topic.id, partition);
+        let previous = self.log_start(t, key)?;
+        let mut members = match &previous {
+            Some(point) => point.snapshot.members.clone(),
+            None => ReplicaSet::of_voters(
+                topic
+                    .replicas
+                    .get(partition as usize)
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        };
+        let mut last: Option<(u64, EntryRow)> = None;
+        for row in t
+            .entries
+            .range((key.0, key.1, 0)..=(key.0, key.1, u64::MAX))?
+        {
+            let (k, v) = row?;
+            let entry: EntryRow = self.decode_value("log entry", v.value())?;
+            if entry.base_offset >= state.log_start_offset {
+                break;
+            }
+            if let Some(set) = entry
+                .entry
+                .config
+                .as_ref()
+                .and_then(|bytes| postcard::from_bytes::<ReplicaSet<_>>(bytes).ok())
+            {
+                members = set;
+            }
+            last = Some((k.value().2, entry));
+        }
+        let Some((index, row)) = last else {
+            return Ok(());
+        };
+        t.entries
+            .retain_in((key.0, key.1, 0)..=(key.0, key.1, index), |_, _| false)?;
+        let point = SnapshotRow {
+            snapshot: Snapshot {
+                index: index + 1,
+                last_id: row.entry.id,
+                last_epoch: row.entry.epoch,
+                members,
+            },
+            record_end: state.log_start_offset,
+            record_head: state.start_prev_id,
+        };
+        t.log_starts
+            .insert(key, self.encode_value(&point)?.as_slice())?;
+        Ok(())
     }
 
     fn drop_segment(

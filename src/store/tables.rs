@@ -47,6 +47,10 @@ pub(super) const VOTES: TableDefinition<(u32, u32), &[u8]> = TableDefinition::ne
 /// (topic id, partition) → [`SnapshotRow`]: where a replica's log restarts
 /// (it reads the entries from there on, not the whole log).
 pub(super) const SNAPSHOTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("snapshots");
+/// (topic id, partition) → [`SnapshotRow`]: where a replicated log's stored
+/// entries start once retention dropped the oldest (absent: at entry 0).
+pub(super) const LOG_STARTS: TableDefinition<(u32, u32), &[u8]> =
+    TableDefinition::new("log_starts");
 /// (group, topic, partition) → committed offset (the next offset to read).
 pub(super) const GROUP_OFFSETS: TableDefinition<(&str, &str, u32), u64> =
     TableDefinition::new("group_offsets");

@@ -112,6 +112,16 @@ pub enum WriteOp {
         /// The point.
         snapshot: SnapshotRow,
     },
+    /// Drop a replicated partition's whole log and restart it at `point`
+    /// (the leader's log start): a replica too far behind catches up from there.
+    InstallSnapshot {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// Where the log restarts.
+        point: SnapshotRow,
+    },
     /// Store a replica's epoch and promise (always made durable).
     SetVote {
         /// The topic.
@@ -151,6 +161,7 @@ impl WriteOp {
             WriteOp::CreateTopic { .. }
                 | WriteOp::DeleteTopic { .. }
                 | WriteOp::SetVote { .. }
+                | WriteOp::InstallSnapshot { .. }
                 | WriteOp::ApplyMeta { .. }
                 | WriteOp::SetMeshId { .. }
         )
@@ -196,6 +207,7 @@ pub(super) struct Tables<'t> {
     pub entries: Table<'t, (u32, u32, u64), &'static [u8]>,
     pub votes: Table<'t, (u32, u32), &'static [u8]>,
     pub snapshots: Table<'t, (u32, u32), &'static [u8]>,
+    pub log_starts: Table<'t, (u32, u32), &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -211,6 +223,7 @@ impl<'t> Tables<'t> {
             entries: txn.open_table(ENTRIES)?,
             votes: txn.open_table(VOTES)?,
             snapshots: txn.open_table(SNAPSHOTS)?,
+            log_starts: txn.open_table(LOG_STARTS)?,
         })
     }
 }
@@ -349,6 +362,13 @@ impl Store {
                 snapshot,
             } => self
                 .apply_snapshot(t, cache, &topic, partition, &snapshot)
+                .map(|()| WriteOutcome::Done),
+            WriteOp::InstallSnapshot {
+                topic,
+                partition,
+                point,
+            } => self
+                .apply_install(t, cache, &topic, partition, &point)
                 .map(|()| WriteOutcome::Done),
             WriteOp::ApplyMeta {
                 offset,

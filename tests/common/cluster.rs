@@ -165,14 +165,18 @@ pub async fn wait_for_agreement(
     .await;
 }
 
-/// Every committed record of a partition in one store, in offset order.
+/// Every committed record of a partition in one store, in offset order
+/// from its log start.
 pub fn read_all(
     store: &meshlog::store::Store,
     topic: &str,
     partition: u32,
 ) -> Vec<meshlog::ConsumerRecord> {
     let mut out = Vec::new();
-    let mut offset = 0;
+    let mut offset = store
+        .partition_state(topic, partition)
+        .expect("partition state")
+        .log_start_offset;
     loop {
         let read = store.read(topic, partition, offset, 1 << 20).expect("read");
         let Some(last) = read.records.last() else {

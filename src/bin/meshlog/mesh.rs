@@ -61,6 +61,10 @@ pub struct NodeArgs {
     /// A failure zone (rack, site) to announce, for placement.
     #[arg(long)]
     pub zone: Option<String>,
+    /// How often retention drops expired segments, in ms (Kafka's
+    /// `log.retention.check.interval.ms`).
+    #[arg(long, default_value_t = 300_000)]
+    pub retention_check_interval_ms: u64,
     #[command(flatten)]
     pub join: JoinArgs,
 }
@@ -81,6 +85,7 @@ pub async fn run_node(data_dir: Option<PathBuf>, fsync: bool, args: &NodeArgs) -
     mesh.zone = args.zone.clone();
     mesh.membership.validate()?;
     let mut config = NodeConfig::default().with_fsync(fsync).with_network(mesh);
+    config.retention_check_interval = Duration::from_millis(args.retention_check_interval_ms);
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
