@@ -49,6 +49,12 @@ pub struct NodeConfig {
     /// this window is not stored again. Measured on record timestamps.
     /// Default 2 min.
     pub dedup_window: Duration,
+    /// Memory the database may use to cache pages of its file, in bytes.
+    /// Default 64 MiB: enough for the recent batches that followers and
+    /// consumers read and for the tables' upper pages; older reads go to the
+    /// file (and the OS page cache). The database engine's own default
+    /// (1 GiB) would let a node's memory grow with its log up to that size.
+    pub cache_bytes: usize,
     /// How the node joins the mesh: listen and bootstrap addresses, mDNS, role.
     /// Default: a storage node on every interface with mDNS on. `None` keeps
     /// the node off the network (a local log only).
@@ -63,6 +69,7 @@ impl Default for NodeConfig {
             max_group_commit: 4096,
             retention_check_interval: Duration::from_secs(300),
             dedup_window: Duration::from_secs(120),
+            cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             network: Some(MeshConfig::default()),
         }
     }
@@ -90,6 +97,12 @@ impl NodeConfig {
     /// Sets [`NodeConfig::fsync`].
     pub fn with_fsync(mut self, fsync: bool) -> Self {
         self.fsync = fsync;
+        self
+    }
+
+    /// Sets [`NodeConfig::cache_bytes`].
+    pub fn with_cache_bytes(mut self, bytes: usize) -> Self {
+        self.cache_bytes = bytes;
         self
     }
 

@@ -146,9 +146,11 @@ impl Node {
         config.validate()?;
         let dir = config.data_dir.clone();
         let fsync = config.fsync;
-        let store = tokio::task::spawn_blocking(move || Store::open(&dir, fsync))
-            .await
-            .map_err(|_| Error::Closed)??;
+        let cache_bytes = config.cache_bytes;
+        let store =
+            tokio::task::spawn_blocking(move || Store::open_with_cache(&dir, fsync, cache_bytes))
+                .await
+                .map_err(|_| Error::Closed)??;
         let store = Arc::new(store);
         let (writes, queue) = mpsc::channel(WRITE_QUEUE_DEPTH);
         let appended = Arc::new(watch::channel(0u64).0);

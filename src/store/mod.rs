@@ -76,11 +76,21 @@ pub struct VerifyReport {
 
 impl Store {
     /// Opens (or creates) the store in `dir`, creating the directory if needed,
-    /// and checks every partition's chain head against its last batch.
+    /// and checks every partition's chain head against its last batch. The
+    /// database caches up to [`DEFAULT_CACHE_BYTES`] of its pages.
     pub fn open(dir: &Path, fsync: bool) -> Result<Store, StoreError> {
+        Self::open_with_cache(dir, fsync, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`Store::open`], caching up to `cache_bytes` of the file's pages.
+    pub fn open_with_cache(
+        dir: &Path,
+        fsync: bool,
+        cache_bytes: usize,
+    ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(DB_FILE_NAME);
-        let db = open_database(&path)?;
+        let db = open_database(&path, cache_bytes)?;
         let store = Store { db, path, fsync };
         store.init_schema()?;
         store.check_heads()?;
@@ -492,13 +502,17 @@ fn push_records(
 /// Opens the database file, turning redb's errors into ones a user can act on.
 /// redb is asked to repair after an unclean shutdown; a file that is not a
 /// database (or is damaged beyond repair) is reported as corrupt.
-fn open_database(path: &Path) -> Result<Database, StoreError> {
+/// The page cache a store gets unless told otherwise: see `NodeConfig::cache_bytes`.
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         path: path.to_path_buf(),
         detail,
     };
     // redb has been seen to panic on some damaged files; a panic must not cross the API.
-    let opened = std::panic::catch_unwind(|| Database::builder().create(path));
+    let opened =
+        std::panic::catch_unwind(|| Database::builder().set_cache_size(cache_bytes).create(path));
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::InUse {

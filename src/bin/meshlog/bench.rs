@@ -31,6 +31,9 @@ pub enum BenchCommand {
     /// Produce and end-to-end throughput and latency of a local mesh of node
     /// processes, for replication factor 1 and 3, acks leader and all.
     Mesh(crate::bench_mesh::MeshArgs),
+    /// Memory of three node processes under sustained load (RF 3, acks all),
+    /// and how fast a node with a long log restarts.
+    Soak(crate::bench_soak::SoakArgs),
 }
 
 /// Options of `bench storage`.
@@ -72,6 +75,7 @@ pub async fn run(command: &BenchCommand) -> CliResult {
     match command {
         BenchCommand::Storage(args) => storage(args).await,
         BenchCommand::Mesh(args) => crate::bench_mesh::run(args).await,
+        BenchCommand::Soak(args) => crate::bench_soak::run(args).await,
     }
 }
 

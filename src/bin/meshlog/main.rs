@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_mesh;
+mod bench_soak;
 mod consume;
 mod demo;
 mod group;

@@ -65,6 +65,9 @@ pub struct NodeArgs {
     /// `log.retention.check.interval.ms`).
     #[arg(long, default_value_t = 300_000)]
     pub retention_check_interval_ms: u64,
+    /// Memory the database may use to cache its pages, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub cache_mb: usize,
     #[command(flatten)]
     pub join: JoinArgs,
 }
@@ -86,6 +89,7 @@ pub async fn run_node(data_dir: Option<PathBuf>, fsync: bool, args: &NodeArgs) -
     mesh.membership.validate()?;
     let mut config = NodeConfig::default().with_fsync(fsync).with_network(mesh);
     config.retention_check_interval = Duration::from_millis(args.retention_check_interval_ms);
+    config.cache_bytes = args.cache_mb.saturating_mul(1024 * 1024);
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
