@@ -64,6 +64,8 @@ pub(crate) struct NodeInner {
     store_failure: watch::Receiver<Option<String>>,
     /// Background work to stop on shutdown; `None` once stopped.
     tasks: Mutex<Option<NodeTasks>>,
+    /// Turns true once a shutdown has finished, for callers that find one under way.
+    shut_down: watch::Sender<bool>,
 }
 
 struct NodeTasks {
@@ -235,6 +237,7 @@ impl Node {
                 ownership,
                 remote_topics: Mutex::new(Default::default()),
                 store_failure: store_failure.clone(),
+                shut_down: watch::channel(false).0,
                 tasks: Mutex::new(Some(NodeTasks {
                     writer,
                     retention,
@@ -516,7 +519,12 @@ impl Node {
     /// `Error::Closed`.
     pub async fn shutdown(&self) {
         let tasks = self.inner.tasks.lock().ok().and_then(|mut t| t.take());
-        let Some(tasks) = tasks else { return };
+        let Some(tasks) = tasks else {
+            // Another caller is shutting the node down: wait until it is done.
+            let mut done = self.inner.shut_down.subscribe();
+            let _ = done.wait_for(|done| *done).await;
+            return;
+        };
         if let Some(mesh) = &self.inner.mesh {
             mesh.shutdown().await;
         }
@@ -539,6 +547,7 @@ impl Node {
             store.take();
         }
         info!("node shut down");
+        self.inner.shut_down.send_replace(true);
     }
 
     /// The store, until the node shuts down.
