@@ -22,6 +22,7 @@
 //!   partition replica a node hosts over the core, the store and the mesh.
 //! - `cluster` (private): a node's requests across the mesh (topic changes,
 //!   descriptions, produce routing to leaders).
+//! - `bound_identity` (private): a storage node's peer id belongs to its database.
 //! - [`node`]: [`Node`], the handle an application embeds; it owns the store's writer.
 //! - [`producer`], [`consumer`]: the client API.
 //! - [`error`]: one error enum per layer and the umbrella [`Error`].
@@ -50,6 +51,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bound_identity;
 pub mod chain;
 mod cluster;
 pub mod config;

@@ -173,7 +173,11 @@ impl Node {
         ));
         let mesh = match &config.network {
             Some(mesh_config) => {
-                let keypair = identity::load_or_create(&config.data_dir).map_err(Error::Net)?;
+                let keypair = if mesh_config.role_is_storage() {
+                    crate::bound_identity::bind(&config.data_dir, &store)?
+                } else {
+                    identity::load_or_create(&config.data_dir).map_err(Error::Net)?
+                };
                 let mesh = Mesh::start(keypair, mesh_config.clone(), Some(config.data_dir.clone()))
                     .await
                     .map_err(Error::Net)?;

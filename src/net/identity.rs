@@ -34,6 +34,18 @@ pub fn load_or_create(dir: &Path) -> Result<Keypair, NetError> {
     }
 }
 
+/// Retires the keypair in `dir` (kept as `node.key.retired`) and creates a
+/// new one: the node takes a new peer id.
+pub fn replace(dir: &Path) -> Result<Keypair, NetError> {
+    let path = dir.join(IDENTITY_FILE);
+    match std::fs::rename(&path, path.with_extension("key.retired")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(NetError::Io(e)),
+    }
+    load_or_create(dir)
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

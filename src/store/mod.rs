@@ -46,6 +46,11 @@ use tables::*;
 /// The name of the database file inside a data directory.
 pub const DB_FILE_NAME: &str = "meshlog.redb";
 
+/// META key: the digest of the peer id that last opened the database.
+const CLAIMED_BY: &str = "claimed_by";
+/// META key: how many times the database was opened by a storage node.
+const CLAIMS: &str = "claims";
+
 /// A node's log store. Cheap to share behind an `Arc`: reads take `&self` and run
 /// concurrently; writes serialise inside redb.
 pub struct Store {
@@ -405,6 +410,32 @@ impl Store {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
         Ok(meta.get(MESH_ID)?.map(|v| v.value()))
+    }
+
+    /// Which identity last claimed this database (a digest of its peer id;
+    /// `None` for a new database) and how many times it was claimed.
+    pub fn claimed_by(&self) -> Result<(Option<u64>, u64), StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let identity = meta.get(CLAIMED_BY)?.map(|v| v.value());
+        let generation = meta.get(CLAIMS)?.map_or(0, |v| v.value());
+        Ok((identity, generation))
+    }
+
+    /// Records that `identity` opens this database now; returns the new
+    /// claim count. Durable before it returns.
+    pub fn claim(&self, identity: u64) -> Result<u64, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        let generation = {
+            let mut meta = txn.open_table(META)?;
+            let generation = meta.get(CLAIMS)?.map_or(0, |v| v.value()) + 1;
+            meta.insert(CLAIMED_BY, identity)?;
+            meta.insert(CLAIMS, generation)?;
+            generation
+        };
+        txn.commit()?;
+        Ok(generation)
     }
 
     /// One past the last offset of `__meta` this store has applied.
