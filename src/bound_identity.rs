@@ -32,7 +32,12 @@ pub fn bind(dir: &Path, store: &Store) -> Result<Keypair> {
     let seen = read_generation(dir)?;
     let me = identity_hash(&keypair);
     let rolled_back = seen.is_some_and(|seen| generation < seen);
-    let ours = claimed_by == Some(me) && !rolled_back;
+    // A database written before identities were recorded (it holds a mesh
+    // or topics but no claim) is taken as this node's own.
+    let unclaimed_but_used = claimed_by.is_none()
+        && seen.is_none()
+        && (store.mesh_id()?.is_some() || !store.list_topics()?.is_empty());
+    let ours = (claimed_by == Some(me) || unclaimed_but_used) && !rolled_back;
     if key_existed && !ours {
         let old = keypair.public().to_peer_id();
         let reason = if claimed_by.is_none() {

@@ -50,17 +50,16 @@ const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Node {
     /// Whether this node is part of a mesh (topics are replicated).
-    pub(crate) fn in_mesh(&self) -> bool {
-        self.inner.mesh.is_some()
-    }
-
     fn me(&self) -> Option<NodeId> {
-        self.peer_id().map(NodeId::from)
+        Some(self.inner.me)
     }
 
     /// The live storage nodes this node knows of, itself included when it is one.
     pub async fn live_storage_nodes(&self) -> Result<Vec<NodeId>> {
-        let mesh = self.inner.mesh.as_ref().ok_or(Error::Closed)?;
+        let Some(mesh) = self.inner.mesh.as_ref() else {
+            // A node without network is a mesh of one.
+            return Ok(vec![self.inner.me]);
+        };
         let members = mesh.members().await.map_err(Error::Net)?;
         let mut nodes: Vec<NodeId> = members
             .into_iter()
@@ -103,6 +102,8 @@ impl Node {
         request: PeerRequest,
         patience: Duration,
     ) -> Result<PeerResponse> {
+        // A node that shut down answers nothing, its own requests included.
+        self.store()?;
         if Some(peer) == self.me()
             && let Some(replicator) = &self.inner.replicator
         {
@@ -514,6 +515,7 @@ impl Node {
                 }
                 Ok(PeerResponse::Produced(Err(refusal))) => refusal,
                 Ok(other) => Refusal::Other(format!("unexpected answer {other:?}")),
+                Err(Error::Closed) => return Err(Error::Closed),
                 Err(e) => Refusal::Other(e.to_string()),
             };
             let next = match refusal {

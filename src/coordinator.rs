@@ -81,12 +81,14 @@ pub(crate) struct GroupCall {
 pub(crate) fn start(
     replicator: Replicator,
     store: Arc<Store>,
+    alone: bool,
     calls: mpsc::Receiver<GroupCall>,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let task = Task {
         replicator,
         store,
+        alone,
         hosted: BTreeMap::new(),
         replies: BTreeMap::new(),
         next_id: 0,
@@ -117,6 +119,8 @@ type Appended = (u32, u64, Vec<u64>, Result<(), String>);
 struct Task {
     replicator: Replicator,
     store: Arc<Store>,
+    /// A node without network: its groups' members all live in its own process.
+    alone: bool,
     hosted: BTreeMap<u32, Hosted>,
     /// Requests waiting for the core's answer.
     replies: BTreeMap<RequestId, oneshot::Sender<GroupAnswer>>,
@@ -185,7 +189,8 @@ impl Task {
                 self.abandon(partition);
                 let store = self.store.clone();
                 // Reading the log is blocking store work: off the async workers.
-                let core = tokio::task::spawn_blocking(move || load(&store, partition))
+                let alone = self.alone;
+                let core = tokio::task::spawn_blocking(move || load(&store, partition, alone))
                     .await
                     .map_err(|e| GroupError::NotStored(e.to_string()))??;
                 self.incarnations += 1;
@@ -356,12 +361,15 @@ impl Task {
 }
 
 /// Replays an `__offsets` partition's committed log into a new core.
-fn load(store: &Store, partition: u32) -> Result<Coordinator, GroupError> {
+fn load(store: &Store, partition: u32, alone: bool) -> Result<Coordinator, GroupError> {
     let unreadable = |e: crate::error::StoreError| GroupError::NotStored(e.to_string());
     let state = store
         .partition_state(OFFSETS_TOPIC, partition)
         .map_err(unreadable)?;
     let mut core = Coordinator::new();
+    if alone {
+        core = core.with_no_surviving_members();
+    }
     let mut offset = state.log_start_offset;
     let mut records = 0u64;
     while offset < state.high_watermark {

@@ -26,7 +26,7 @@ use crate::error::{Error, Result, StoreError};
 use crate::net::{Mesh, NodeId, PeerId, identity};
 use crate::producer::Producer;
 use crate::replica::{Replicator, ReplicatorSetup};
-use crate::store::{Store, TopicEntry, WriteOp, WriteOutcome};
+use crate::store::{Store, WriteOp, WriteOutcome};
 
 /// Write requests waiting for the writer; senders wait when it is full.
 const WRITE_QUEUE_DEPTH: usize = 8192;
@@ -45,9 +45,9 @@ pub(crate) struct NodeInner {
     database_path: PathBuf,
     /// The writer thread's queue.
     writes: mpsc::Sender<WriterMessage>,
-    /// Bumped after every committed group that appended records.
-    appended: Arc<watch::Sender<u64>>,
     config: NodeConfig,
+    /// This node's identity (its peer id).
+    pub(crate) me: NodeId,
     /// The node's place in the mesh, when it is on the network.
     pub(crate) mesh: Option<Arc<Mesh>>,
     /// The replication task, on a storage node in a mesh.
@@ -162,7 +162,14 @@ impl Node {
             let max_group = config.max_group_commit;
             std::thread::Builder::new()
                 .name("meshlog-writer".into())
-                .spawn(move || run_writer(&store, queue, &appended, &failed, max_group))
+                .spawn(move || {
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_writer(&store, queue, &appended, &failed, max_group)
+                    }));
+                    if ran.is_err() {
+                        failed.send_replace(Some("the writer thread panicked".into()));
+                    }
+                })
                 .map_err(StoreError::Io)?
         };
         let (stop, stopped) = watch::channel(false);
@@ -171,13 +178,17 @@ impl Node {
             config.retention_check_interval,
             stopped,
         ));
+        // A storage node, or a node without network (a mesh of one), hosts
+        // replicas under an identity bound to its database.
+        let stores = config.network.as_ref().is_none_or(|m| m.role_is_storage());
+        let keypair = if stores {
+            crate::bound_identity::bind(&config.data_dir, &store)?
+        } else {
+            identity::load_or_create(&config.data_dir).map_err(Error::Net)?
+        };
+        let me = NodeId::from(keypair.public().to_peer_id());
         let mesh = match &config.network {
             Some(mesh_config) => {
-                let keypair = if mesh_config.role_is_storage() {
-                    crate::bound_identity::bind(&config.data_dir, &store)?
-                } else {
-                    identity::load_or_create(&config.data_dir).map_err(Error::Net)?
-                };
                 let mesh = Mesh::start(keypair, mesh_config.clone(), Some(config.data_dir.clone()))
                     .await
                     .map_err(Error::Net)?;
@@ -189,21 +200,23 @@ impl Node {
             }
             None => None,
         };
-        let storage_mesh = mesh
-            .as_ref()
-            .filter(|_| config.network.as_ref().is_some_and(|m| m.role_is_storage()));
         let founding = match &config.network {
+            None => crate::replica::Founding::Now,
             Some(m) if !m.bootstrap.is_empty() => crate::replica::Founding::Never,
             Some(m) if m.mdns => crate::replica::Founding::LowestId,
-            _ => crate::replica::Founding::Alone,
+            Some(_) => crate::replica::Founding::Alone,
         };
         let ownership = Arc::new(Mutex::new(crate::core::ownership::OwnershipTable::new()));
         let (groups, group_calls) = mpsc::channel(1024);
-        let (replicator, replicator_task, coordinator_task) = match storage_mesh {
-            Some(mesh) => {
-                let inbound = mesh.take_inbound().ok_or(Error::Closed)?;
+        let (replicator, replicator_task, coordinator_task) = match stores {
+            true => {
+                let inbound = match &mesh {
+                    Some(mesh) => mesh.take_inbound().ok_or(Error::Closed)?,
+                    // No peers: nothing ever arrives.
+                    None => mpsc::channel(1).1,
+                };
                 let (replicator, task) = Replicator::start(ReplicatorSetup {
-                    me: NodeId::from(mesh.peer_id()),
+                    me,
                     store: store.clone(),
                     writes: WriteQueue { tx: writes.clone() },
                     mesh: mesh.clone(),
@@ -218,12 +231,13 @@ impl Node {
                 let coordinator = crate::coordinator::start(
                     replicator.clone(),
                     store.clone(),
+                    mesh.is_none(),
                     group_calls,
                     stop.subscribe(),
                 );
                 (Some(replicator), Some(task), Some(coordinator))
             }
-            None => (None, None, None),
+            false => (None, None, None),
         };
         let groups = replicator.as_ref().map(|_| groups);
         info!(data_dir = %config.data_dir.display(), fsync, "node opened");
@@ -232,8 +246,8 @@ impl Node {
                 database_path: store.path().to_path_buf(),
                 store: std::sync::RwLock::new(Some(store)),
                 writes,
-                appended,
                 config,
+                me,
                 mesh,
                 replicator,
                 groups,
@@ -297,134 +311,33 @@ impl Node {
     /// Creates a topic. Creating one that exists with the same config is a
     /// no-op; with a different config it is `Error::TopicExists`.
     pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicDescription> {
-        if self.in_mesh() {
-            return self.create_topic_in_mesh(name, config).await;
-        }
-        let op = WriteOp::CreateTopic {
-            name: name.to_string(),
-            config,
-            now_ms: now_ms(),
-            replicas: Vec::new(),
-        };
-        match self.inner.write(op).await? {
-            WriteOutcome::TopicCreated { topic, created } => {
-                if created {
-                    info!(
-                        topic = name,
-                        partitions = topic.config.partitions,
-                        "topic created"
-                    );
-                }
-                self.describe_entry(&topic)
-            }
-            other => Err(unexpected(other)),
-        }
+        self.create_topic_in_mesh(name, config).await
     }
 
     /// Deletes a topic, its records and the offsets groups committed for it.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        if self.in_mesh() {
-            return self.delete_topic_in_mesh(name).await;
-        }
-        match self
-            .inner
-            .write(WriteOp::DeleteTopic {
-                name: name.to_string(),
-            })
-            .await?
-        {
-            WriteOutcome::TopicDeleted => {
-                info!(topic = name, "topic deleted");
-                Ok(())
-            }
-            other => Err(unexpected(other)),
-        }
+        self.delete_topic_in_mesh(name).await
     }
 
     /// The names of all topics, sorted.
     pub async fn list_topics(&self) -> Result<Vec<String>> {
-        if self.in_mesh() {
-            return self.list_topics_in_mesh().await;
-        }
-        Ok(self
-            .store()?
-            .list_topics()?
-            .into_iter()
-            .map(|t| t.name)
-            .collect())
+        self.list_topics_in_mesh().await
     }
 
     /// A topic's config and the state of each partition.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        if self.in_mesh() {
-            return self.describe_topic_in_mesh(name).await;
-        }
-        let entry = self.store()?.topic(name)?;
-        self.describe_entry(&entry)
+        self.describe_topic_in_mesh(name).await
     }
 
-    fn describe_entry(&self, entry: &TopicEntry) -> Result<TopicDescription> {
-        let store = self.store()?;
-        let mut partitions = Vec::with_capacity(entry.config.partitions as usize);
-        for partition in 0..entry.config.partitions {
-            let state = store.partition_state(&entry.name, partition)?;
-            partitions.push(PartitionDescription {
-                partition,
-                epoch: state.epoch,
-                log_start_offset: state.log_start_offset,
-                high_watermark: state.high_watermark,
-                log_end_offset: state.log_end_offset,
-                head: state.head,
-                bytes: state.bytes,
-                leader: None,
-                replicas: Vec::new(),
-                in_sync: Vec::new(),
-                learners: Vec::new(),
-                target_replicas: Vec::new(),
-            });
-        }
-        Ok(TopicDescription {
-            name: entry.name.clone(),
-            config: entry.config.clone(),
-            partitions,
-        })
-    }
-
-    /// The consumer groups, sorted: in a mesh, those every `__offsets`
-    /// coordinator knows (with members or committed offsets); on a node of
-    /// its own, those with offsets in its store.
+    /// The consumer groups, sorted: those every `__offsets` coordinator
+    /// knows (with members or committed offsets).
     pub async fn list_groups(&self) -> Result<Vec<String>> {
-        if self.in_mesh() {
-            return self.list_groups_in_mesh().await;
-        }
-        Ok(self.store()?.list_groups()?)
+        self.list_groups_in_mesh().await
     }
 
     /// A group's state, members with their partitions, and committed offsets
     /// with each partition's log end and lag (Kafka's `--describe --group`).
     pub async fn describe_group(&self, group: &str) -> Result<GroupInfo> {
-        if !self.in_mesh() {
-            let store = self.store()?;
-            let mut offsets = Vec::new();
-            for (topic, partition, committed) in store.group_offsets(group)? {
-                let state = store.partition_state(&topic, partition)?;
-                offsets.push(GroupOffset::new(
-                    topic,
-                    partition,
-                    committed,
-                    state.log_start_offset,
-                    state.high_watermark,
-                ));
-            }
-            return Ok(GroupInfo {
-                group: group.to_string(),
-                state: if offsets.is_empty() { "Dead" } else { "Empty" }.into(),
-                generation: 0,
-                assignor: None,
-                members: Vec::new(),
-                offsets,
-            });
-        }
         let request = crate::core::group::GroupRequest::Describe {
             group: group.to_string(),
         };
@@ -459,32 +372,21 @@ impl Node {
     }
 
     /// Sets a group's committed offsets (Kafka's `--reset-offsets --execute`).
-    /// In a mesh the group must have no active members
-    /// (`Error::Group(GroupNotEmpty)` otherwise); its consumers start from
-    /// these offsets when they next join.
+    /// The group must have no active members (`Error::Group(GroupNotEmpty)`
+    /// otherwise); its consumers start from these offsets when they next join.
     pub async fn commit_group_offsets(
         &self,
         group: &str,
         offsets: Vec<(String, u32, u64)>,
     ) -> Result<()> {
-        if self.in_mesh() {
-            let request = crate::core::group::GroupRequest::Commit {
-                group: group.to_string(),
-                member: None,
-                offsets: offsets.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
-            };
-            return match self.ask_group(group, request).await? {
-                crate::core::group::GroupResponse::Committed => Ok(()),
-                other => Err(Error::Refused(format!("unexpected answer {other:?}"))),
-            };
-        }
-        let op = WriteOp::CommitOffsets {
+        let request = crate::core::group::GroupRequest::Commit {
             group: group.to_string(),
-            offsets,
+            member: None,
+            offsets: offsets.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
         };
-        match self.inner.write(op).await? {
-            WriteOutcome::OffsetsCommitted => Ok(()),
-            other => Err(unexpected(other)),
+        match self.ask_group(group, request).await? {
+            crate::core::group::GroupResponse::Committed => Ok(()),
+            other => Err(Error::Refused(format!("unexpected answer {other:?}"))),
         }
     }
 
@@ -529,6 +431,8 @@ impl Node {
             let _ = done.wait_for(|done| *done).await;
             return;
         };
+        // Set however this ends, also if the caller drops this future.
+        let _finished = SignalOnDrop(&self.inner.shut_down);
         if let Some(mesh) = &self.inner.mesh {
             mesh.shutdown().await;
         }
@@ -551,7 +455,6 @@ impl Node {
             store.take();
         }
         info!("node shut down");
-        self.inner.shut_down.send_replace(true);
     }
 
     /// The store, until the node shuts down.
@@ -561,44 +464,10 @@ impl Node {
             Err(_) => Err(Error::Closed),
         }
     }
-
-    pub(crate) fn watch_appends(&self) -> watch::Receiver<u64> {
-        self.inner.appended.subscribe()
-    }
-
-    pub(crate) async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
-        self.inner.write(op).await
-    }
-
-    /// Reserves a slot in the write queue. Holding the permit, a caller can
-    /// enqueue without waiting, which lets it keep its requests in order.
-    pub(crate) async fn reserve_write(&self) -> Result<WritePermit<'_>> {
-        let permit = self
-            .inner
-            .writes
-            .reserve()
-            .await
-            .map_err(|_| Error::Closed)?;
-        Ok(WritePermit { permit })
-    }
-}
-
-/// A reserved slot in the write queue; see [`Node::reserve_write`].
-pub(crate) struct WritePermit<'a> {
-    permit: mpsc::Permit<'a, WriterMessage>,
 }
 
 /// The answer to one queued write, received once its transaction commits.
 pub(crate) type WriteReply = oneshot::Receiver<Result<WriteOutcome, StoreError>>;
-
-impl WritePermit<'_> {
-    /// Enqueues `op`; await the returned receiver for its outcome.
-    pub(crate) fn send(self, op: WriteOp) -> WriteReply {
-        let (reply, answer) = oneshot::channel();
-        self.permit.send(WriterMessage::Write { op, reply });
-        answer
-    }
-}
 
 /// The writer's queue, for tasks that write without a [`Node`] handle.
 #[derive(Clone)]
@@ -732,6 +601,15 @@ fn commit_group(
             }
             Err(e)
         }
+    }
+}
+
+/// Sets a flag when dropped.
+struct SignalOnDrop<'a>(&'a watch::Sender<bool>);
+
+impl Drop for SignalOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
     }
 }
 

@@ -34,10 +34,9 @@ use crate::core::producer::{
     Answer, Failure, Idempotence, Item, Output, PartitionSender, SendSettings,
 };
 use crate::error::{Error, Result, StoreError};
-use crate::node::{Node, await_reply, now_ms};
+use crate::node::{Node, now_ms};
 use crate::record::{Header, Record, RecordMetadata};
-use crate::store::{AppendRequest, WriteOp, WriteOutcome};
-use crate::wire::{PreparedRecords, ProducerBatch};
+use crate::wire::ProducerBatch;
 
 /// The partition a key maps to among `partitions`: the first 8 bytes of the
 /// key's blake3 hash, modulo the partition count. Stable across versions and
@@ -423,11 +422,7 @@ impl Producer {
         if let Some(info) = known {
             return Ok(info);
         }
-        let config = if self.shared.node.in_mesh() {
-            self.shared.node.topic_metadata(topic).await?.config
-        } else {
-            self.shared.node.store()?.topic(topic)?.config
-        };
+        let config = self.shared.node.topic_metadata(topic).await?.config;
         let info = (config.partitions, config.max_message_bytes as usize);
         if let Ok(mut routing) = self.shared.routing.lock() {
             routing.topics.insert(topic.to_string(), info);
@@ -726,21 +721,15 @@ struct Attempt {
 
 impl Attempt {
     async fn run(self) -> Answer<Stored, Cause> {
-        let (topic, partition) = (self.topic.clone(), self.partition);
-        let producer = self.producer.as_ref().map(|p| p.producer);
-        let node = self.node.clone();
-        let result = if node.in_mesh() {
-            self.in_mesh().await
-        } else {
-            self.local().await
-        };
-        match result {
+        match self.send().await {
             Ok(stored) => Answer::Stored(stored),
-            Err(error) => classify(&node, error, &topic, partition, producer),
+            Err(error) => classify(error),
         }
     }
 
-    async fn in_mesh(self) -> Result<Stored> {
+    /// Sends the batch to the partition's leader (this node's own replica
+    /// on a node without network).
+    async fn send(self) -> Result<Stored> {
         let frame = crate::protocol::ProduceFrame {
             topic: self.topic,
             partition: self.partition,
@@ -751,31 +740,10 @@ impl Attempt {
         let produced = self.node.produce_in_mesh(frame, self.timeout).await?;
         Ok((produced.base_offset, produced.ids))
     }
-
-    async fn local(self) -> Result<Stored> {
-        let records = PreparedRecords::new(&self.records).map_err(StoreError::Wire)?;
-        let permit = self.node.reserve_write().await?;
-        let answer = permit.send(WriteOp::Append(AppendRequest {
-            topic: self.topic,
-            partition: self.partition,
-            producer: self.producer,
-            records,
-        }));
-        match await_reply(answer).await? {
-            WriteOutcome::Appended(outcome) => Ok((outcome.base_offset, outcome.ids)),
-            _ => Err(Error::Closed),
-        }
-    }
 }
 
 /// What a failed attempt means for the queue.
-fn classify(
-    node: &Node,
-    error: Error,
-    topic: &str,
-    partition: u32,
-    producer: Option<ProducerId>,
-) -> Answer<Stored, Cause> {
+fn classify(error: Error) -> Answer<Stored, Cause> {
     match error {
         Error::Duplicates { originals, .. } => Answer::Duplicates(
             originals
@@ -788,29 +756,6 @@ fn classify(
             head,
             error: Cause(Arc::new(error)),
         },
-        Error::Store(
-            StoreError::SequenceGap { .. }
-            | StoreError::ProducerChainMismatch { .. }
-            | StoreError::StaleSequence { .. },
-        ) => {
-            // The local log: read where the producer's chain stands.
-            let state = producer.and_then(|p| {
-                let store = node.store().ok()?;
-                let state = store.producer_state(topic, partition, p).ok()?;
-                Some(state.map_or_else(
-                    || (0, chain::producer_genesis(p, topic, partition)),
-                    |s| (s.next_seq, s.head),
-                ))
-            });
-            match state {
-                Some((next_seq, head)) => Answer::OutOfSequence {
-                    next_seq,
-                    head,
-                    error: Cause(Arc::new(error)),
-                },
-                None => Answer::Refused(Cause(Arc::new(error))),
-            }
-        }
         // NotEnoughReplicas fails at once (Kafka retries it): a replica
         // down is something to see now, not after `delivery_timeout`.
         Error::NotLeader { .. }

@@ -218,7 +218,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         election_jitter: Duration::from_millis(300),
         heartbeat_interval: Duration::from_millis(60),
         // Small chunks, so that catching up takes many appends.
-        max_append_entries: 16 + rng.below(49) + 1_000_000,
+        max_append_entries: 16 + rng.below(49),
         // Few entries kept, so that compaction, restarts from a snapshot
         // point and followers served from the leader's disk happen often.
         keep_committed: 2 + rng.below(15) as u64,
@@ -578,8 +578,9 @@ impl World {
                     self.schedule_write(node, DiskWrite::Install(snapshot));
                 }
                 Action::Compacted { snapshot } => {
-                    // Stored with the next write, as the node does; an older
-                    // point only means reading more of the log on restart.
+                    // Stored at once (the node queues a write for it, after the
+                    // entries it names are durable): an older point would
+                    // only mean reading more of the log on restart.
                     self.compactions += 1;
                     if let Some(n) = self.nodes.get_mut(&node) {
                         n.disk.snapshot = Some(snapshot);
@@ -655,7 +656,12 @@ impl World {
 
     /// Queues a disk write: writes complete in order, after a random latency.
     fn schedule_write(&mut self, node: u32, write: DiskWrite) {
-        let latency = Duration::from_micros(100 + self.rng.below(3_000) as u64);
+        let mut latency = Duration::from_micros(100 + self.rng.below(3_000) as u64);
+        if matches!(write, DiskWrite::Install(_)) {
+            // Dropping a whole log takes long: heartbeats and more restart
+            // points arrive meanwhile.
+            latency += Duration::from_millis(self.rng.below(400) as u64);
+        }
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
         };
@@ -921,13 +927,18 @@ impl World {
         let voters = self.final_voters();
         for (offset, id) in &self.acked {
             for (node, n) in self.nodes.iter().filter(|(id, _)| voters.contains(id)) {
-                if *offset < n.disk_first {
-                    continue; // dropped by retention
+                if *offset < n.disk_first || n.installing.is_some_and(|point| *offset < point) {
+                    continue; // dropped by retention (here, or at the leader it restarts from)
                 }
                 let held = n.replica.as_ref().and(self.held(*node, *offset));
                 if held != Some(*id) {
+                    let (first, end) = n
+                        .replica
+                        .as_ref()
+                        .map_or((0, 0), |r| (r.first_index(), r.log_end()));
                     lost = Some(format!(
-                        "acknowledged {id} at offset {offset} is not on node {node} (it has {held:?})"
+                        "acknowledged {id} at offset {offset} is not on node {node} (it has {held:?}; in memory {first}..{end}, on disk from {}, restarting at {:?})",
+                        n.disk_first, n.installing
                     ));
                 }
             }

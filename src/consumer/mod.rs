@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::{ConsumerConfig, OffsetReset};
@@ -29,7 +29,6 @@ use crate::core::group::{GroupError, JoinRequest, MemberId};
 use crate::error::{Error, Result, StoreError};
 use crate::node::Node;
 use crate::record::ConsumerRecord;
-use crate::store::{WriteOp, WriteOutcome};
 
 mod membership;
 
@@ -83,8 +82,6 @@ pub struct Consumer {
     last_committed: BTreeMap<TopicPartition, u64>,
     /// Where the next poll starts in `assignment`, so every partition gets its turn.
     next_partition: usize,
-    /// Counter the node bumps after appends; a long poll waits on it.
-    appends: watch::Receiver<u64>,
     /// When auto-commit last ran.
     last_auto_commit: Instant,
     /// This consumer's id in its group.
@@ -135,7 +132,6 @@ impl Drop for PendingJoin {
 impl Consumer {
     pub(crate) fn new(node: Node, config: ConsumerConfig) -> Result<Self> {
         config.validate()?;
-        let appends = node.watch_appends();
         Ok(Consumer {
             node,
             config,
@@ -144,7 +140,6 @@ impl Consumer {
             positions: BTreeMap::new(),
             last_committed: BTreeMap::new(),
             next_partition: 0,
-            appends,
             last_auto_commit: Instant::now(),
             member: membership::new_member_id(),
             membership: None,
@@ -165,7 +160,7 @@ impl Consumer {
 
     /// Whether this consumer shares its topics' partitions with a group.
     fn in_group(&self) -> bool {
-        self.node.in_mesh() && self.config.group_id.is_some() && !self.subscriptions.is_empty()
+        self.config.group_id.is_some() && !self.subscriptions.is_empty()
     }
 
     /// This consumer's id in its group.
@@ -181,32 +176,20 @@ impl Consumer {
     /// Subscribes to `topics`, replacing the previous subscription, and takes
     /// every partition of them. Unknown topics are `Error::TopicNotFound`.
     pub fn subscribe(&mut self, topics: &[&str]) -> Result<()> {
-        if self.node.in_mesh() {
-            // The partitions are looked up (and the group joined) at the next poll.
-            let subscriptions: BTreeSet<String> = topics.iter().map(|t| t.to_string()).collect();
-            if subscriptions != self.subscriptions {
-                self.subscriptions = subscriptions;
-                if let Some(membership) = &self.membership {
-                    membership
-                        .rejoin
-                        .store(true, std::sync::atomic::Ordering::Release);
-                } else {
-                    self.assignment.clear();
-                    self.positions.clear();
-                }
-                self.next_partition = 0;
+        // The partitions are looked up (and the group joined) at the next poll.
+        let subscriptions: BTreeSet<String> = topics.iter().map(|t| t.to_string()).collect();
+        if subscriptions != self.subscriptions {
+            self.subscriptions = subscriptions;
+            if let Some(membership) = &self.membership {
+                membership
+                    .rejoin
+                    .store(true, std::sync::atomic::Ordering::Release);
+            } else {
+                self.assignment.clear();
+                self.positions.clear();
             }
-            return Ok(());
+            self.next_partition = 0;
         }
-        let mut assignment = Vec::new();
-        for topic in topics {
-            let entry = self.node.store()?.topic(topic)?;
-            assignment.extend((0..entry.config.partitions).map(|p| (topic.to_string(), p)));
-        }
-        self.subscriptions = topics.iter().map(|t| t.to_string()).collect();
-        self.positions.retain(|tp, _| assignment.contains(tp));
-        self.assignment = assignment;
-        self.next_partition = 0;
         Ok(())
     }
 
@@ -228,29 +211,7 @@ impl Consumer {
     /// batch re-delivers it. If the poll fails, no position moves past a
     /// record it did not return.
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
-        if self.node.in_mesh() {
-            return self.poll_mesh(timeout).await;
-        }
-        self.maybe_auto_commit().await?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            // Mark the counter seen before reading, so an append that lands
-            // during the read still wakes the wait below.
-            self.appends.borrow_and_update();
-            let (records, advanced) = self.fetch_available()?;
-            if !records.is_empty() {
-                self.positions.extend(advanced);
-                return Ok(records);
-            }
-            if Instant::now() >= deadline {
-                return Ok(Vec::new());
-            }
-            match tokio::time::timeout_at(deadline, self.appends.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) => return Err(Error::Closed),
-                Err(_elapsed) => return Ok(Vec::new()),
-            }
-        }
+        self.poll_mesh(timeout).await
     }
 
     /// `poll` in a mesh: every assigned partition is fetched from one of its
@@ -406,63 +367,6 @@ impl Consumer {
         Ok(())
     }
 
-    /// Reads from each assigned partition in turn, up to `max_poll_records`.
-    /// Returns the records and the positions after them, which the caller
-    /// applies only once the whole poll has succeeded.
-    fn fetch_available(&mut self) -> Result<(Vec<ConsumerRecord>, Positions)> {
-        let mut out = Vec::new();
-        let mut advanced = Vec::new();
-        let n = self.assignment.len();
-        for i in 0..n {
-            if out.len() >= self.config.max_poll_records {
-                break;
-            }
-            let tp = self.assignment[(self.next_partition + i) % n].clone();
-            let mut records = self.fetch_partition(&tp)?;
-            records.truncate(self.config.max_poll_records - out.len());
-            if let Some(last) = records.last() {
-                advanced.push((tp, last.offset + 1));
-            }
-            out.append(&mut records);
-        }
-        if n > 0 {
-            self.next_partition = (self.next_partition + 1) % n;
-        }
-        Ok((out, advanced))
-    }
-
-    fn fetch_partition(&mut self, tp: &TopicPartition) -> Result<Vec<ConsumerRecord>> {
-        let position = self.position_or_reset(tp)?;
-        let max_bytes = self.config.max_partition_fetch_bytes;
-        match self.node.store()?.read(&tp.0, tp.1, position, max_bytes) {
-            Ok(read) => Ok(read.records),
-            Err(StoreError::OffsetOutOfRange { start, end, .. }) => {
-                let reset = self.reset_offset(tp, start, end)?;
-                tracing::info!(topic = %tp.0, partition = tp.1, from = position, to = reset, "position out of range; reset");
-                self.positions.insert(tp.clone(), reset);
-                Ok(Vec::new())
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// The position in `tp`, starting from the committed offset or the reset policy.
-    fn position_or_reset(&mut self, tp: &TopicPartition) -> Result<u64> {
-        if let Some(position) = self.positions.get(tp) {
-            return Ok(*position);
-        }
-        let state = self.node.store()?.partition_state(&tp.0, tp.1)?;
-        let committed = self.committed_here(&tp.0, tp.1)?;
-        let position = match committed {
-            Some(offset) if (state.log_start_offset..=state.high_watermark).contains(&offset) => {
-                offset
-            }
-            _ => self.reset_offset(tp, state.log_start_offset, state.high_watermark)?,
-        };
-        self.positions.insert(tp.clone(), position);
-        Ok(position)
-    }
-
     fn reset_offset(&self, tp: &TopicPartition, start: u64, end: u64) -> Result<u64> {
         match self.config.auto_offset_reset {
             OffsetReset::Earliest => Ok(start),
@@ -522,22 +426,8 @@ impl Consumer {
         let Some(group) = &self.config.group_id else {
             return Ok(None);
         };
-        if !self.node.in_mesh() {
-            return self.committed_here(topic, partition);
-        }
         let offsets = membership::fetch_offsets(&self.node, group).await?;
         Ok(offsets.get(&(topic.to_string(), partition)).copied())
-    }
-
-    /// The committed offset in this node's own store (a node with no network).
-    fn committed_here(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
-        let Some(group) = &self.config.group_id else {
-            return Ok(None);
-        };
-        Ok(self
-            .node
-            .store()?
-            .committed_offset(group, topic, partition)?)
     }
 
     /// Positions that differ from what was last committed.
@@ -939,8 +829,7 @@ async fn run_commit(node: &Node, jobs: Vec<CommitJob>) {
     }
 }
 
-/// Stores a group's offsets: through the coordinator in a mesh, in the
-/// node's own store otherwise.
+/// Stores a group's offsets through its coordinator.
 async fn commit_request(
     node: &Node,
     group: &str,
@@ -950,17 +839,7 @@ async fn commit_request(
     if offsets.is_empty() {
         return Ok(());
     }
-    if node.in_mesh() {
-        return membership::commit(node, group, member, offsets).await;
-    }
-    let op = WriteOp::CommitOffsets {
-        group: group.to_string(),
-        offsets: offsets.into_iter().map(|((t, p), o)| (t, p, o)).collect(),
-    };
-    match node.write(op).await? {
-        WriteOutcome::OffsetsCommitted => Ok(()),
-        _ => Err(Error::Closed),
-    }
+    membership::commit(node, group, member, offsets).await
 }
 
 fn millis(d: Duration) -> u64 {

@@ -418,12 +418,23 @@ pub struct Coordinator {
     waiting: BTreeMap<u64, Waiting>,
     /// Test-only fault: accept commits from any member of any generation.
     ignore_generations: bool,
+    /// Whether no member of a loaded group can have survived the previous
+    /// coordinator (see [`Coordinator::with_no_surviving_members`]).
+    no_survivors: bool,
 }
 
 impl Coordinator {
     /// A coordinator with no groups.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A coordinator whose loaded groups start without waiting for members
+    /// it has not heard of: on a node without network every member lives in
+    /// the node's own process, so none outlived the previous coordinator.
+    pub fn with_no_surviving_members(mut self) -> Self {
+        self.no_survivors = true;
+        self
     }
 
     /// Test-only fault switch: a coordinator that does not fence commits
@@ -436,8 +447,9 @@ impl Coordinator {
     /// Replays one record of the `__offsets` log (oldest first) when this
     /// coordinator takes over.
     pub fn load(&mut self, record: &OffsetsRecord) {
+        let recovering = !self.no_survivors;
         let group = self.group_mut(record.group());
-        group.recovering = true;
+        group.recovering = recovering;
         match record {
             OffsetsRecord::Commit {
                 generation,

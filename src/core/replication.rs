@@ -74,8 +74,8 @@ impl LogEntry {
 }
 
 /// The point before the first entry a replica holds in memory: everything
-/// below `index` is committed, durable and dropped from memory (it stays in
-/// the store).
+/// below `index` is committed, durable and dropped from memory (the store
+/// keeps it until retention drops it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot<P> {
     /// The first entry held in memory.
@@ -153,7 +153,7 @@ pub struct ReplicationConfig {
     /// bounded messages, one chunk per round trip. Default 64.
     pub max_append_entries: usize,
     /// Committed entries kept in memory after a compaction; a compaction
-    /// runs once twice as many are held. Default 64.
+    /// runs once more than twice as many are committed and durable. Default 64.
     pub keep_committed: u64,
     /// A deliberate bug, for proving that the simulation's checkers catch one.
     #[cfg(feature = "fault-injection")]
@@ -286,7 +286,8 @@ pub enum Action<P> {
     },
     /// Send `to` an append of the entries `from..upto`, which this replica
     /// no longer holds in memory: the driver reads them (and the ID before
-    /// `from`) from its store. They are committed, so the store has them.
+    /// `from`) from its store, or, when retention dropped them, sends
+    /// [`Message::InstallSnapshot`] with the point where its stored log starts.
     SendStored {
         /// The receiver.
         to: P,
@@ -857,7 +858,9 @@ impl<P: PeerKey> Replica<P> {
                 self.replicate(now, actions);
             }
         } else if now >= self.election_deadline {
-            if self.members.voters.contains(&self.me) {
+            // A replica whose restart at a log start is not durable yet
+            // would lead with a store that still holds its old log.
+            if self.members.voters.contains(&self.me) && self.installing.is_none() {
                 self.start_election(now, actions);
             } else {
                 // A learner, or a replica removed from the set: it never stands.
@@ -1201,10 +1204,15 @@ impl<P: PeerKey> Replica<P> {
                 entries.drain(..skip);
                 (prev_offset, prev_id) = (first, self.snapshot.last_id);
             } else {
+                let log_end = prev_offset + entries.len() as u64;
+                if self.installing.is_some() {
+                    self.pending_reply = Some((from, self.epoch, log_end));
+                    return;
+                }
                 let message = Message::AppendReply {
                     epoch: self.epoch,
                     success: true,
-                    log_end: prev_offset + entries.len() as u64,
+                    log_end,
                 };
                 actions.push(Action::Send { to: from, message });
                 return;
@@ -1301,8 +1309,9 @@ impl<P: PeerKey> Replica<P> {
         let index = snapshot.index;
         let reaches = self.id_before(index) == Some(snapshot.last_id) || index <= self.commit;
         if reaches {
-            // Already there: the leader goes on from the point.
-            if self.durable >= index {
+            // Already there: the leader goes on from the point (once a
+            // restart there in flight is durable).
+            if self.durable >= index && self.installing.is_none() {
                 let message = Message::AppendReply {
                     epoch: self.epoch,
                     success: true,

@@ -100,8 +100,8 @@ pub(crate) struct ReplicatorSetup {
     pub store: Arc<Store>,
     /// Its writer's queue.
     pub writes: WriteQueue,
-    /// Its place in the mesh.
-    pub mesh: Arc<Mesh>,
+    /// Its place in the mesh; `None` for a node without network (a mesh of one).
+    pub mesh: Option<Arc<Mesh>>,
     /// Peers' requests.
     pub inbound: mpsc::Receiver<InboundRequest>,
     /// Turns true when the node shuts down.
@@ -189,7 +189,8 @@ struct Task {
     me: NodeId,
     store: Arc<Store>,
     writes: WriteQueue,
-    mesh: Arc<Mesh>,
+    /// `None` for a node without network: it is a mesh of one.
+    mesh: Option<Arc<Mesh>>,
     replicas: BTreeMap<Key, PartitionReplica>,
     start: Instant,
     settings: PartitionSettings,
@@ -227,6 +228,8 @@ pub(crate) type SharedOwnership = Arc<std::sync::Mutex<OwnershipTable<NodeId>>>;
 pub(crate) enum Founding {
     /// Never: it joins through bootstrap peers, which hold the log.
     Never,
+    /// At once: a node without network is a mesh of one.
+    Now,
     /// After [`FOUNDING_WAIT`] without receiving the log.
     Alone,
     /// After [`FOUNDING_WAIT`], and only if it has the lowest peer id of the
@@ -400,7 +403,11 @@ impl Task {
 
     /// Learns which storage nodes are not dead, from the membership.
     async fn refresh_live(&mut self) {
-        let Ok(members) = self.mesh.members().await else {
+        let Some(mesh) = &self.mesh else {
+            self.live = vec![self.me];
+            return;
+        };
+        let Ok(members) = mesh.members().await else {
             return;
         };
         let mut live: Vec<NodeId> = members
@@ -437,13 +444,15 @@ impl Task {
     /// Starts the metadata log of a new mesh, when this node may (see
     /// [`Founding`]) and has not received one.
     async fn found_mesh(&mut self) {
-        if self.store.topic(META_TOPIC).is_ok() || self.start.elapsed() < FOUNDING_WAIT {
+        let waited = self.start.elapsed() >= FOUNDING_WAIT;
+        if self.store.topic(META_TOPIC).is_ok() {
             return;
         }
         let may = match self.founding {
             Founding::Never => false,
-            Founding::Alone => true,
-            Founding::LowestId => self.live.first() == Some(&self.me),
+            Founding::Now => true,
+            Founding::Alone => waited,
+            Founding::LowestId => waited && self.live.first() == Some(&self.me),
         };
         if !may {
             return;
@@ -474,7 +483,10 @@ impl Task {
     /// mesh id unless this node belongs to another mesh already (then
     /// refuses, and says so).
     async fn join_mesh_of(&mut self, peer: NodeId) -> bool {
-        let theirs = match self.mesh.members().await {
+        let Some(mesh) = &self.mesh else {
+            return false;
+        };
+        let theirs = match mesh.members().await {
             Ok(members) => members
                 .into_iter()
                 .find(|m| m.peer == peer)
@@ -501,10 +513,13 @@ impl Task {
     /// Records the mesh this node belongs to and announces it in its gossip.
     async fn adopt_mesh(&mut self, mesh_id: u64) -> Result<(), crate::error::Error> {
         self.writes.write(WriteOp::SetMeshId { mesh_id }).await?;
-        self.mesh
-            .set_mesh_id(mesh_id)
-            .await
-            .map_err(crate::error::Error::Net)
+        match &self.mesh {
+            Some(mesh) => mesh
+                .set_mesh_id(mesh_id)
+                .await
+                .map_err(crate::error::Error::Net),
+            None => Ok(()),
+        }
     }
 
     /// Applies newly committed records of the metadata log to the topic table,
@@ -606,9 +621,7 @@ impl Task {
             .collect();
         for peer in peers {
             let request = PeerRequest::Ownership(records.clone());
-            if let Err(error) = self.mesh.send(peer, request).await {
-                debug!(%peer, %error, "ownership not sent");
-            }
+            send_to(self.mesh.clone(), peer, request).await;
         }
     }
 
@@ -904,8 +917,11 @@ impl Task {
         let request = PeerRequest::DescribeTopic {
             name: name.to_string(),
         };
+        let Some(mesh) = &self.mesh else {
+            return;
+        };
         let answer =
-            tokio::time::timeout(Duration::from_secs(5), self.mesh.request(from, request)).await;
+            tokio::time::timeout(Duration::from_secs(5), mesh.request(from, request)).await;
         if let Ok(Ok(PeerResponse::Topic(Ok(description)))) = answer {
             if name == META_TOPIC && !self.join_mesh_of(from).await {
                 return;
@@ -1072,10 +1088,18 @@ impl Task {
             } else {
                 PeerRequest::ReplicateMany(frames)
             };
-            if let Err(error) = self.mesh.send(to, request).await {
-                debug!(%to, %error, "replication message not sent");
-            }
+            send_to(self.mesh.clone(), to, request).await;
         }
+    }
+}
+
+/// Sends a one-way message to a peer (nowhere, on a mesh of one).
+async fn send_to(mesh: Option<Arc<Mesh>>, to: NodeId, request: PeerRequest) {
+    let Some(mesh) = mesh else {
+        return;
+    };
+    if let Err(error) = mesh.send(to, request).await {
+        debug!(%to, %error, "message to a peer not sent");
     }
 }
 
@@ -1140,6 +1164,9 @@ pub(crate) fn describe_entry(
         .map(|partition| {
             let state = store.partition_state(&topic.name, partition).ok();
             let status = live.get(&partition);
+            let stored_high_watermark = state.as_ref().map_or(0, |s| s.high_watermark);
+            let live_high_watermark = status.map_or(0, |s| s.high_watermark);
+            let stored_head = state.as_ref().map_or(MessageId([0; 32]), |s| s.head);
             let replicas = status.map_or_else(
                 || {
                     topic
@@ -1154,15 +1181,14 @@ pub(crate) fn describe_entry(
                 partition,
                 epoch: status.map_or_else(|| state.as_ref().map_or(0, |s| s.epoch), |s| s.epoch),
                 log_start_offset: state.as_ref().map_or(0, |s| s.log_start_offset),
-                high_watermark: status.map_or_else(
-                    || state.as_ref().map_or(0, |s| s.high_watermark),
-                    |s| s.high_watermark,
-                ),
+                // A replica that just opened has not learned its commit point
+                // yet: what the store holds committed is never less.
+                high_watermark: live_high_watermark.max(stored_high_watermark),
                 log_end_offset: state.as_ref().map_or(0, |s| s.log_end_offset),
-                head: status.map_or_else(
-                    || state.as_ref().map_or(MessageId([0; 32]), |s| s.head),
-                    |s| s.head,
-                ),
+                head: match status {
+                    Some(s) if s.high_watermark >= stored_high_watermark => s.head,
+                    _ => stored_head,
+                },
                 bytes: state.as_ref().map_or(0, |s| s.bytes),
                 leader: status.and_then(|s| s.leader),
                 replicas,
