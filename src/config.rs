@@ -76,7 +76,8 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
-    /// Keeps the node off the network.
+    /// Keeps the node off the network: a mesh of one, whose topics have
+    /// replication factor 1.
     pub fn without_network(mut self) -> Self {
         self.network = None;
         self

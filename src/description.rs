@@ -37,10 +37,10 @@ pub struct PartitionDescription {
     pub head: MessageId,
     /// Bytes stored.
     pub bytes: u64,
-    /// The leader the describing node knows of (itself on a node of its own;
+    /// The leader the describing node knows of (itself on a node without network;
     /// `None` when it does not host the partition or no leader is known).
     pub leader: Option<NodeId>,
-    /// The partition's replicas (empty on a node of its own).
+    /// The partition's replicas.
     pub replicas: Vec<NodeId>,
     /// The replicas in sync, as the leader sees them (empty unless the
     /// describing node leads the partition).

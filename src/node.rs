@@ -6,11 +6,11 @@
 //! `NodeConfig::max_group_commit`, into one transaction. A request is answered
 //! only after that transaction has committed with the configured durability.
 //! After each group that appended records the node bumps a counter that
-//! waiting consumers watch, so a long poll wakes as soon as data lands.
+//! long polls at its replicas watch, so a fetch wakes as soon as data lands.
 //!
-//! For now a node serves its own data directory alone; the API is shaped for
-//! the mesh (topics with replication factors, partition descriptions with
-//! epochs and heads).
+//! Every node that stores runs the same engine: a storage node in a mesh,
+//! and a node without network, which is a mesh of one (its replicas, its
+//! metadata log and its group coordinators live in it alone).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -70,7 +70,8 @@ pub struct TopicEntry {
     /// When it was created, in ms since the Unix epoch.
     pub created_ms: i64,
     /// The replicas of each partition, in order, when the topic is replicated
-    /// across a mesh; empty for a topic of a node on its own.
+    /// across the mesh (empty only for a topic written by the store alone, as
+    /// its own tests and benchmark do).
     pub replicas: Vec<Vec<NodeId>>,
 }
 

@@ -22,7 +22,8 @@ use crate::meta::MetaCommand;
 use crate::peer::NodeId;
 use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch};
 
-/// Epoch of every batch a single node writes; elections raise it once the mesh replicates.
+/// Epoch of every batch the store's own `Append` writes (its tests and its
+/// benchmark); replicated logs carry their leader's epoch.
 const SINGLE_NODE_EPOCH: u64 = 1;
 
 /// A batch to append to one partition.
@@ -64,7 +65,8 @@ pub enum WriteOp {
         config: TopicConfig,
         /// Creation time, ms since the Unix epoch.
         now_ms: i64,
-        /// The replicas of each partition across the mesh; empty on a node of its own.
+        /// The replicas of each partition across the mesh (empty for a topic
+        /// written by the store alone).
         replicas: Vec<Vec<NodeId>>,
     },
     /// Delete a topic with all its records and committed offsets.
