@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use meshlog::core::membership::InjectedFault;
 use meshlog::core::membership::MembershipConfig;
+use meshlog::core::partition::PartitionFault;
 use meshlog::core::replication::ReplicationFault;
 use meshlog_sim::groups::{self, GroupFault};
 use meshlog_sim::producer;
@@ -33,7 +34,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     partitions: u32,
     /// Switch on a deliberate core bug (to see the checkers catch it).
-    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum", "compact-undurable", "ignore-generations"])]
+    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum", "compact-undurable", "send-before-vote-durable", "ack-all-when-leader-durable", "keep-cut-requests", "ignore-generations"])]
     inject_fault: Option<String>,
 }
 
@@ -48,6 +49,13 @@ fn main() -> ExitCode {
         Some("compact-undurable") => Some(ReplicationFault::CompactUndurable),
         _ => None,
     };
+    let partition_fault = match args.inject_fault.as_deref() {
+        Some("send-before-vote-durable") => Some(PartitionFault::SendBeforeVoteDurable),
+        Some("ack-all-when-leader-durable") => Some(PartitionFault::AckAllWhenLeaderDurable),
+        Some("keep-cut-requests") => Some(PartitionFault::KeepCutRequests),
+        _ => None,
+    };
+    let replication_faults = (replication_fault, partition_fault);
     let group_fault = (args.inject_fault.as_deref() == Some("ignore-generations"))
         .then_some(GroupFault::CoordinatorIgnoresGenerations);
     if args.scale {
@@ -57,7 +65,7 @@ fn main() -> ExitCode {
     if let Some(seed) = args.seed {
         let report = scenario::run(seed, &options);
         print_report(&report);
-        let rep = replication::run(seed, replication_fault);
+        let rep = replication::run_with(seed, replication_fault, partition_fault);
         print_replication_report(&rep);
         let prod = producer::run(seed);
         print_producer_report(&prod);
@@ -85,7 +93,7 @@ fn main() -> ExitCode {
         start,
         end,
         &options,
-        (replication_fault, group_fault),
+        (replication_faults, group_fault),
         args.inject_fault.as_deref(),
     )
 }
@@ -100,11 +108,14 @@ fn parse_range(text: &str) -> Result<(u64, u64), String> {
     Ok((a, b))
 }
 
+/// Deliberate bugs in the partition's log and in the rules around it.
+type ReplicationFaults = (Option<ReplicationFault>, Option<PartitionFault>);
+
 fn sweep(
     start: u64,
     end: u64,
     options: &Options,
-    (replication_fault, group_fault): (Option<ReplicationFault>, Option<GroupFault>),
+    (replication_faults, group_fault): (ReplicationFaults, Option<GroupFault>),
     inject: Option<&str>,
 ) -> ExitCode {
     let wall = Instant::now();
@@ -115,7 +126,7 @@ fn sweep(
     let (mut generations, mut commits, mut worst_group) = (0u64, 0u64, Duration::ZERO);
     for seed in start..end {
         let report = scenario::run(seed, options);
-        let rep = replication::run(seed, replication_fault);
+        let rep = replication::run_with(seed, replication_faults.0, replication_faults.1);
         let prod = producer::run(seed);
         let group = groups::run_with(seed, group_fault);
         events += report.events + rep.events + prod.events + group.events;
@@ -146,7 +157,7 @@ fn sweep(
     let secs = wall.elapsed().as_secs_f64();
     println!(
         "{} seeds passed in {secs:.1} s ({:.0} events/s); membership converged at most {worst:?} after the heal; \
-         replication: {acked} records acknowledged, {compactions} compactions, {sent_from_disk} appends sent from disk, {installs} restarts at a leader's log start, a new record committed everywhere at most {worst_recovery:?} after the heal; \
+         replication: {acked} records acknowledged with acks=all, {compactions} compactions, {sent_from_disk} appends sent from disk, {installs} restarts at a leader's log start, a new record committed everywhere at most {worst_recovery:?} after the heal; \
          producer: {produced} records acknowledged through {failovers} leader failovers, each once and in key order, all at most {worst_producer:?} after the faults ended; \
          groups: {generations} generations, {commits} commits, one owner per partition per generation, no offset backwards or skipped, all committed at most {worst_group:?} after the faults ended",
         end - start,
@@ -157,11 +168,12 @@ fn sweep(
 
 fn print_replication_report(r: &replication::Report) {
     println!(
-        "replication: {} replicas, {} elections, {} replica-set changes, {} records acknowledged, {} compactions, {} appends sent from disk, {} restarts at a leader's log start, {} events, trace {}",
+        "replication: {} replicas, {} elections, {} replica-set changes, {} records acknowledged with acks=all, {} requests failed back, {} compactions, {} appends sent from disk, {} restarts at a leader's log start, {} events, trace {}",
         r.replicas,
         r.elections,
         r.reconfigurations,
         r.acked,
+        r.failed,
         r.compactions,
         r.sent_from_disk,
         r.installs,

@@ -1,7 +1,10 @@
-//! Replication under faults: the real `core::replication` state machine for
-//! one partition with 3 or 5 replicas, a simulated network, and simulated
-//! disks where a write not yet confirmed is lost on a crash (and the write in
-//! progress may be torn). A client proposes records to whoever leads. One
+//! Replication under faults: the real `core::partition` state machine (its
+//! `core::replication` log and the produce and vote rules around it) for one
+//! partition with 3 or 5 replicas, a simulated network, and simulated disks
+//! where a write not yet confirmed (log entries, votes, restarts at a log
+//! start) is lost on a crash (and the log write in progress may be torn). A
+//! client sends records to whoever leads, each with `acks` all, leader or
+//! none, and counts as acknowledged what the core answers. One
 //! spare node runs too, and placement moves the replica set around: every
 //! few seconds a new target set is drawn, and the leader walks toward it one
 //! step at a time (learner, promotion, removal) while the faults go on.
@@ -13,8 +16,15 @@
 //! - **readers**: a reader of any replica, at any time, sees below its commit
 //!   point exactly the entries committed there (a committed entry never
 //!   changes on any replica);
-//! - **no acknowledged loss**: after the faults heal, every acknowledged record
-//!   is in the log of every voter of the final replica set, at its offset;
+//! - **votes are durable before they are sent**: a promise or a candidacy
+//!   leaves a replica only once its disk holds it (writes of votes are lost
+//!   on a crash like any other, and the power sometimes fails mid-vote);
+//! - **answers**: every produce request is answered at most once; one
+//!   answered with `acks=all` is committed at its leader, one with
+//!   `acks=leader` durable there;
+//! - **no acknowledged loss**: after the faults heal, every record acknowledged
+//!   with `acks=all` is in the log of every voter of the final replica set, at
+//!   its offset;
 //! - **liveness**: after the last fault heals, a new record commits on every
 //!   voter within a bound, and the run reports how long it took;
 //! - **bounded memory**: no replica holds more than twice `keep_committed`
@@ -31,6 +41,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use meshlog::chain::{self, MessageId};
+use meshlog::config::Acks;
+use meshlog::core::partition::{Answer, Output, Partition, PartitionFault, PartitionRules};
 use meshlog::core::replication::{
     Action, DurableState, Input, LogEntry, Message, Replica, ReplicationConfig, ReplicationFault,
     Snapshot,
@@ -57,8 +69,10 @@ pub struct Report {
     pub seed: u64,
     /// Replicas.
     pub replicas: u32,
-    /// Records acknowledged to the client.
+    /// Records acknowledged to the client with `acks=all`.
     pub acked: usize,
+    /// Produce requests failed back to the client (not leader, timed out).
+    pub failed: usize,
     /// Leader elections won.
     pub elections: usize,
     /// Replica-set changes proposed (learner added, promoted, removed).
@@ -120,10 +134,12 @@ enum DiskWrite {
     Log { from: u64, entries: Vec<LogEntry> },
     /// Drop the log and restart it at the point.
     Install(Snapshot<u32>),
+    /// Make the epoch and the promise in it durable.
+    Vote { epoch: u64, voted_for: Option<u32> },
 }
 
 struct Node {
-    replica: Option<Replica<u32>>,
+    replica: Option<Partition<u32, u64>>,
     /// What survives a crash; `disk.log` holds the entries from `disk_first` on.
     disk: DurableState<u32>,
     /// The first entry on disk (retention and restarts at a log start move it).
@@ -145,6 +161,11 @@ struct Node {
 }
 
 impl Node {
+    /// The running replica's log state machine.
+    fn core(&self) -> Option<&Replica<u32>> {
+        self.replica.as_ref().map(Partition::replica)
+    }
+
     /// The ID of the durable entry at `index`, if the disk holds it.
     fn disk_id(&self, index: u64) -> Option<MessageId> {
         if self.installing.is_some_and(|point| index < point) {
@@ -180,6 +201,7 @@ struct World {
     /// Replicas the partition should have.
     rf: usize,
     config: ReplicationConfig,
+    rules: PartitionRules,
     genesis: MessageId,
     trace: blake3::Hasher,
     events: u64,
@@ -190,10 +212,12 @@ struct World {
     committed: BTreeMap<u64, MessageId>,
     /// Per node, how far it has reported commits.
     commit_seen: BTreeMap<u32, u64>,
-    /// Proposals waiting for their commit: (leader, epoch, offset, id).
-    proposals: Vec<(u32, u64, u64, MessageId)>,
-    /// Acknowledged records: offset → ID.
+    /// Produce requests waiting for their answer, by token.
+    proposals: BTreeMap<u64, Proposal>,
+    /// Records acknowledged with `acks=all`: offset → ID.
     acked: BTreeMap<u64, MessageId>,
+    /// Produce requests failed back to the client.
+    failed: usize,
     next_record: u64,
     reconfigurations: usize,
     compactions: usize,
@@ -201,8 +225,27 @@ struct World {
     installs: usize,
 }
 
+/// A produce request the client waits on.
+#[derive(Clone, Copy, Debug)]
+struct Proposal {
+    leader: u32,
+    offset: u64,
+    id: MessageId,
+    acks: Acks,
+}
+
 /// Runs the replication scenario of `seed`, with an optional injected bug.
 pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
+    run_with(seed, inject, None)
+}
+
+/// Runs the replication scenario of `seed`, with optional injected bugs in
+/// the log and in the rules around it.
+pub fn run_with(
+    seed: u64,
+    inject: Option<ReplicationFault>,
+    inject_rule: Option<PartitionFault>,
+) -> Report {
     let started = Instant::now();
     let mut rng = Rng::new(seed ^ 0x005e_ed0f_5e91_1ca5);
     let replicas = if rng.below(2) == 0 { 3 } else { 5 };
@@ -235,6 +278,11 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         target: (0..replicas).collect(),
         rf: replicas as usize,
         config,
+        rules: PartitionRules {
+            produce_timeout: Duration::from_secs(3),
+            replica_lag: Duration::from_secs(2),
+            injected_fault: inject_rule,
+        },
         genesis: chain::partition_genesis("sim", 0),
         trace: blake3::Hasher::new(),
         events: 0,
@@ -242,8 +290,9 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         leaders: BTreeMap::new(),
         committed: BTreeMap::new(),
         commit_seen: BTreeMap::new(),
-        proposals: Vec::new(),
+        proposals: BTreeMap::new(),
         acked: BTreeMap::new(),
+        failed: 0,
         next_record: 0,
         reconfigurations: 0,
         compactions: 0,
@@ -288,6 +337,7 @@ pub fn run(seed: u64, inject: Option<ReplicationFault>) -> Report {
         seed,
         replicas,
         acked: world.acked.len(),
+        failed: world.failed,
         elections: world.leaders.len(),
         reconfigurations: world.reconfigurations,
         compactions: world.compactions,
@@ -432,13 +482,14 @@ impl World {
         let Some(replica) = self.nodes.get_mut(&node).and_then(|n| n.replica.as_mut()) else {
             return false;
         };
-        let actions = replica.handle(input, now);
-        let held = replica
+        let outputs = replica.handle(input, now);
+        let core = replica.replica();
+        let held = core
             .commit()
-            .min(replica.durable())
-            .saturating_sub(replica.first_index());
+            .min(core.durable())
+            .saturating_sub(core.first_index());
         let bound = 2 * self.config.keep_committed.max(1);
-        self.apply(node, actions);
+        self.apply(node, outputs);
         if held > bound {
             self.fail(
                 "bounded memory: committed entries are compacted",
@@ -452,7 +503,7 @@ impl World {
     /// what it holds in memory.
     fn held(&self, node: u32, offset: u64) -> Option<MessageId> {
         let n = self.nodes.get(&node)?;
-        let replica = n.replica.as_ref()?;
+        let replica = n.core()?;
         match replica.entry(offset) {
             Some(entry) => Some(entry.id),
             None if offset < replica.first_index() => n.disk_id(offset),
@@ -474,12 +525,7 @@ impl World {
     fn leader(&self) -> Option<u32> {
         self.nodes
             .iter()
-            .filter_map(|(id, n)| {
-                n.replica
-                    .as_ref()
-                    .filter(|r| r.is_leader())
-                    .map(|r| (r.epoch(), *id))
-            })
+            .filter_map(|(id, n)| n.core().filter(|r| r.is_leader()).map(|r| (r.epoch(), *id)))
             .max()
             .map(|(_, id)| id)
     }
@@ -490,7 +536,7 @@ impl World {
         let Some(replica) = self.nodes.get_mut(&leader).and_then(|n| n.replica.as_mut()) else {
             return;
         };
-        let Some(next) = replica.step_toward(&target, &[], rf) else {
+        let Some(next) = replica.replica().step_toward(&target, &[], rf) else {
             return;
         };
         let (accepted, actions) = replica.propose_members(next.clone(), now);
@@ -511,39 +557,104 @@ impl World {
     fn final_voters(&self) -> Vec<u32> {
         self.nodes
             .values()
-            .filter_map(|n| n.replica.as_ref())
+            .filter_map(Node::core)
             .max_by_key(|r| (r.is_leader(), r.epoch(), r.commit()))
             .map(|r| r.voters().to_vec())
             .unwrap_or_default()
     }
 
-    fn propose(&mut self) {
-        let Some(leader) = self
+    /// The client sends one record to a replica that leads, with `acks`
+    /// mostly all, sometimes leader or none. Returns its token if it was taken.
+    fn propose(&mut self) -> Option<u64> {
+        let leader = self
             .nodes
             .iter()
-            .find(|(_, n)| n.replica.as_ref().is_some_and(|r| r.is_leader()))
-            .map(|(id, _)| *id)
-        else {
-            return;
+            .find(|(_, n)| n.core().is_some_and(|r| r.is_leader()))
+            .map(|(id, _)| *id)?;
+        let acks = match self.rng.below(20) {
+            0 => Acks::None,
+            1..=3 => Acks::Leader,
+            _ => Acks::All,
         };
         self.next_record += 1;
-        let digest = MessageId(*blake3::hash(&self.next_record.to_le_bytes()).as_bytes());
+        let token = self.next_record;
+        let digest = MessageId(*blake3::hash(&token.to_le_bytes()).as_bytes());
         let now = self.now;
-        let Some(replica) = self.nodes.get_mut(&leader).and_then(|n| n.replica.as_mut()) else {
-            return;
-        };
-        let (offset, actions) = replica.propose(digest, now);
-        if let Some(entry) = offset.and_then(|o| replica.entry(o).map(|e| (o, e.clone()))) {
-            self.proposals
-                .push((leader, entry.1.epoch, entry.0, entry.1.id));
+        let replica = self.nodes.get_mut(&leader)?.replica.as_mut()?;
+        if replica.admit(acks, now).is_err() {
+            self.failed += 1;
+            return None;
         }
-        self.apply(leader, actions);
+        let (offset, mut outputs) = replica.propose(digest, now);
+        let offset = offset?;
+        let id = replica.replica().entry(offset)?.id;
+        self.proposals.insert(
+            token,
+            Proposal {
+                leader,
+                offset,
+                id,
+                acks,
+            },
+        );
+        outputs.extend(replica.await_ack(token, offset + 1, acks, now));
+        self.apply(leader, outputs);
+        Some(token)
     }
 
-    fn apply(&mut self, node: u32, actions: Vec<Action<u32>>) {
-        for action in actions {
+    /// The core answered the produce request `token`: check the answer
+    /// against the rule for its `acks`, and count what it acknowledged.
+    fn answered(&mut self, node: u32, token: u64, answer: Answer<u32>) {
+        let Some(p) = self.proposals.remove(&token) else {
+            self.fail(
+                "answers: each produce request is answered once",
+                format!("node {node} answered request {token} again ({answer:?})"),
+            );
+            return;
+        };
+        if answer != Answer::Acked {
+            self.failed += 1;
+            return;
+        }
+        self.trace
+            .update(format!("{:?} ack {} {} {:?}\n", self.now, p.offset, p.id, p.acks).as_bytes());
+        let held = self.held(node, p.offset);
+        let Some(core) = self.nodes.get(&node).and_then(Node::core) else {
+            return;
+        };
+        let (commit, durable) = (core.commit(), core.durable());
+        let rule_holds = match p.acks {
+            Acks::None => true,
+            Acks::Leader => held == Some(p.id) && (durable > p.offset || commit > p.offset),
+            Acks::All => held == Some(p.id) && commit > p.offset,
+        };
+        if !rule_holds {
+            self.fail(
+                "answers: acknowledged as its acks promise",
+                format!(
+                    "node {node} acknowledged {} at offset {} with acks {:?}, holding {held:?} there, durable to {durable}, committed to {commit}",
+                    p.id, p.offset, p.acks
+                ),
+            );
+            return;
+        }
+        if p.acks == Acks::All {
+            self.acked.insert(p.offset, p.id);
+        }
+    }
+
+    fn apply(&mut self, node: u32, outputs: Vec<Output<u32, u64>>) {
+        for output in outputs {
+            let action = match output {
+                Output::Act(action) => action,
+                Output::Answer { token, answer } => {
+                    self.answered(node, token, answer);
+                    continue;
+                }
+            };
             match action {
                 Action::Send { to, message } => {
+                    self.check_vote_durable(node, to, &message);
                     for delay in self.net.deliveries(node, to, &mut self.rng) {
                         let at = self.now + delay;
                         self.schedule(
@@ -557,11 +668,7 @@ impl World {
                     }
                 }
                 Action::PersistVote { epoch, voted_for } => {
-                    // A vote is a few bytes, written and synced before anything is sent.
-                    if let Some(n) = self.nodes.get_mut(&node) {
-                        n.disk.epoch = epoch;
-                        n.disk.voted_for = voted_for;
-                    }
+                    self.schedule_write(node, DiskWrite::Vote { epoch, voted_for })
                 }
                 Action::PersistLog { from, entries } => self.write(node, from, entries),
                 Action::SendStored {
@@ -600,6 +707,35 @@ impl World {
                     }
                 }
             }
+        }
+    }
+
+    /// A promise (or a candidacy) goes out only once it is on the sender's
+    /// disk: a replica that crashed before could otherwise promise twice.
+    fn check_vote_durable(&mut self, node: u32, to: u32, message: &Message) {
+        let promised = match message {
+            Message::Vote {
+                epoch,
+                granted: true,
+            } => (*epoch, to),
+            Message::RequestVote { epoch, .. } => (*epoch, node),
+            _ => return,
+        };
+        let Some(disk) = self
+            .nodes
+            .get(&node)
+            .map(|n| (n.disk.epoch, n.disk.voted_for))
+        else {
+            return;
+        };
+        if disk != (promised.0, Some(promised.1)) {
+            self.fail(
+                "votes are durable before they are sent",
+                format!(
+                    "node {node} sends {message:?} to {to} with its disk at epoch {} voted for {:?}",
+                    disk.0, disk.1
+                ),
+            );
         }
     }
 
@@ -647,7 +783,7 @@ impl World {
             }
         };
         self.sent_from_disk += 1;
-        self.apply(node, vec![Action::Send { to, message }]);
+        self.apply(node, vec![Output::Act(Action::Send { to, message })]);
     }
 
     fn write(&mut self, node: u32, from: u64, entries: Vec<LogEntry>) {
@@ -661,6 +797,14 @@ impl World {
             // Dropping a whole log takes long: heartbeats and more restart
             // points arrive meanwhile.
             latency += Duration::from_millis(self.rng.below(400) as u64);
+        }
+        if matches!(write, DiskWrite::Vote { .. }) && self.now < FAULT_PHASE {
+            // Now and then the power fails while a vote is being synced.
+            if self.rng.below(40) == 0 {
+                let back = self.now + Duration::from_millis(50 + self.rng.below(500) as u64);
+                self.schedule(self.now + latency / 2, Event::Crash(node));
+                self.schedule(back, Event::Restart(node));
+            }
         }
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
@@ -704,6 +848,16 @@ impl World {
                 self.installs += 1;
                 self.input(node, Input::SnapshotInstalled { index });
             }
+            DiskWrite::Vote { epoch, voted_for } => {
+                n.disk.epoch = epoch;
+                n.disk.voted_for = voted_for;
+                let released = n
+                    .replica
+                    .as_mut()
+                    .map(Partition::vote_persisted)
+                    .unwrap_or_default();
+                self.apply(node, released);
+            }
         }
     }
 
@@ -744,7 +898,7 @@ impl World {
             return;
         }
         let node = running[self.rng.below(running.len())];
-        let Some(replica) = self.nodes.get(&node).and_then(|n| n.replica.as_ref()) else {
+        let Some(replica) = self.nodes.get(&node).and_then(Node::core) else {
             return;
         };
         let upto = replica.commit().min(replica.log_end());
@@ -763,7 +917,7 @@ impl World {
 
     fn committed(&mut self, node: u32, upto: u64) {
         let seen = self.commit_seen.get(&node).copied().unwrap_or(0);
-        let Some(replica) = self.nodes.get(&node).and_then(|n| n.replica.as_ref()) else {
+        let Some(replica) = self.nodes.get(&node).and_then(Node::core) else {
             return;
         };
         let upto = upto.min(replica.log_end());
@@ -788,20 +942,6 @@ impl World {
             }
         }
         self.commit_seen.insert(node, upto.max(seen));
-        // A proposal is acknowledged once its proposer commits that very
-        // entry; one replaced in its log by a later leader's is simply lost
-        // (never acknowledged, so no guarantee covers it).
-        let (now, proposals) = (self.now, std::mem::take(&mut self.proposals));
-        for p in proposals {
-            let held = self.held(node, p.2);
-            if p.0 == node && p.2 < upto && held == Some(p.3) {
-                self.acked.insert(p.2, p.3);
-                self.trace
-                    .update(format!("{now:?} ack {} {}\n", p.2, p.3).as_bytes());
-            } else if p.0 != node || held == Some(p.3) {
-                self.proposals.push(p);
-            }
-        }
     }
 
     fn crash(&mut self, node: u32) {
@@ -823,15 +963,18 @@ impl World {
         n.in_flight.clear();
         n.installing = None;
         self.commit_seen.remove(&node);
+        // The client's connection to it broke: what it waited for is not answered.
+        self.proposals.retain(|_, p| p.leader != node);
     }
 
     fn restart(&mut self, node: u32) {
         self.trace
             .update(format!("{:?} start {node}\n", self.now).as_bytes());
         let seed = self.rng.next_u64();
-        let (voters, config, genesis, now) = (
+        let (voters, config, rules, genesis, now) = (
             self.voters.clone(),
             self.config.clone(),
+            self.rules.clone(),
             self.genesis,
             self.now,
         );
@@ -850,7 +993,8 @@ impl World {
             .get(skip..)
             .map(<[LogEntry]>::to_vec)
             .unwrap_or_default();
-        n.replica = Some(Replica::new(node, voters, config, genesis, disk, now, seed));
+        let replica = Replica::new(node, voters, config, genesis, disk, now, seed);
+        n.replica = Some(Partition::new(replica, rules));
         let next = self.now + TICK;
         self.schedule(next, Event::Tick(node));
     }
@@ -863,14 +1007,11 @@ impl World {
         while self.violation.is_none() && t <= healed + LIVENESS_BOUND {
             t += Duration::from_millis(50);
             self.run_until(t);
-            if marker.is_none_or(|(offset, id)| self.committed.get(&offset) != Some(&id)) {
-                let before = self.proposals.len();
-                self.propose();
-                if self.proposals.len() > before
-                    && let Some(p) = self.proposals.last()
-                {
-                    marker = Some((p.2, p.3));
-                }
+            if marker.is_none_or(|(offset, id)| self.committed.get(&offset) != Some(&id))
+                && let Some(token) = self.propose()
+                && let Some(p) = self.proposals.get(&token)
+            {
+                marker = Some((p.offset, p.id));
             }
             if let Some((offset, id)) = marker
                 && self.committed_everywhere(offset, id)
@@ -880,7 +1021,7 @@ impl World {
         }
         if std::env::var_os("SIM_DEBUG").is_some() {
             for (id, n) in &self.nodes {
-                if let Some(r) = &n.replica {
+                if let Some(r) = n.core() {
                     eprintln!(
                         "node {id}: voters {:?} learners {:?} epoch {} leader {} hint {:?} log {} durable {} commit {} last {:?} disk {}",
                         r.members().voters,
@@ -914,7 +1055,7 @@ impl World {
             && voters.iter().all(|v| {
                 self.nodes
                     .get(v)
-                    .and_then(|n| n.replica.as_ref())
+                    .and_then(Node::core)
                     .is_some_and(|r| r.commit() > offset && self.held(*v, offset) == Some(id))
             })
     }
@@ -932,10 +1073,7 @@ impl World {
                 }
                 let held = n.replica.as_ref().and(self.held(*node, *offset));
                 if held != Some(*id) {
-                    let (first, end) = n
-                        .replica
-                        .as_ref()
-                        .map_or((0, 0), |r| (r.first_index(), r.log_end()));
+                    let (first, end) = n.core().map_or((0, 0), |r| (r.first_index(), r.log_end()));
                     lost = Some(format!(
                         "acknowledged {id} at offset {offset} is not on node {node} (it has {held:?}; in memory {first}..{end}, on disk from {}, restarting at {:?})",
                         n.disk_first, n.installing

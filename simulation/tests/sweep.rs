@@ -2,6 +2,7 @@
 //! and proof that the checkers catch a deliberate bug.
 
 use meshlog::core::membership::InjectedFault;
+use meshlog::core::partition::PartitionFault;
 use meshlog::core::replication::ReplicationFault;
 use meshlog_sim::groups::{self, GroupFault};
 use meshlog_sim::producer::{self, ProducerFault};
@@ -114,13 +115,13 @@ fn committing_without_a_quorum_is_caught_within_a_few_seeds() {
 
 #[test]
 fn compacting_entries_before_they_are_durable_is_caught_within_a_few_seeds() {
-    let caught = (0..40).find_map(|seed| {
+    let caught = (0..80).find_map(|seed| {
         replication::run(seed, Some(ReplicationFault::CompactUndurable))
             .violation
             .map(|v| (seed, v))
     });
     let (seed, violation) = caught.expect(
-        "a replica that compacts what its disk has not confirmed must be caught within 40 seeds",
+        "a replica that compacts what its disk has not confirmed must be caught within 80 seeds",
     );
     assert!(
         violation.invariant.contains("agreement")
@@ -207,6 +208,46 @@ fn a_coordinator_that_ignores_generations_is_caught_within_a_few_seeds() {
         .expect("a coordinator that lets fenced members commit must be caught within 20 seeds");
     assert!(
         violation.invariant.contains("backwards") || violation.invariant.contains("skipped"),
+        "seed {seed}: {violation}"
+    );
+}
+
+/// The first seed of `0..within` at which the replication checkers catch
+/// `fault` in the rules around the log, with the invariant they name.
+fn catch_rule_fault(fault: PartitionFault, within: u64) -> (u64, String) {
+    let caught = (0..within).find_map(|seed| {
+        replication::run_with(seed, None, Some(fault))
+            .violation
+            .map(|v| (seed, v.to_string()))
+    });
+    caught.unwrap_or_else(|| panic!("{fault:?} must be caught within {within} seeds"))
+}
+
+#[test]
+fn sending_before_a_vote_is_durable_is_caught_within_a_few_seeds() {
+    let (seed, violation) = catch_rule_fault(PartitionFault::SendBeforeVoteDurable, 10);
+    assert!(
+        violation.contains("votes are durable before they are sent"),
+        "seed {seed}: {violation}"
+    );
+}
+
+#[test]
+fn acknowledging_acks_all_before_the_commit_is_caught_within_a_few_seeds() {
+    let (seed, violation) = catch_rule_fault(PartitionFault::AckAllWhenLeaderDurable, 10);
+    assert!(
+        violation.contains("acknowledged as its acks promise")
+            || violation.contains("no acknowledged record lost"),
+        "seed {seed}: {violation}"
+    );
+}
+
+#[test]
+fn keeping_requests_whose_entries_were_cut_is_caught_within_a_few_seeds() {
+    let (seed, violation) = catch_rule_fault(PartitionFault::KeepCutRequests, 40);
+    assert!(
+        violation.contains("acknowledged as its acks promise")
+            || violation.contains("no acknowledged record lost"),
         "seed {seed}: {violation}"
     );
 }

@@ -13,10 +13,13 @@
 //! - [`group`]: consumer-group coordination (join, sync, heartbeat, commit, assignors).
 //! - [`producer`]: one producer's batching, in-flight window and ordered retries.
 //! - [`replication`]: one partition's log among its replicas (Raft rules, hash-chained).
+//! - [`partition`]: one partition replica's produce answers by `acks`, and
+//!   the rule that nothing depending on a vote is sent before it is durable.
 
 pub mod group;
 pub mod membership;
 pub mod ownership;
+pub mod partition;
 pub mod placement;
 pub mod producer;
 pub mod replication;

@@ -721,6 +721,15 @@ impl<P: PeerKey> Replica<P> {
             .map_or(self.snapshot.last_epoch, |e| e.epoch)
     }
 
+    /// When this replica next has something to do on a tick: its next
+    /// heartbeat as leader, else its election deadline.
+    pub fn next_wake(&self) -> Duration {
+        match &self.role {
+            Role::Leader { last_sent, .. } => *last_sent + self.config.heartbeat_interval,
+            _ => self.election_deadline,
+        }
+    }
+
     /// One past the last committed offset.
     pub fn commit(&self) -> u64 {
         self.commit

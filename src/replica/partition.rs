@@ -1,13 +1,15 @@
-//! One partition's replica on this node: the core's [`Replica`] plus what the
-//! driver keeps around it.
+//! One partition's replica on this node: the core's [`Partition`] plus what
+//! the driver keeps around it.
 //!
-//! The core decides (who leads, what is appended, what is committed); this
-//! type turns its decisions into batches, store writes and messages, and turns
-//! store confirmations and peers' messages back into core inputs. It keeps,
-//! next to the core's entries, where each entry's records sit (`spans`), the
-//! encoded batches not yet known to be on every follower (`payloads`), the
-//! idempotent producers' state as of the log end (`producers`), and the
-//! produce requests waiting for their records to be acknowledged (`waiters`).
+//! The core decides (who leads, what is appended, what is committed, when a
+//! produce request is answered and how, when a message may go after a vote);
+//! this type turns its decisions into batches, store writes, messages and
+//! replies, and turns store confirmations and peers' messages back into core
+//! inputs. It keeps, next to the core's entries, where each entry's records
+//! sit (`spans`), the encoded batches not yet known to be on every follower
+//! (`payloads`), the idempotent producers' state as of the log end
+//! (`producers`), and the reply channel of each produce request the core
+//! holds under a token (`replies`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::chain::{self, MessageId, ProducerId};
-use crate::config::{Acks, TopicConfig};
+use crate::config::TopicConfig;
+use crate::core::partition::{Answer, Output, Partition, PartitionRules, Refused};
 use crate::core::replication::{
     Action, DurableState, Input, LogEntry, Message, Replica, ReplicationConfig, Snapshot,
 };
@@ -80,8 +83,8 @@ pub(crate) enum PartitionWrite {
         truncate_from: u64,
         entries: Vec<ReplicatedEntry>,
     },
-    /// Make the vote durable; `then` are the messages that depended on it.
-    Vote { vote: VoteRow, then: Vec<Effect> },
+    /// Make the vote durable (the core holds what depends on it until then).
+    Vote(VoteRow),
     /// Raise the high watermark.
     HighWatermark(u64),
     /// Store where the replica's log restarts.
@@ -95,8 +98,8 @@ pub(crate) enum PartitionWrite {
 pub(crate) enum WriteKind {
     /// A log write.
     Log,
-    /// A vote, and the messages to send once it is durable.
-    Vote { then: Vec<Effect> },
+    /// A vote.
+    Vote,
     /// A high watermark or a snapshot point: nothing waits on it.
     State,
     /// The log restarted at this entry.
@@ -121,13 +124,13 @@ impl PartitionWrite {
                 },
                 WriteKind::Log,
             ),
-            PartitionWrite::Vote { vote, then } => (
+            PartitionWrite::Vote(vote) => (
                 WriteOp::SetVote {
                     topic,
                     partition,
                     vote,
                 },
-                WriteKind::Vote { then },
+                WriteKind::Vote,
             ),
             PartitionWrite::HighWatermark(high_watermark) => (
                 WriteOp::SetHighWatermark {
@@ -160,16 +163,6 @@ impl PartitionWrite {
     }
 }
 
-/// A produce request waiting for its records to be acknowledged.
-struct Waiter {
-    /// Entry index one past the request's last entry.
-    entries_end: u64,
-    acks: Acks,
-    produced: Produced,
-    reply: ProduceReply,
-    deadline: Duration,
-}
-
 /// The settings a partition replica runs with.
 #[derive(Clone, Debug)]
 pub(crate) struct PartitionSettings {
@@ -188,7 +181,7 @@ pub(crate) struct PartitionReplica {
     partition: u32,
     config: TopicConfig,
     settings: PartitionSettings,
-    core: Replica<NodeId>,
+    core: Partition<NodeId, u64>,
     /// Where each entry from the core's snapshot point on holds its records.
     spans: Spans,
     /// Encoded batches by entry index, kept while followers may still need them.
@@ -202,13 +195,14 @@ pub(crate) struct PartitionReplica {
     /// Unwritten entries of producers not tracked here (their steps were not
     /// computed): such a producer cannot be loaded until they are written.
     unwritten_untracked: BTreeMap<u64, ProducerId>,
-    waiters: Vec<Waiter>,
+    /// Where each produce request the core holds goes, and its answer when acknowledged.
+    replies: BTreeMap<u64, (ProduceReply, Produced)>,
+    /// The token of the next produce request.
+    next_token: u64,
     /// Entries confirmed durable on this node.
     durable: u64,
     /// Entries committed.
     committed: u64,
-    /// The leader epoch this replica last led, to notice when it stops leading.
-    led: Option<u64>,
     /// While leading: the record offset where its epoch starts (everything
     /// before it must be readable before a reader of the whole log may start).
     epoch_start_offset: Option<u64>,
@@ -276,7 +270,7 @@ impl PartitionReplica {
             replication.election_timeout /= 2;
             replication.election_jitter = Duration::ZERO;
         }
-        let core = Replica::new(
+        let replica = Replica::new(
             me,
             voters,
             replication,
@@ -290,6 +284,12 @@ impl PartitionReplica {
             now,
             seed,
         );
+        let rules = PartitionRules {
+            produce_timeout: settings.produce_timeout,
+            replica_lag: settings.replica_lag,
+            ..PartitionRules::default()
+        };
+        let core = Partition::new(replica, rules);
         Ok(PartitionReplica {
             topic: topic.to_string(),
             partition,
@@ -301,10 +301,10 @@ impl PartitionReplica {
             producers: BTreeMap::new(),
             unwritten_steps: BTreeMap::new(),
             unwritten_untracked: BTreeMap::new(),
-            waiters: Vec::new(),
+            replies: BTreeMap::new(),
+            next_token: 0,
             durable,
             committed: first,
-            led: None,
             epoch_start_offset: None,
             rf,
             generation: 0,
@@ -329,7 +329,7 @@ impl PartitionReplica {
 
     /// The core state machine (read-only).
     pub fn core(&self) -> &Replica<NodeId> {
-        &self.core
+        self.core.replica()
     }
 
     /// One past the last committed record offset.
@@ -344,7 +344,7 @@ impl PartitionReplica {
 
     /// The replicas in sync (leader only; empty elsewhere).
     pub fn in_sync(&self, now: Duration) -> Vec<NodeId> {
-        self.core.in_sync(now, self.settings.replica_lag)
+        self.core.in_sync(now)
     }
 
     /// Record offset one past the records of the first `entries` entries.
@@ -367,26 +367,21 @@ impl PartitionReplica {
         observers: &[NodeId],
         now: Duration,
     ) -> Vec<Effect> {
-        let Some(next) = self.core.step_toward(target, observers, self.rf) else {
+        let Some(next) = self.core().step_toward(target, observers, self.rf) else {
             return Vec::new();
         };
-        let (accepted, actions) = self.core.propose_members(next.clone(), now);
+        let (accepted, outputs) = self.core.propose_members(next.clone(), now);
         if !accepted {
             return Vec::new();
         }
         tracing::info!(topic = %self.topic, partition = self.partition, voters = ?next.voters, learners = ?next.learners, "replica set changes");
-        let mut effects = self.apply(actions, None);
-        self.notice_role(&mut effects);
-        effects
+        self.apply(outputs, None)
     }
 
     /// Time passes.
     pub fn tick(&mut self, now: Duration) -> Vec<Effect> {
-        let actions = self.core.handle(Input::Tick, now);
-        let mut effects = self.apply(actions, None);
-        self.expire_waiters(now);
-        self.notice_role(&mut effects);
-        effects
+        let outputs = self.core.handle(Input::Tick, now);
+        self.apply(outputs, None)
     }
 
     /// A replication message from `from`, with the batches an append carries.
@@ -411,10 +406,8 @@ impl PartitionReplica {
             },
             _ => None,
         };
-        let actions = self.core.handle(Input::Message { from, message }, now);
-        let mut effects = self.apply(actions, incoming.as_ref());
-        self.notice_role(&mut effects);
-        effects
+        let outputs = self.core.handle(Input::Message { from, message }, now);
+        self.apply(outputs, incoming.as_ref())
     }
 
     /// Matches an append's batches to its entries, checking each batch's
@@ -485,29 +478,27 @@ impl PartitionReplica {
                 let last_id = end
                     .last_entry_id
                     .unwrap_or_else(|| chain::partition_genesis(&self.topic, self.partition));
-                let actions = self.core.handle(
+                let outputs = self.core.handle(
                     Input::Persisted {
                         upto: end.entries,
                         last_id,
                     },
                     now,
                 );
-                self.durable = self.core.durable();
+                self.durable = self.core().durable();
                 // The store holds these entries now.
                 self.unwritten_steps = self.unwritten_steps.split_off(&self.durable);
                 self.unwritten_untracked = self.unwritten_untracked.split_off(&self.durable);
-                let mut effects = self.apply(actions, None);
-                self.answer_waiters();
-                self.notice_role(&mut effects);
-                effects
+                self.apply(outputs, None)
             }
             // The messages that waited for the vote go now.
-            (WriteKind::Vote { then }, Ok(_)) => then,
+            (WriteKind::Vote, Ok(_)) => {
+                let outputs = self.core.vote_persisted();
+                self.apply(outputs, None)
+            }
             (WriteKind::Install(index), Ok(_)) => {
-                let actions = self.core.handle(Input::SnapshotInstalled { index }, now);
-                let mut effects = self.apply(actions, None);
-                self.notice_role(&mut effects);
-                effects
+                let outputs = self.core.handle(Input::SnapshotInstalled { index }, now);
+                self.apply(outputs, None)
             }
             (_, Ok(_)) => Vec::new(),
             (_, Err(error)) => {
@@ -525,30 +516,23 @@ impl PartitionReplica {
         now: Duration,
         store: &Store,
     ) -> Vec<Effect> {
-        if !self.core.is_leader() {
-            let hint = self.core.leader_hint().copied();
-            let _ = reply.send(Err(Refusal::NotLeader { hint }));
+        if let Err(refused) = self.core.admit(frame.acks, now) {
+            let _ = reply.send(Err(match refused {
+                Refused::NotLeader { hint } => Refusal::NotLeader { hint },
+                Refused::NotEnoughReplicas { in_sync, required } => {
+                    Refusal::NotEnoughReplicas { in_sync, required }
+                }
+            }));
             return Vec::new();
-        }
-        if frame.acks == Acks::All {
-            let in_sync = self.in_sync(now).len();
-            let required = self.core.quorum_size();
-            if in_sync < required {
-                let _ = reply.send(Err(Refusal::NotEnoughReplicas { in_sync, required }));
-                return Vec::new();
-            }
         }
         let acks = frame.acks;
         match self.propose(frame, now, store) {
-            Ok((produced, entries_end, effects)) => {
-                self.waiters.push(Waiter {
-                    entries_end,
-                    acks,
-                    produced,
-                    reply,
-                    deadline: now + self.settings.produce_timeout,
-                });
-                self.answer_waiters();
+            Ok((produced, entries_end, mut effects)) => {
+                let token = self.next_token;
+                self.next_token += 1;
+                self.replies.insert(token, (reply, produced));
+                let outputs = self.core.await_ack(token, entries_end, acks, now);
+                effects.extend(self.apply(outputs, None));
                 effects
             }
             Err(refusal) => {
@@ -630,7 +614,7 @@ impl PartitionReplica {
         if !records.iter().any(|r| dedup_key(r).is_some()) {
             return Ok(());
         }
-        let epoch = self.core.epoch();
+        let epoch = self.core().epoch();
         let window = self.settings.dedup_window;
         if !self.dedup.is_built_for(epoch) {
             // The index is read from the store's committed records: wait until
@@ -663,18 +647,19 @@ impl PartitionReplica {
     /// can be read for) every record committed before its epoch — what a
     /// reader of the whole log (dedup index, group coordinator) waits for.
     pub fn leadership(&self, store: &Store) -> Leadership {
-        if !self.core.is_leader() {
+        let core = self.core();
+        if !core.is_leader() {
             return Leadership::Follower {
-                hint: self.core.leader_hint().copied(),
+                hint: core.leader_hint().copied(),
             };
         }
-        let epoch = self.core.epoch();
+        let epoch = core.epoch();
         let epoch_start = self.epoch_start_offset;
         let readable = store
             .partition_state(&self.topic, self.partition)
             .map_or(0, |s| s.high_watermark);
         match epoch_start {
-            Some(start) if self.core.has_committed_own_epoch() && readable >= start => {
+            Some(start) if core.has_committed_own_epoch() && readable >= start => {
                 Leadership::Leader { epoch }
             }
             _ => Leadership::Catching,
@@ -683,7 +668,7 @@ impl PartitionReplica {
 
     /// Indexes the dedup keys of records just stored.
     fn remember_dedup_keys(&mut self, records: &[Record], produced: &Produced) {
-        if !self.dedup.is_built_for(self.core.epoch()) {
+        if !self.dedup.is_built_for(self.core().epoch()) {
             return;
         }
         let window = self.settings.dedup_window;
@@ -824,11 +809,11 @@ impl PartitionReplica {
         now: Duration,
         effects: &mut Vec<Effect>,
     ) -> Result<(Produced, u64), Refusal> {
-        let entries = self.core.log_end();
+        let entries = self.core().log_end();
         let base_offset = self.record_end(entries);
         let prev_id = self.record_head(entries);
         let header = BatchHeader {
-            epoch: self.core.epoch(),
+            epoch: self.core().epoch(),
             base_offset,
             prev_id,
             last_id: prev_id,
@@ -855,10 +840,10 @@ impl PartitionReplica {
                 }),
             },
         )]);
-        let (proposed, actions) = self.core.propose(last_id, now);
+        let (proposed, outputs) = self.core.propose(last_id, now);
         if proposed != Some(index) {
             return Err(Refusal::NotLeader {
-                hint: self.core.leader_hint().copied(),
+                hint: self.core().leader_hint().copied(),
             });
         }
         // The producer's state advances when the entry is persisted below
@@ -870,7 +855,7 @@ impl PartitionReplica {
             }) => Some(step.after),
             _ => None,
         };
-        effects.extend(self.apply(actions, Some(&incoming)));
+        effects.extend(self.apply(outputs, Some(&incoming)));
         Ok((
             Produced {
                 base_offset,
@@ -882,17 +867,22 @@ impl PartitionReplica {
         ))
     }
 
-    /// Turns core actions into effects. `incoming` holds the batches of the
-    /// append being handled, by entry index.
+    /// Turns the core's outputs into effects and replies. `incoming` holds
+    /// the batches of the append being handled, by entry index.
     fn apply(
         &mut self,
-        actions: Vec<Action<NodeId>>,
+        outputs: Vec<Output<NodeId, u64>>,
         incoming: Option<&BTreeMap<u64, Incoming>>,
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
-        // Messages after a vote wait until the vote is durable.
-        let mut vote_at: Option<usize> = None;
-        for action in actions {
+        for output in outputs {
+            let action = match output {
+                Output::Act(action) => action,
+                Output::Answer { token, answer } => {
+                    self.answer(token, answer);
+                    continue;
+                }
+            };
             let effect = match action {
                 Action::Send { to, message } => {
                     let batches = self.batches_for(&message);
@@ -906,26 +896,22 @@ impl PartitionReplica {
                     Some(self.persist_log(from, entries, incoming))
                 }
                 Action::PersistVote { epoch, voted_for } => {
-                    effects.push(Effect::Write(PartitionWrite::Vote {
-                        vote: VoteRow { epoch, voted_for },
-                        then: Vec::new(),
-                    }));
-                    vote_at = Some(effects.len() - 1);
-                    None
+                    Some(Effect::Write(PartitionWrite::Vote(VoteRow {
+                        epoch,
+                        voted_for,
+                    })))
                 }
                 Action::Committed { upto } => {
                     self.committed = upto.max(self.committed);
                     self.prune_payloads();
-                    self.answer_waiters();
                     Some(Effect::Write(PartitionWrite::HighWatermark(
                         self.high_watermark(),
                     )))
                 }
                 Action::BecameLeader { epoch } => {
                     debug!(topic = %self.topic, partition = self.partition, epoch, "leading");
-                    self.led = Some(epoch);
                     self.epoch_start_offset = self
-                        .core
+                        .core()
                         .epoch_start()
                         .map(|marker| self.record_end(marker));
                     None
@@ -966,17 +952,22 @@ impl PartitionReplica {
                     Some(Effect::Write(PartitionWrite::Snapshot(row)))
                 }
             };
-            let Some(effect) = effect else { continue };
-            match (vote_at, &effect) {
-                (Some(at), Effect::Send { .. }) => {
-                    if let Effect::Write(PartitionWrite::Vote { then, .. }) = &mut effects[at] {
-                        then.push(effect);
-                    }
-                }
-                _ => effects.push(effect),
-            }
+            effects.extend(effect);
         }
         effects
+    }
+
+    /// Replies to the produce request of `token`.
+    fn answer(&mut self, token: u64, answer: Answer<NodeId>) {
+        let Some((reply, produced)) = self.replies.remove(&token) else {
+            return;
+        };
+        let _ = reply.send(match answer {
+            Answer::Acked => Ok(produced),
+            Answer::NotLeader { hint } => Err(Refusal::NotLeader { hint }),
+            Answer::TimedOut => Err(Refusal::Timeout),
+            Answer::Closed => Err(Refusal::Other("the partition closed".into())),
+        });
     }
 
     fn persist_log(
@@ -1043,10 +1034,6 @@ impl PartitionReplica {
     /// Forgets the whole log: it restarts at `snapshot` (entries) and
     /// `record_start` (records), the leader's log start.
     fn restart_at(&mut self, snapshot: &Snapshot<NodeId>, record_start: (u64, MessageId)) {
-        let hint = self.core.leader_hint().copied();
-        for w in self.waiters.drain(..) {
-            let _ = w.reply.send(Err(Refusal::NotLeader { hint }));
-        }
         self.spans = Spans::new(snapshot.index, record_start.0, record_start.1, Vec::new());
         self.payloads.clear();
         self.producers.clear();
@@ -1089,15 +1076,8 @@ impl PartitionReplica {
 
     /// Drops entries from `from` on (an uncommitted suffix a new leader replaced).
     fn truncate(&mut self, from: u64) {
-        // Requests whose entries are cut were never committed: the producer
-        // retries at the new leader (idempotently).
-        let hint = self.core.leader_hint().copied();
-        let (cut, kept): (Vec<Waiter>, Vec<Waiter>) =
-            self.waiters.drain(..).partition(|w| w.entries_end > from);
-        self.waiters = kept;
-        for w in cut {
-            let _ = w.reply.send(Err(Refusal::NotLeader { hint }));
-        }
+        // (The core fails the requests whose entries are cut: the producer
+        // retries at the new leader, idempotently.)
         let cut_offset = self.record_end(from);
         self.dedup.invalidate();
         self.spans.truncate(from);
@@ -1194,57 +1174,10 @@ impl PartitionReplica {
         self.payloads = self.payloads.split_off(&below);
     }
 
-    fn answer_waiters(&mut self) {
-        let (committed, durable) = (self.committed, self.durable);
-        let mut i = 0;
-        while i < self.waiters.len() {
-            let w = &self.waiters[i];
-            let done = match w.acks {
-                Acks::None => true,
-                Acks::Leader => durable >= w.entries_end || committed >= w.entries_end,
-                Acks::All => committed >= w.entries_end,
-            };
-            if done {
-                let w = self.waiters.swap_remove(i);
-                let _ = w.reply.send(Ok(w.produced));
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    fn expire_waiters(&mut self, now: Duration) {
-        let (expired, kept): (Vec<Waiter>, Vec<Waiter>) =
-            self.waiters.drain(..).partition(|w| w.deadline <= now);
-        self.waiters = kept;
-        for w in expired {
-            let _ = w.reply.send(Err(Refusal::Timeout));
-        }
-    }
-
-    /// A leader that stops leading fails what waits on it: the producer
-    /// retries at the new leader, and idempotence keeps the retry single.
-    fn notice_role(&mut self, _effects: &mut [Effect]) {
-        if self.led.is_some() && !self.core.is_leader() {
-            self.led = None;
-            let hint = self.core.leader_hint().copied();
-            for w in self.waiters.drain(..) {
-                if self.committed >= w.entries_end {
-                    let _ = w.reply.send(Ok(w.produced));
-                } else {
-                    let _ = w.reply.send(Err(Refusal::NotLeader { hint }));
-                }
-            }
-        }
-    }
-
     /// Fails every waiting request (the partition is going away).
     pub fn close(&mut self) {
-        for w in self.waiters.drain(..) {
-            let _ = w
-                .reply
-                .send(Err(Refusal::Other("the partition closed".into())));
-        }
+        let outputs = self.core.close();
+        self.apply(outputs, None);
     }
 }
 
