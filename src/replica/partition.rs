@@ -284,6 +284,7 @@ impl PartitionReplica {
             now,
             seed,
         );
+        #[allow(clippy::needless_update)] // the update sets the fault-injection field
         let rules = PartitionRules {
             produce_timeout: settings.produce_timeout,
             replica_lag: settings.replica_lag,
