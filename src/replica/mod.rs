@@ -15,7 +15,7 @@ pub mod dedup;
 mod partition;
 mod spans;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,6 +135,7 @@ impl Replicator {
             groups,
         } = setup;
         let (requests, receiver) = mpsc::channel(1024);
+        let (reads_done, reads) = mpsc::unbounded_channel();
         let task = Task {
             me,
             store,
@@ -157,9 +158,11 @@ impl Replicator {
             appended,
             generations: 0,
             outbox: Vec::new(),
+            reading: BTreeSet::new(),
+            reads_done,
             groups,
         };
-        let handle = tokio::spawn(task.run(receiver, inbound, stop));
+        let handle = tokio::spawn(task.run(receiver, inbound, reads, stop));
         (Replicator { requests }, handle)
     }
 
@@ -215,9 +218,18 @@ struct Task {
     /// Replication messages of the current turn, sent at its end (appends to
     /// one follower merged): see [`Task::run`].
     outbox: Vec<(NodeId, ReplicateFrame)>,
+    /// (follower, partition) pairs with a store read for an append in
+    /// flight: at most one each (the core asks again on its next heartbeat).
+    reading: BTreeSet<(NodeId, Key)>,
+    /// Where reads on the blocking pool hand back their message.
+    reads_done: mpsc::UnboundedSender<ReadDone>,
     /// This node's group coordinators.
     groups: mpsc::Sender<crate::coordinator::GroupCall>,
 }
+
+/// A message to a follower read from the store off the task: (follower,
+/// partition, the message if the store still held what it needs).
+type ReadDone = (NodeId, Key, Option<ReplicateFrame>);
 
 /// The ownership table a node's tasks share.
 pub(crate) type SharedOwnership = Arc<std::sync::Mutex<OwnershipTable<NodeId>>>;
@@ -250,6 +262,7 @@ impl Task {
         mut self,
         mut requests: mpsc::Receiver<Request>,
         mut inbound: mpsc::Receiver<InboundRequest>,
+        mut reads: mpsc::UnboundedReceiver<ReadDone>,
         mut stop: watch::Receiver<bool>,
     ) {
         self.open_hosted();
@@ -267,6 +280,10 @@ impl Task {
                 Some(request) = inbound.recv() => self.on_inbound(request).await,
                 Some((key, generation, kind, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
                     self.on_written(key, generation, kind, outcome).await;
+                }
+                Some((to, key, frame)) = reads.recv() => {
+                    self.reading.remove(&(to, key));
+                    self.outbox.extend(frame.map(|frame| (to, frame)));
                 }
                 _ = tick.tick() => self.on_tick().await,
             }
@@ -746,7 +763,10 @@ impl Task {
             let deadline = Instant::now() + wait;
             loop {
                 appended.borrow_and_update();
-                let answer = read_committed(&store, &frame);
+                let (reader, request) = (store.clone(), frame.clone());
+                let answer = tokio::task::spawn_blocking(move || read_committed(&reader, &request))
+                    .await
+                    .unwrap_or_else(|e| Err(Refusal::Other(format!("the read failed: {e}"))));
                 let short = matches!(&answer, Ok(f) if fetched_bytes(f) < (frame.min_bytes as usize).max(1));
                 if !short || frame.offset.is_none() || Instant::now() >= deadline {
                     let _ = reply.send(answer);
@@ -977,12 +997,19 @@ impl Task {
                 Effect::Send {
                     to,
                     message,
-                    mut batches,
+                    batches,
                 } => {
-                    if batches.iter().any(|b| b.is_empty())
-                        && let Some(replica) = self.replicas.get(key)
-                    {
-                        replica.fill_batches(&self.store, &message, &mut batches);
+                    if batches.iter().any(|b| b.is_empty()) {
+                        // Batches no longer cached: read on the blocking pool.
+                        let bases = self
+                            .replicas
+                            .get(key)
+                            .map(|r| r.uncached_bases(&message))
+                            .unwrap_or_default();
+                        self.read_off_task(to, key, move |store, key| {
+                            fill_batches(store, key, message, batches, &bases)
+                        });
+                        continue;
                     }
                     let frame = ReplicateFrame {
                         topic: key.0.clone(),
@@ -1001,12 +1028,9 @@ impl Task {
                     from,
                     upto,
                     commit,
-                } => {
-                    if let Some(frame) = stored_append(&self.store, key, epoch, from, upto, commit)
-                    {
-                        self.outbox.push((to, frame));
-                    }
-                }
+                } => self.read_off_task(to, key, move |store, key| {
+                    stored_append(store, key, epoch, from, upto, commit)
+                }),
                 Effect::Write(write) => {
                     let (op, kind) = write.into_op(&key.0, key.1);
                     let answer = match self.writes.submit(op).await {
@@ -1039,6 +1063,26 @@ impl Task {
 }
 
 impl Task {
+    /// Runs a store read for a message to follower `to` on the blocking
+    /// pool, so that the task never waits on the disk; the message joins the
+    /// outbox of the turn in which the read finishes. A pair with a read in
+    /// flight skips this one (the core asks again on its next heartbeat).
+    fn read_off_task(
+        &mut self,
+        to: NodeId,
+        key: &Key,
+        read: impl FnOnce(&Store, &Key) -> Option<ReplicateFrame> + Send + 'static,
+    ) {
+        if !self.reading.insert((to, key.clone())) {
+            return;
+        }
+        let (store, key, done) = (self.store.clone(), key.clone(), self.reads_done.clone());
+        tokio::task::spawn_blocking(move || {
+            let frame = read(&store, &key);
+            let _ = done.send((to, key, frame));
+        });
+    }
+
     /// Sends the turn's replication messages in order, merging an append to
     /// a follower into the previous append of the same partition to it when
     /// it continues it (same epoch, next offset): one append with the
@@ -1203,6 +1247,51 @@ pub(crate) fn describe_entry(
         config: topic.config.clone(),
         partitions,
     }
+}
+
+/// An append from the leader's memory whose batches are not all cached,
+/// with the missing ones (at record offsets `bases`, one per empty slot)
+/// read from the store. `None` (and a log line) when one is no longer stored.
+fn fill_batches(
+    store: &Store,
+    key: &Key,
+    message: Message,
+    batches: Vec<Arc<Vec<u8>>>,
+    bases: &[Option<u64>],
+) -> Option<ReplicateFrame> {
+    let (topic, partition) = (key.0.as_str(), key.1);
+    let mut bases = bases.iter();
+    let mut filled = Vec::with_capacity(batches.len());
+    for batch in batches {
+        if !batch.is_empty() {
+            filled.push(serde_bytes::ByteBuf::from(batch.as_ref().clone()));
+            continue;
+        }
+        let Some(base) = bases.next().copied().flatten() else {
+            warn!(
+                topic,
+                partition, "a batch to replicate is no longer known here"
+            );
+            return None;
+        };
+        match store.batch_bytes(topic, partition, base) {
+            Ok(Some(bytes)) => filled.push(serde_bytes::ByteBuf::from(bytes)),
+            Ok(None) => {
+                warn!(topic, partition, base, "a batch to replicate is not stored");
+                return None;
+            }
+            Err(error) => {
+                warn!(topic, partition, %error, "cannot read a batch to replicate");
+                return None;
+            }
+        }
+    }
+    Some(ReplicateFrame {
+        topic: topic.to_string(),
+        partition,
+        message,
+        batches: filled,
+    })
 }
 
 /// An append of entries `from..upto` of a partition, read from the store for

@@ -1132,38 +1132,27 @@ impl PartitionReplica {
         out
     }
 
-    /// Fills in batches that were not cached by reading them from the store.
-    pub fn fill_batches(&self, store: &Store, message: &Message, batches: &mut [Arc<Vec<u8>>]) {
+    /// The record offsets where the batches of an append's uncached entries
+    /// start, in entry order (one per empty slot [`Self::batches_for`] left;
+    /// `None` where this replica no longer knows it), for the driver to read
+    /// them from the store.
+    pub fn uncached_bases(&self, message: &Message) -> Vec<Option<u64>> {
         let Message::Append {
             prev_offset,
             entries,
             ..
         } = message
         else {
-            return;
+            return Vec::new();
         };
-        let mut slots = batches.iter_mut();
-        for (i, entry) in entries.iter().enumerate() {
-            if !entry.has_payload() {
-                continue;
-            }
-            let Some(slot) = slots.next() else { return };
-            if !slot.is_empty() {
-                continue;
-            }
-            let Some(Span { base, .. }) = self.spans.get(prev_offset + i as u64) else {
-                continue;
-            };
-            match store.batch_bytes(&self.topic, self.partition, base) {
-                Ok(Some(bytes)) => *slot = Arc::new(bytes),
-                Ok(None) => {
-                    warn!(topic = %self.topic, partition = self.partition, base, "a batch to replicate is not stored")
-                }
-                Err(error) => {
-                    warn!(topic = %self.topic, partition = self.partition, %error, "cannot read a batch to replicate")
-                }
-            }
-        }
+        entries
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| entry.has_payload())
+            .map(|(i, _)| prev_offset + i as u64)
+            .filter(|index| !self.payloads.contains_key(index))
+            .map(|index| self.spans.get(index).map(|span| span.base))
+            .collect()
     }
 
     /// Forgets cached batches every replica has (below the commit point, with a margin).
