@@ -1,7 +1,8 @@
 //! A replicated partition's log in the store: entries enter only when they
 //! extend the log, a peer's forged batch is refused with nothing stored, an
 //! uncommitted suffix can be cut (rolling back producer state) and a
-//! committed one cannot.
+//! committed one cannot; a replica restarted at a leader's log start takes the
+//! idempotent producers' states there and ends with the leader's.
 
 use std::sync::Arc;
 
@@ -169,13 +170,46 @@ fn an_uncommitted_suffix_is_cut_with_its_producer_state_and_a_committed_one_is_n
 
 /// A replicated log of `count` one-record entries (about 1 KiB each) in
 /// small segments; returns the entries' IDs and record IDs.
+/// Idempotent producers of [`long_log`]: one that writes only its first
+/// 20 batches, one that writes every third batch throughout.
+const EARLY: ProducerId = ProducerId(1);
+const STEADY: ProducerId = ProducerId(2);
+
+/// The producer stamp of batch `i` of [`long_log`], if any, advancing `chains`.
+fn long_log_stamp(
+    i: u64,
+    value: &str,
+    chains: &mut std::collections::BTreeMap<ProducerId, ProducerBatch>,
+) -> Option<ProducerBatch> {
+    let producer = match i {
+        _ if i % 3 == 0 => STEADY,
+        _ if i < 20 => EARLY,
+        _ => return None,
+    };
+    let stamp = chains.entry(producer).or_insert(ProducerBatch {
+        producer,
+        base_seq: 0,
+        prev: chain::producer_genesis(producer, TOPIC, 0),
+    });
+    let first = stamp.clone();
+    let digest = chain::record_digest(&Record::new(value, 1));
+    *stamp = ProducerBatch {
+        producer,
+        base_seq: first.base_seq + 1,
+        prev: wire::producer_head(&first, &[digest]),
+    };
+    Some(first)
+}
+
 fn long_log(store: &Store, count: u64) -> (Vec<MessageId>, Vec<MessageId>) {
     let genesis = chain::partition_genesis(TOPIC, 0);
     let (mut prev, mut prev_entry) = (genesis, genesis);
     let (mut entry_ids, mut record_ids) = (Vec::new(), Vec::new());
     let value = "v".repeat(1000);
+    let mut chains = std::collections::BTreeMap::new();
     for i in 0..count {
-        let (entry, head) = batch_entry(1, i, prev, i, prev_entry, &[value.as_str()], None);
+        let stamp = long_log_stamp(i, &value, &mut chains);
+        let (entry, head) = batch_entry(1, i, prev, i, prev_entry, &[value.as_str()], stamp);
         prev_entry = entry.entry.id;
         prev = head;
         entry_ids.push(prev_entry);
@@ -273,10 +307,17 @@ fn retention_keeps_a_replicated_log_from_its_snapshot_point_and_says_where_it_st
     else {
         panic!("a log start");
     };
+    // With the producers' states there, as a leader sends them.
+    let producers = store.producers_at(TOPIC, 0, at.record_end).expect("read");
+    assert!(
+        producers.iter().any(|(p, _)| *p == EARLY) || start <= 19,
+        "a producer that wrote only before the log start is sent: {producers:?}"
+    );
     let op = WriteOp::InstallSnapshot {
         topic: TOPIC.into(),
         partition: 0,
         point: at,
+        producers,
     };
     other
         .write(vec![op])
@@ -303,4 +344,15 @@ fn retention_keeps_a_replicated_log_from_its_snapshot_point_and_says_where_it_st
     let mine = other.partition_state(TOPIC, 0).unwrap();
     assert_eq!((mine.log_start_offset, mine.log_end_offset), (start, 100));
     assert_eq!(mine.head, record_ids[99]);
+    // Its idempotent producers stand where the leader's do: their retries
+    // are answered the same once it leads.
+    for producer in [EARLY, STEADY] {
+        let theirs = store.producer_state(TOPIC, 0, producer).unwrap();
+        assert!(theirs.is_some(), "the leader knows {producer:?}");
+        assert_eq!(
+            other.producer_state(TOPIC, 0, producer).unwrap(),
+            theirs,
+            "{producer:?} after a restart at the log start {start}"
+        );
+    }
 }

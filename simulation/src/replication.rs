@@ -755,6 +755,7 @@ impl World {
                 last_epoch: start.last_epoch,
                 members: postcard::to_stdvec(&start.members).unwrap_or_default(),
                 record_start: (0, self.genesis),
+                producers: Vec::new(),
                 commit,
             },
             _ => {

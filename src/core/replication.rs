@@ -235,6 +235,10 @@ pub enum Message {
         /// For the driver: the record log's start there (offset of its first
         /// record, and the chain ID before it).
         record_start: (u64, MessageId),
+        /// For the driver: what it keeps of the log before the start beyond
+        /// the chain (the idempotent producers' states there), encoded.
+        #[serde(with = "serde_bytes")]
+        producers: Vec<u8>,
         /// The leader's commit point.
         commit: u64,
     },
@@ -308,6 +312,9 @@ pub enum Action<P> {
         snapshot: Snapshot<P>,
         /// Where the record log restarts.
         record_start: (u64, MessageId),
+        /// The leader's driver's state at the log start (see
+        /// [`Message::InstallSnapshot`]), as it sent it.
+        producers: Vec<u8>,
     },
     /// Entries below `snapshot.index` were dropped from memory; the driver
     /// stores the point (it restarts from there) and drops what it keeps per
@@ -1112,6 +1119,7 @@ impl<P: PeerKey> Replica<P> {
                 last_epoch,
                 members,
                 record_start,
+                producers,
                 commit,
             } => {
                 let Ok(members) = postcard::from_bytes::<ReplicaSet<P>>(&members) else {
@@ -1123,7 +1131,8 @@ impl<P: PeerKey> Replica<P> {
                     last_epoch,
                     members,
                 };
-                self.on_install_snapshot(from, epoch, snapshot, record_start, commit, now, actions);
+                let start = (record_start, producers);
+                self.on_install_snapshot(from, epoch, snapshot, start, commit, now, actions);
             }
             Message::AppendReply {
                 epoch,
@@ -1296,7 +1305,7 @@ impl<P: PeerKey> Replica<P> {
         from: P,
         epoch: u64,
         snapshot: Snapshot<P>,
-        record_start: (u64, MessageId),
+        (record_start, producers): ((u64, MessageId), Vec<u8>),
         commit: u64,
         now: Duration,
         actions: &mut Vec<Action<P>>,
@@ -1343,6 +1352,7 @@ impl<P: PeerKey> Replica<P> {
         actions.push(Action::InstallSnapshot {
             snapshot,
             record_start,
+            producers,
         });
         actions.push(Action::Committed { upto: self.commit });
         self.pending_reply = Some((from, self.epoch, index));
@@ -1595,6 +1605,7 @@ mod tests {
                                 last_epoch: start.last_epoch,
                                 members: postcard::to_stdvec(&start.members).unwrap(),
                                 record_start: (0, MessageId([9; 32])),
+                                producers: Vec::new(),
                                 commit,
                             },
                             _ => Message::Append {

@@ -1324,6 +1324,13 @@ fn stored_append(
                 let Ok(members) = postcard::to_stdvec(&point.snapshot.members) else {
                     return Ok(None);
                 };
+                // The idempotent producers' states there, so that their
+                // retries are still answered once the follower leads.
+                let producers = store.producers_at(topic, partition, point.record_end)?;
+                let producers = crate::wire::encode(&producers).unwrap_or_else(|error| {
+                    warn!(topic, partition, %error, "the producers' states at the log start are not sent");
+                    Vec::new()
+                });
                 let message = Message::InstallSnapshot {
                     epoch,
                     index: point.snapshot.index,
@@ -1331,6 +1338,7 @@ fn stored_append(
                     last_epoch: point.snapshot.last_epoch,
                     members,
                     record_start: (point.record_end, point.record_head),
+                    producers,
                     commit,
                 };
                 (message, Vec::new())

@@ -89,8 +89,12 @@ pub(crate) enum PartitionWrite {
     HighWatermark(u64),
     /// Store where the replica's log restarts.
     Snapshot(SnapshotRow),
-    /// Drop the log and restart it at the leader's log start.
-    Install(SnapshotRow),
+    /// Drop the log and restart it at the leader's log start, with the
+    /// idempotent producers' states there.
+    Install {
+        point: SnapshotRow,
+        producers: Vec<(ProducerId, ProducerState)>,
+    },
 }
 
 /// What a write was, as its outcome comes back.
@@ -148,13 +152,14 @@ impl PartitionWrite {
                 },
                 WriteKind::State,
             ),
-            PartitionWrite::Install(point) => {
+            PartitionWrite::Install { point, producers } => {
                 let index = point.snapshot.index;
                 (
                     WriteOp::InstallSnapshot {
                         topic,
                         partition,
                         point,
+                        producers,
                     },
                     WriteKind::Install(index),
                 )
@@ -933,14 +938,16 @@ impl PartitionReplica {
                 Action::InstallSnapshot {
                     snapshot,
                     record_start,
+                    producers,
                 } => {
                     self.restart_at(&snapshot, record_start);
-                    let row = SnapshotRow {
+                    let point = SnapshotRow {
                         snapshot,
                         record_end: record_start.0,
                         record_head: record_start.1,
                     };
-                    Some(Effect::Write(PartitionWrite::Install(row)))
+                    let producers = self.decode_producers(&producers);
+                    Some(Effect::Write(PartitionWrite::Install { point, producers }))
                 }
                 Action::Compacted { snapshot } => {
                     self.spans.compact(snapshot.index);
@@ -956,6 +963,19 @@ impl PartitionReplica {
             effects.extend(effect);
         }
         effects
+    }
+
+    /// The producers' states a leader sent with its log start; none (and a
+    /// log line) when they do not decode: the replica then only loses the
+    /// retry answers of producers that wrote before the log start.
+    fn decode_producers(&self, bytes: &[u8]) -> Vec<(ProducerId, ProducerState)> {
+        if bytes.is_empty() {
+            return Vec::new();
+        }
+        wire::decode(bytes).unwrap_or_else(|error| {
+            warn!(topic = %self.topic, partition = self.partition, %error, "the producers' states at the leader's log start do not decode");
+            Vec::new()
+        })
     }
 
     /// Replies to the produce request of `token`.

@@ -377,6 +377,31 @@ impl Store {
         }
     }
 
+    /// The idempotent producers' states of a partition as they were before
+    /// record `offset` (the log start a lagging replica restarts at), for
+    /// those this log can tell: a producer whose remembered batches all come
+    /// after `offset` is left out (the replica rebuilds its state from those
+    /// batches as it receives them).
+    pub fn producers_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Vec<(crate::chain::ProducerId, ProducerState)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let entry = self.topic_in(&txn, topic)?;
+        let producers = txn.open_table(PRODUCERS)?;
+        let mut out = Vec::new();
+        for row in producers.range((entry.id, partition, 0)..=(entry.id, partition, u64::MAX))? {
+            let (key, value) = row?;
+            let state: ProducerState = self.decode_value("producer state", value.value())?;
+            if let Some(state) = state.rolled_back_to(offset) {
+                out.push((crate::chain::ProducerId(key.value().2), state));
+            }
+        }
+        Ok(out)
+    }
+
     /// The offset `group` committed for a partition, if any.
     pub fn committed_offset(
         &self,

@@ -464,6 +464,7 @@ impl Store {
         topic: &str,
         partition: u32,
         point: &SnapshotRow,
+        producers: Vec<(crate::chain::ProducerId, ProducerState)>,
     ) -> Result<(), StoreError> {
         let entry = self.existing_topic(t, cache, topic)?;
         let key = (entry.id, partition);
@@ -474,6 +475,9 @@ impl Store {
         t.producers.retain_in(all, |_, _| false)?;
         cache.active_segments.remove(&key);
         cache.producers.retain(|k, _| (k.0, k.1) != key);
+        for (producer, state) in producers {
+            cache.producers.insert((key.0, key.1, producer.0), state);
+        }
         let mut state = self.cached_partition(t, cache, key)?;
         state.log_start_offset = point.record_end;
         state.log_end_offset = point.record_end;

@@ -123,6 +123,9 @@ pub enum WriteOp {
         partition: u32,
         /// Where the log restarts.
         point: SnapshotRow,
+        /// The idempotent producers' states there (from the leader's
+        /// [`super::Store::producers_at`]).
+        producers: Vec<(crate::chain::ProducerId, ProducerState)>,
     },
     /// Store a replica's epoch and promise (always made durable).
     SetVote {
@@ -369,8 +372,9 @@ impl Store {
                 topic,
                 partition,
                 point,
+                producers,
             } => self
-                .apply_install(t, cache, &topic, partition, &point)
+                .apply_install(t, cache, &topic, partition, &point, producers)
                 .map(|()| WriteOutcome::Done),
             WriteOp::ApplyMeta {
                 offset,
