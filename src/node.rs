@@ -226,6 +226,7 @@ impl Node {
                     ownership: ownership.clone(),
                     appended: appended.subscribe(),
                     dedup_window: config.dedup_window,
+                    quiet_compaction: config.retention_check_interval,
                     groups: groups.clone(),
                 });
                 let coordinator = crate::coordinator::start(

@@ -330,3 +330,47 @@ async fn auto_commit_commits_what_earlier_polls_returned() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn retention_by_time_applies_to_a_quiet_partition_with_few_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::default()
+        .with_data_dir(dir.path())
+        .without_network();
+    config.retention_check_interval = Duration::from_millis(100);
+    let node = Node::open(config).await.expect("open node");
+    let topic = TopicConfig::default()
+        .with_segment_bytes(1024)
+        .with_retention(meshlog::Retention {
+            time: Some(Duration::from_millis(300)),
+            bytes: None,
+        });
+    node.create_topic("quiet", topic).await.unwrap();
+    // A handful of batches, far fewer entries than a compaction waits for.
+    let producer = node.producer(ProducerConfig::default());
+    let value = vec![b'v'; 800];
+    for _ in 0..6 {
+        producer.send("quiet", None, &value).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let partition = loop {
+        let described = node.describe_topic("quiet").await.unwrap();
+        let partition = described.partitions[0].clone();
+        if partition.log_start_offset > 0 || tokio::time::Instant::now() >= deadline {
+            break partition;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        partition.log_start_offset > 0,
+        "records older than retention.ms are dropped: log start still {} of {}",
+        partition.log_start_offset,
+        partition.high_watermark
+    );
+    assert_eq!(
+        partition.high_watermark, 6,
+        "nothing committed is unwritten"
+    );
+    assert!(partition.log_start_offset <= partition.high_watermark);
+    node.shutdown().await;
+}

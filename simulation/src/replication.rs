@@ -863,10 +863,21 @@ impl World {
     }
 
     /// Retention on a random node: drops the entries on disk before its
-    /// snapshot point (committed and compacted from memory).
+    /// snapshot point (committed and compacted from memory). Half the time
+    /// the node first compacts everything committed, as a quiet partition's
+    /// node does before its retention check.
     fn retention(&mut self) {
         let ids: Vec<u32> = self.nodes.keys().copied().collect();
         let node = ids[self.rng.below(ids.len())];
+        if self.rng.below(2) == 0 {
+            let outputs = self
+                .nodes
+                .get_mut(&node)
+                .and_then(|n| n.replica.as_mut())
+                .map(Partition::compact_settled)
+                .unwrap_or_default();
+            self.apply(node, outputs);
+        }
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
         };

@@ -218,6 +218,13 @@ impl<P: PeerKey, T> Partition<P, T> {
         (accepted, self.finish(actions))
     }
 
+    /// Drops every committed, durable entry from memory (see
+    /// [`Replica::compact_settled`]).
+    pub fn compact_settled(&mut self) -> Vec<Output<P, T>> {
+        let actions = self.replica.compact_settled();
+        self.finish(actions)
+    }
+
     /// Holds the request `token` until the entries before `entries_end` are
     /// acknowledgeable under `acks` (answered at once if they already are).
     pub fn await_ack(

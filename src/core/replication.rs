@@ -841,7 +841,25 @@ impl<P: PeerKey> Replica<P> {
         if settled.saturating_sub(self.snapshot.index) <= 2 * keep {
             return;
         }
-        let index = settled - keep;
+        self.compact_to(settled - keep, actions);
+    }
+
+    /// Drops every committed, durable entry from memory, however few: for a
+    /// quiet partition, whose store may then apply retention up to its
+    /// commit point (retention never drops what a replica still holds in
+    /// memory). A follower that needs them is sent them from the store.
+    pub fn compact_settled(&mut self) -> Vec<Action<P>> {
+        let mut actions = Vec::new();
+        let settled = self.commit.min(self.durable);
+        if settled > self.snapshot.index {
+            self.compact_to(settled, &mut actions);
+        }
+        actions
+    }
+
+    /// Drops the entries before `index` from memory (`index` above the
+    /// snapshot point, and all of them committed and durable).
+    fn compact_to(&mut self, index: u64, actions: &mut Vec<Action<P>>) {
         let Some(last) = self.entry(index - 1) else {
             return;
         };

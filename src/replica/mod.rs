@@ -114,6 +114,10 @@ pub(crate) struct ReplicatorSetup {
     pub appended: watch::Receiver<u64>,
     /// How long a leader remembers records' dedup keys.
     pub dedup_window: Duration,
+    /// How often replicas of quiet partitions drop every committed entry
+    /// from memory (the retention check interval: retention applies only
+    /// below a replica's snapshot point).
+    pub quiet_compaction: Duration,
     /// Where consumer-group requests from peers go.
     pub groups: mpsc::Sender<crate::coordinator::GroupCall>,
 }
@@ -132,6 +136,7 @@ impl Replicator {
             ownership,
             appended,
             dedup_window,
+            quiet_compaction,
             groups,
         } = setup;
         let (requests, receiver) = mpsc::channel(1024);
@@ -153,6 +158,8 @@ impl Replicator {
             unknown_topics: BTreeMap::new(),
             live: Vec::new(),
             placed_at: Instant::now(),
+            quiet_compaction,
+            compacted_at: Instant::now(),
             founding,
             ownership,
             appended,
@@ -206,6 +213,9 @@ struct Task {
     live: Vec<NodeId>,
     /// When leaders last moved their replica sets toward their targets.
     placed_at: Instant,
+    /// How often quiet partitions are compacted, and when they last were.
+    quiet_compaction: Duration,
+    compacted_at: Instant,
     /// Whether this node may start the metadata log of a new mesh.
     founding: Founding,
     /// Who leads what: merged from this node's own leadership and peers' gossip.
@@ -408,12 +418,19 @@ impl Task {
         }
         self.apply_meta().await;
         let now = self.now();
+        let compact = self.compacted_at.elapsed() >= self.quiet_compaction;
+        if compact {
+            self.compacted_at = Instant::now();
+        }
         let keys: Vec<Key> = self.replicas.keys().cloned().collect();
         for key in keys {
             let Some(replica) = self.replicas.get_mut(&key) else {
                 continue;
             };
-            let effects = replica.tick(now);
+            let mut effects = replica.tick(now);
+            if compact {
+                effects.extend(replica.compact_if_quiet());
+            }
             self.run_effects(&key, effects).await;
         }
     }

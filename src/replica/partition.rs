@@ -213,6 +213,8 @@ pub(crate) struct PartitionReplica {
     epoch_start_offset: Option<u64>,
     /// The replication factor: the size of the partition's first replica set.
     rf: usize,
+    /// Where the core's in-memory log started at the last quiet check.
+    first_at_quiet_check: u64,
     /// Which opening of this partition's replica this is (see the driver).
     generation: u64,
     /// Recent dedup keys, while leading.
@@ -310,6 +312,7 @@ impl PartitionReplica {
             replies: BTreeMap::new(),
             next_token: 0,
             durable,
+            first_at_quiet_check: first,
             committed: first,
             epoch_start_offset: None,
             rf,
@@ -382,6 +385,23 @@ impl PartitionReplica {
         }
         tracing::info!(topic = %self.topic, partition = self.partition, voters = ?next.voters, learners = ?next.learners, "replica set changes");
         self.apply(outputs, None)
+    }
+
+    /// Drops every committed entry from memory if the replica did not
+    /// compact since the last check (a quiet partition, whose entries would
+    /// otherwise stay below the compaction threshold, and hold retention
+    /// back, for good).
+    pub fn compact_if_quiet(&mut self) -> Vec<Effect> {
+        let first = self.core().first_index();
+        let quiet = first == self.first_at_quiet_check;
+        let effects = if quiet {
+            let outputs = self.core.compact_settled();
+            self.apply(outputs, None)
+        } else {
+            Vec::new()
+        };
+        self.first_at_quiet_check = self.core().first_index();
+        effects
     }
 
     /// Time passes.
