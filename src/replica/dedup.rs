@@ -5,8 +5,9 @@
 //!
 //! The index lives in the leader's memory. It is built when a replica starts
 //! leading (from the committed records of the last window, read from the
-//! store), kept current with the leader's own appends, and dropped when the
-//! log is truncated. It works on record timestamps, so the window is measured
+//! store on the blocking pool while keyed records are refused as retriable),
+//! kept current with the leader's own appends, and dropped when the log is
+//! truncated. It works on record timestamps, so the window is measured
 //! on the producers' clocks.
 
 use std::collections::{HashMap, VecDeque};
@@ -56,19 +57,14 @@ impl DedupIndex {
         self.built_for == Some(epoch)
     }
 
-    /// Rebuilds the index for `epoch` from the committed records of the last
-    /// `window` (at most [`REBUILD_SCAN_RECORDS`] records back).
-    pub fn rebuild(
-        &mut self,
-        store: &Store,
-        topic: &str,
-        partition: u32,
-        epoch: u64,
-        window: Duration,
-    ) {
-        *self = DedupIndex::default();
+    /// Builds the index for `epoch` from the committed records of the last
+    /// `window` (at most [`REBUILD_SCAN_RECORDS`] records back): a read of up
+    /// to that many records, for the blocking pool. An index the store
+    /// cannot be read for is empty and not built for any epoch.
+    pub fn build(store: &Store, topic: &str, partition: u32, epoch: u64, window: Duration) -> Self {
+        let mut index = DedupIndex::default();
         let Ok(bounds) = store.partition_state(topic, partition) else {
-            return;
+            return index;
         };
         let mut offset = bounds
             .log_start_offset
@@ -84,11 +80,12 @@ impl DedupIndex {
                         offset: r.offset,
                         id: r.id,
                     };
-                    self.insert(key, original, r.record.timestamp, window);
+                    index.insert(key, original, r.record.timestamp, window);
                 }
             }
         }
-        self.built_for = Some(epoch);
+        index.built_for = Some(epoch);
+        index
     }
 
     /// The original of a key stored within `window` of `timestamp`.

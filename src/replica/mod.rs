@@ -141,6 +141,7 @@ impl Replicator {
         } = setup;
         let (requests, receiver) = mpsc::channel(1024);
         let (reads_done, reads) = mpsc::unbounded_channel();
+        let (dedup_done, dedups) = mpsc::unbounded_channel();
         let task = Task {
             me,
             store,
@@ -167,9 +168,10 @@ impl Replicator {
             outbox: Vec::new(),
             reading: BTreeSet::new(),
             reads_done,
+            dedup_done,
             groups,
         };
-        let handle = tokio::spawn(task.run(receiver, inbound, reads, stop));
+        let handle = tokio::spawn(task.run(receiver, inbound, (reads, dedups), stop));
         (Replicator { requests }, handle)
     }
 
@@ -233,6 +235,8 @@ struct Task {
     reading: BTreeSet<(NodeId, Key)>,
     /// Where reads on the blocking pool hand back their message.
     reads_done: mpsc::UnboundedSender<ReadDone>,
+    /// Where dedup indexes built on the blocking pool come back.
+    dedup_done: mpsc::UnboundedSender<DedupBuilt>,
     /// This node's group coordinators.
     groups: mpsc::Sender<crate::coordinator::GroupCall>,
 }
@@ -240,6 +244,10 @@ struct Task {
 /// A message to a follower read from the store off the task: (follower,
 /// partition, the message if the store still held what it needs).
 type ReadDone = (NodeId, Key, Option<ReplicateFrame>);
+
+/// A dedup index built off the task: (partition, replica generation, the
+/// epoch it was asked for, the index).
+type DedupBuilt = (Key, u64, u64, dedup::DedupIndex);
 
 /// The ownership table a node's tasks share.
 pub(crate) type SharedOwnership = Arc<std::sync::Mutex<OwnershipTable<NodeId>>>;
@@ -272,7 +280,10 @@ impl Task {
         mut self,
         mut requests: mpsc::Receiver<Request>,
         mut inbound: mpsc::Receiver<InboundRequest>,
-        mut reads: mpsc::UnboundedReceiver<ReadDone>,
+        (mut reads, mut dedups): (
+            mpsc::UnboundedReceiver<ReadDone>,
+            mpsc::UnboundedReceiver<DedupBuilt>,
+        ),
         mut stop: watch::Receiver<bool>,
     ) {
         self.open_hosted();
@@ -290,6 +301,13 @@ impl Task {
                 Some(request) = inbound.recv() => self.on_inbound(request).await,
                 Some((key, generation, kind, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
                     self.on_written(key, generation, kind, outcome).await;
+                }
+                Some((key, generation, epoch, index)) = dedups.recv() => {
+                    if let Some(replica) = self.replicas.get_mut(&key)
+                        && replica.generation() == generation
+                    {
+                        replica.install_dedup(epoch, index);
+                    }
                 }
                 Some((to, key, frame)) = reads.recv() => {
                     self.reading.remove(&(to, key));
@@ -832,6 +850,18 @@ impl Task {
             }
         }
         let effects = replica.produce(frame, reply, now, &self.store);
+        if let Some((epoch, window)) = replica.take_dedup_build() {
+            let (store, done, generation) = (
+                self.store.clone(),
+                self.dedup_done.clone(),
+                replica.generation(),
+            );
+            let key = key.clone();
+            tokio::task::spawn_blocking(move || {
+                let index = dedup::DedupIndex::build(&store, &key.0, key.1, epoch, window);
+                let _ = done.send((key, generation, epoch, index));
+            });
+        }
         self.run_effects(&key, effects).await;
     }
 

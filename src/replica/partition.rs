@@ -219,6 +219,9 @@ pub(crate) struct PartitionReplica {
     generation: u64,
     /// Recent dedup keys, while leading.
     dedup: DedupIndex,
+    /// The epoch a dedup index is being built for off the task, and whether
+    /// the driver has been asked to start it.
+    dedup_build: Option<(u64, bool)>,
 }
 
 impl PartitionReplica {
@@ -318,6 +321,7 @@ impl PartitionReplica {
             rf,
             generation: 0,
             dedup: DedupIndex::default(),
+            dedup_build: None,
         })
     }
 
@@ -645,14 +649,19 @@ impl PartitionReplica {
         if !self.dedup.is_built_for(epoch) {
             // The index is read from the store's committed records: wait until
             // everything from before this epoch is committed and readable, so
-            // that keys the previous leader stored are not missed.
-            if self.leadership(store) != (Leadership::Leader { epoch }) {
-                return Err(Refusal::Other(
-                    "the partition's new leader is still reading its recent dedup keys".into(),
-                ));
+            // that keys the previous leader stored are not missed. Keyed
+            // records are refused (retriably) until it is built, so none is
+            // appended meanwhile that the index would miss.
+            if self.leadership(store) == (Leadership::Leader { epoch })
+                && self
+                    .dedup_build
+                    .is_none_or(|(building, _)| building != epoch)
+            {
+                self.dedup_build = Some((epoch, false));
             }
-            self.dedup
-                .rebuild(store, &self.topic, self.partition, epoch, window);
+            return Err(Refusal::Other(
+                "the partition's new leader is still reading its recent dedup keys".into(),
+            ));
         }
         let duplicates: Vec<(u32, u64, MessageId)> = records
             .iter()
@@ -689,6 +698,34 @@ impl PartitionReplica {
                 Leadership::Leader { epoch }
             }
             _ => Leadership::Catching,
+        }
+    }
+
+    /// The dedup index to build off the task (epoch, window), once: see
+    /// [`Self::install_dedup`].
+    pub fn take_dedup_build(&mut self) -> Option<(u64, Duration)> {
+        match &mut self.dedup_build {
+            Some((epoch, asked @ false)) => {
+                *asked = true;
+                Some((*epoch, self.settings.dedup_window))
+            }
+            _ => None,
+        }
+    }
+
+    /// A dedup index built off the task: used if this replica still leads
+    /// the epoch it was built for.
+    /// One that could not be read is asked for again by the next keyed record.
+    pub fn install_dedup(&mut self, asked_for: u64, index: DedupIndex) {
+        let epoch = self.core().epoch();
+        if self
+            .dedup_build
+            .is_some_and(|(building, _)| building == asked_for)
+        {
+            self.dedup_build = None;
+        }
+        if self.core().is_leader() && index.is_built_for(epoch) {
+            self.dedup = index;
         }
     }
 
