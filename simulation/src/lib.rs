@@ -15,6 +15,7 @@
 //! Ownership across partitions joins as it lands.
 
 pub mod check;
+pub mod disk;
 pub mod groups;
 pub mod net;
 pub mod producer;

@@ -95,7 +95,29 @@ impl Store {
     ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(DB_FILE_NAME);
-        let db = open_database(&path, cache_bytes)?;
+        let db = open_database(&path, |builder| {
+            builder.set_cache_size(cache_bytes).create(&path)
+        })?;
+        Self::on_database(db, path, fsync)
+    }
+
+    /// A store on `backend` instead of a file (`label` names it in errors):
+    /// for a simulation that decides what a crash keeps of unsynced writes.
+    pub fn open_on_backend(
+        backend: impl redb::StorageBackend,
+        label: &str,
+        fsync: bool,
+    ) -> Result<Store, StoreError> {
+        let path = PathBuf::from(label);
+        let db = open_database(&path, |builder| {
+            builder
+                .set_cache_size(DEFAULT_CACHE_BYTES)
+                .create_with_backend(backend)
+        })?;
+        Self::on_database(db, path, fsync)
+    }
+
+    fn on_database(db: Database, path: PathBuf, fsync: bool) -> Result<Store, StoreError> {
         let store = Store { db, path, fsync };
         store.init_schema()?;
         store.check_heads()?;
@@ -561,14 +583,18 @@ fn push_records(
 /// The page cache a store gets unless told otherwise: see `NodeConfig::cache_bytes`.
 pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
-fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+fn open_database(
+    path: &Path,
+    open: impl FnOnce(&mut redb::Builder) -> Result<Database, redb::DatabaseError>,
+) -> Result<Database, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         path: path.to_path_buf(),
         detail,
     };
     // redb has been seen to panic on some damaged files; a panic must not cross the API.
-    let opened =
-        std::panic::catch_unwind(|| Database::builder().set_cache_size(cache_bytes).create(path));
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        open(&mut Database::builder())
+    }));
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::InUse {
