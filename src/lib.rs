@@ -68,6 +68,10 @@ pub mod producer;
 pub mod protocol;
 pub mod record;
 mod replica;
+/// One partition replica's engine driven over a real store, for the
+/// simulation (feature `fault-injection` only).
+#[cfg(feature = "fault-injection")]
+pub use replica::driven;
 pub mod store;
 pub mod wire;
 

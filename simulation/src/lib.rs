@@ -11,11 +11,14 @@
 //! What it covers grows with the core: membership ([`scenario`]), the
 //! replication of one partition ([`replication`]), the producer's queue
 //! against an idempotent leader ([`producer`]), a consumer group's
-//! coordinator and members ([`groups`]), and placement in scale mode.
+//! coordinator and members ([`groups`]), the node's own partition replica
+//! over three real stores on crashing disks ([`engine`], on [`disk`]), and
+//! placement in scale mode.
 //! Ownership across partitions joins as it lands.
 
 pub mod check;
 pub mod disk;
+pub mod engine;
 pub mod groups;
 pub mod net;
 pub mod producer;

@@ -12,6 +12,8 @@
 //! creating a topic opens its replicas.
 
 pub mod dedup;
+#[cfg(feature = "fault-injection")]
+pub mod driven;
 mod partition;
 mod spans;
 
