@@ -6,8 +6,12 @@
 //! to produce requests — runs under the faults: a lossy, reordering network,
 //! isolation, crashes that lose the writes still queued for the store, and
 //! power cuts in the middle of a commit (the disk keeps a random prefix of
-//! the unsynced writes, the next one torn). A client sends small batches of
-//! real records with `acks` all or leader to whoever leads.
+//! the unsynced writes, the next one torn). Half the runs give the topic a
+//! small `retention.bytes`, and retention runs on random stores as a write
+//! like any other, so followers restart at a leader's log start (sent by the
+//! real store). A client sends small batches of real records with `acks` all
+//! or leader to whoever leads; half its records carry a dedup key, and now
+//! and then it sends one of them again (a retry).
 //!
 //! Checkers:
 //! - **fencing**: at most one leader per epoch;
@@ -16,7 +20,12 @@
 //! - **no acknowledged loss**: after the heal, every record acknowledged with
 //!   `acks=all` is in the store of every replica, at its offset, with its ID;
 //! - **agreement**: any two replicas' stores hold the same records below
-//!   both their high watermarks, and each store's chain verifies;
+//!   both their high watermarks (where both still hold them), and each
+//!   store's chain verifies;
+//! - **dedup**: no store holds two records with one dedup key, counting
+//!   from the highest log start of any store (a leader forgets the keys of
+//!   records its own retention dropped, as Kafka forgets those beyond the
+//!   window);
 //! - **liveness**: after the heal, a new record is acknowledged with
 //!   `acks=all` within a bound.
 
@@ -27,6 +36,7 @@ use meshlog::chain::MessageId;
 use meshlog::config::Acks;
 use meshlog::core::replication::{Message, ReplicationConfig, ReplicationFault};
 use meshlog::core::rng::Rng;
+use meshlog::driven::{DEDUP_HEADER, dedup_key};
 use meshlog::driven::{DrivenPartition, PendingWrite, ProduceAnswer, Step};
 use meshlog::peer::NodeId;
 use meshlog::store::{Store, WriteOp};
@@ -80,13 +90,16 @@ enum Event {
         message: Message,
         batches: Vec<Vec<u8>>,
     },
-    /// The store carries out a write (if the node has not crashed since `life`).
+    /// The store carries out a write (if the node has not crashed since
+    /// `life`); `pending` is what the replica waits for, if it asked.
     DiskDone {
         node: u32,
         life: u64,
         op: WriteOp,
-        pending: PendingWrite,
+        pending: Option<PendingWrite>,
     },
+    /// Retention runs on a random store.
+    Retention,
     Propose,
     Crash(u32),
     /// The power fails within the node's next commit.
@@ -120,6 +133,9 @@ struct World {
     nodes: BTreeMap<u32, Node>,
     voters: Vec<NodeId>,
     config: ReplicationConfig,
+    topic: TopicConfig,
+    /// Keyed records sent so far, to send again now and then.
+    keyed: Vec<Record>,
     trace: blake3::Hasher,
     events: u64,
     violation: Option<Violation>,
@@ -168,6 +184,17 @@ pub fn run_with(seed: u64, inject: Option<ReplicationFault>) -> Report {
         nodes: BTreeMap::new(),
         voters: (0..REPLICAS).map(node_id).collect(),
         config,
+        topic: if rng.below(2) == 0 {
+            TopicConfig::default()
+        } else {
+            TopicConfig::default()
+                .with_segment_bytes(2 * 1024)
+                .with_retention(meshlog::Retention {
+                    time: None,
+                    bytes: Some(8 * 1024),
+                })
+        },
+        keyed: Vec::new(),
         trace: blake3::Hasher::new(),
         events: 0,
         violation: None,
@@ -183,7 +210,7 @@ pub fn run_with(seed: u64, inject: Option<ReplicationFault>) -> Report {
         let created = Store::open_on_backend(disk.clone(), "sim-disk", true).and_then(|store| {
             let op = WriteOp::CreateTopic {
                 name: TOPIC.into(),
-                config: TopicConfig::default(),
+                config: world.topic.clone(),
                 now_ms: 0,
                 replicas: vec![world.voters.clone()],
             };
@@ -208,6 +235,7 @@ pub fn run_with(seed: u64, inject: Option<ReplicationFault>) -> Report {
         world.schedule(Duration::ZERO, Event::Restart(node));
     }
     world.schedule(Duration::from_millis(10), Event::Propose);
+    world.schedule(Duration::from_millis(500), Event::Retention);
     schedule_faults(&mut world, &mut rng);
 
     world.run_until(FAULT_PHASE);
@@ -327,6 +355,14 @@ impl World {
                     self.schedule(next, Event::Propose);
                 }
             }
+            Event::Retention => {
+                let node = self.rng.below(REPLICAS as usize) as u32;
+                self.schedule_write(node, WriteOp::EnforceRetention { now_ms: 0 }, None);
+                let next = self.now + Duration::from_millis(300 + self.rng.below(2_000) as u64);
+                if next < FAULT_PHASE {
+                    self.schedule(next, Event::Retention);
+                }
+            }
             Event::Crash(node) => {
                 self.crash(node, false);
                 let back = self.now + Duration::from_millis(100 + self.rng.below(2_000) as u64);
@@ -387,7 +423,7 @@ impl World {
                         );
                     }
                 }
-                Step::Write { op, pending } => self.schedule_write(node, op, pending),
+                Step::Write { op, pending } => self.schedule_write(node, op, Some(pending)),
             }
         }
         self.check_leader(node);
@@ -482,13 +518,7 @@ impl World {
         } else {
             Acks::All
         };
-        let count = 1 + self.rng.below(4);
-        let records: Vec<Record> = (0..count)
-            .map(|_| {
-                self.next_record += 1;
-                Record::new(format!("record-{}", self.next_record), 1)
-            })
-            .collect();
+        let records = self.records_to_send();
         let now = self.now;
         let Some(n) = self.nodes.get_mut(&leader) else {
             return false;
@@ -502,8 +532,32 @@ impl World {
         true
     }
 
+    /// 1–4 new records, half of them with a dedup key; or, one time in
+    /// eight, a keyed record sent before.
+    fn records_to_send(&mut self) -> Vec<Record> {
+        if !self.keyed.is_empty() && self.rng.below(8) == 0 {
+            let again = self.keyed[self.rng.below(self.keyed.len())].clone();
+            return vec![again];
+        }
+        let count = 1 + self.rng.below(4);
+        (0..count)
+            .map(|_| {
+                self.next_record += 1;
+                let record = Record::new(format!("record-{}", self.next_record), 1);
+                if self.rng.below(2) == 0 {
+                    let key = format!("msg-{}", self.next_record);
+                    let record = record.with_header(DEDUP_HEADER, key.into_bytes());
+                    self.keyed.push(record.clone());
+                    record
+                } else {
+                    record
+                }
+            })
+            .collect()
+    }
+
     /// Queues a store write: they complete in order, after a random latency.
-    fn schedule_write(&mut self, node: u32, op: WriteOp, pending: PendingWrite) {
+    fn schedule_write(&mut self, node: u32, op: WriteOp, pending: Option<PendingWrite>) {
         let latency = Duration::from_micros(100 + self.rng.below(2_000) as u64);
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
@@ -522,7 +576,7 @@ impl World {
         );
     }
 
-    fn disk_done(&mut self, node: u32, life: u64, op: WriteOp, pending: PendingWrite) {
+    fn disk_done(&mut self, node: u32, life: u64, op: WriteOp, pending: Option<PendingWrite>) {
         let cut_after = self.rng.below(14) as u64;
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
@@ -557,7 +611,9 @@ impl World {
             return;
         }
         let now = self.now;
-        self.drive(node, |r, s| r.written(s, pending, outcome, now));
+        if let Some(pending) = pending {
+            self.drive(node, |r, s| r.written(s, pending, outcome, now));
+        }
     }
 
     /// The node stops: what was queued for its store is lost; after a power
@@ -589,6 +645,7 @@ impl World {
     fn restart(&mut self, node: u32) {
         let (seed, now) = (self.rng.next_u64(), self.now);
         let (voters, config) = (self.voters.clone(), self.config.clone());
+        let topic_config = self.topic.clone();
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
         };
@@ -605,7 +662,7 @@ impl World {
                     &store,
                     n.id,
                     topic,
-                    TopicConfig::default(),
+                    topic_config,
                     voters,
                     config,
                     timings,
@@ -651,13 +708,14 @@ impl World {
         None
     }
 
-    /// Every store: its chain verifies, it holds every acknowledged record,
-    /// and it agrees with every other below both high watermarks.
+    /// Every store: its chain verifies, it holds every acknowledged record
+    /// it has not dropped by retention, it agrees with every other below
+    /// both high watermarks, and it holds no dedup key twice.
     fn check_stores(&mut self) {
         if self.violation.is_some() {
             return;
         }
-        let mut logs: BTreeMap<u32, (u64, Vec<MessageId>)> = BTreeMap::new();
+        let mut logs: BTreeMap<u32, (u64, StoredLog)> = BTreeMap::new();
         for (node, n) in &self.nodes {
             let Some(store) = n.store.as_ref() else {
                 continue;
@@ -667,8 +725,8 @@ impl World {
                 .as_ref()
                 .map_or(0, DrivenPartition::high_watermark);
             match read_log(store) {
-                Ok(ids) => {
-                    logs.insert(*node, (high_watermark, ids));
+                Ok(log) => {
+                    logs.insert(*node, (high_watermark, log));
                 }
                 Err(error) => {
                     self.fail("stores verify", format!("node {node}: {error}"));
@@ -676,24 +734,43 @@ impl World {
                 }
             }
         }
-        for (node, (_, ids)) in &logs {
-            if let Some((offset, id)) = self
+        // Every leader held the records from here on when it indexed them.
+        let indexed_from = logs.values().map(|(_, log)| log.start).max().unwrap_or(0);
+        for (node, (_, log)) in &logs {
+            let lost = self
                 .acked
                 .iter()
-                .find(|(offset, id)| ids.get(**offset as usize) != Some(*id))
-            {
+                .find(|(offset, id)| **offset >= log.start && log.id(**offset) != Some(**id));
+            if let Some((offset, id)) = lost {
                 let detail = format!(
-                    "acknowledged {id} at offset {offset} is not in node {node}'s store (it holds {:?})",
-                    ids.get(*offset as usize)
+                    "acknowledged {id} at offset {offset} is not in node {node}'s store (it holds {:?}, from {})",
+                    log.id(*offset),
+                    log.start
                 );
                 self.fail("no acknowledged record lost", detail);
                 return;
             }
+            if let Some(key) = log.repeated_dedup_key(indexed_from) {
+                let at: Vec<u64> = log
+                    .records
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.1.as_deref() == Some(key.as_bytes()))
+                    .map(|(i, _)| log.start + i as u64)
+                    .collect();
+                let detail = format!(
+                    "node {node} stores dedup key {key} twice, at offsets {at:?} (its log starts at {})",
+                    log.start
+                );
+                self.fail("dedup: one record per dedup key", detail);
+                return;
+            }
         }
-        for (a, (hw_a, ids_a)) in &logs {
-            for (b, (hw_b, ids_b)) in logs.range(a + 1..) {
-                let below = (*hw_a).min(*hw_b) as usize;
-                if let Some(offset) = (0..below).find(|o| ids_a.get(*o) != ids_b.get(*o)) {
+        for (a, (hw_a, log_a)) in &logs {
+            for (b, (hw_b, log_b)) in logs.range(a + 1..) {
+                let from = log_a.start.max(log_b.start);
+                let below = (*hw_a).min(*hw_b);
+                if let Some(offset) = (from..below).find(|o| log_a.id(*o) != log_b.id(*o)) {
                     let detail = format!(
                         "nodes {a} and {b} store different records at committed offset {offset}"
                     );
@@ -705,17 +782,50 @@ impl World {
     }
 }
 
-/// The IDs of every record a store holds, after checking its whole chain.
-fn read_log(store: &Store) -> Result<Vec<MessageId>, meshlog::error::StoreError> {
+/// What a store holds of the partition: from its log start, each record's
+/// ID and dedup key.
+struct StoredLog {
+    start: u64,
+    records: Vec<(MessageId, Option<Vec<u8>>)>,
+}
+
+impl StoredLog {
+    fn id(&self, offset: u64) -> Option<MessageId> {
+        let at = usize::try_from(offset.checked_sub(self.start)?).ok()?;
+        self.records.get(at).map(|r| r.0)
+    }
+
+    /// A dedup key held twice from record `from` on.
+    fn repeated_dedup_key(&self, from: u64) -> Option<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        let skip = usize::try_from(from.saturating_sub(self.start)).unwrap_or(usize::MAX);
+        self.records
+            .iter()
+            .skip(skip)
+            .filter_map(|r| r.1.as_ref())
+            .find(|key| !seen.insert(*key))
+            .map(|key| String::from_utf8_lossy(key).into_owned())
+    }
+}
+
+/// Every committed record a store holds, after checking its whole chain.
+fn read_log(store: &Store) -> Result<StoredLog, meshlog::error::StoreError> {
     store.verify_partition(TOPIC, 0)?;
-    let mut ids = Vec::new();
-    let mut offset = 0;
+    let start = store.partition_state(TOPIC, 0)?.log_start_offset;
+    let mut log = StoredLog {
+        start,
+        records: Vec::new(),
+    };
+    let mut offset = start;
     loop {
         let read = store.read(TOPIC, 0, offset, 1 << 20)?;
         let Some(last) = read.records.last() else {
-            return Ok(ids);
+            return Ok(log);
         };
         offset = last.offset + 1;
-        ids.extend(read.records.iter().map(|r| r.id));
+        log.records.extend(read.records.iter().map(|r| {
+            let key = dedup_key(&r.record).map(<[u8]>::to_vec);
+            (r.id, key)
+        }));
     }
 }

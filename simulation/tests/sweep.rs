@@ -286,5 +286,8 @@ fn the_engine_scenario_catches_a_leader_that_commits_alone() {
 #[test]
 fn engine_runs_replay_the_same_trace() {
     let (a, b) = (meshlog_sim::engine::run(3), meshlog_sim::engine::run(3));
-    assert_eq!((a.trace_hash, a.events, a.writes), (b.trace_hash, b.events, b.writes));
+    assert_eq!(
+        (a.trace_hash, a.events, a.writes),
+        (b.trace_hash, b.events, b.writes)
+    );
 }

@@ -24,6 +24,8 @@ use crate::record::Record;
 use crate::store::{Store, WriteOp, WriteOutcome};
 use crate::wire::ProducerBatch;
 
+pub use super::dedup::{DEDUP_HEADER, dedup_key};
+
 /// What the replica asks for, in order.
 #[derive(Debug)]
 pub enum Step {
