@@ -134,8 +134,6 @@ struct World {
     voters: Vec<NodeId>,
     config: ReplicationConfig,
     topic: TopicConfig,
-    /// Whether stores sync before they confirm a write.
-    fsync: bool,
     /// Keyed records sent so far, to send again now and then.
     keyed: Vec<Record>,
     trace: blake3::Hasher,
@@ -161,10 +159,6 @@ pub fn run(seed: u64) -> Report {
 
 /// Runs the engine scenario of `seed` with an optional injected bug in the log.
 pub fn run_with(seed: u64, inject: Option<ReplicationFault>) -> Report {
-    run_inner(seed, inject, true)
-}
-
-fn run_inner(seed: u64, inject: Option<ReplicationFault>, fsync: bool) -> Report {
     let started = Instant::now();
     let mut rng = Rng::new(seed ^ 0x0e9e_11e5_70fe_5ea1);
     let net = NetConfig {
@@ -200,7 +194,6 @@ fn run_inner(seed: u64, inject: Option<ReplicationFault>, fsync: bool) -> Report
                     bytes: Some(8 * 1024),
                 })
         },
-        fsync,
         keyed: Vec::new(),
         trace: blake3::Hasher::new(),
         events: 0,
@@ -214,7 +207,7 @@ fn run_inner(seed: u64, inject: Option<ReplicationFault>, fsync: bool) -> Report
     };
     for node in 0..REPLICAS {
         let disk = CrashDisk::new();
-        let created = Store::open_on_backend(disk.clone(), "sim-disk", fsync).and_then(|store| {
+        let created = Store::open_on_backend(disk.clone(), "sim-disk", true).and_then(|store| {
             let op = WriteOp::CreateTopic {
                 name: TOPIC.into(),
                 config: world.topic.clone(),
@@ -651,7 +644,7 @@ impl World {
 
     fn restart(&mut self, node: u32) {
         let (seed, now) = (self.rng.next_u64(), self.now);
-        let (voters, config, fsync) = (self.voters.clone(), self.config.clone(), self.fsync);
+        let (voters, config) = (self.voters.clone(), self.config.clone());
         let topic_config = self.topic.clone();
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
@@ -662,7 +655,7 @@ impl World {
         self.trace
             .update(format!("{now:?} start {node}\n").as_bytes());
         let opened =
-            Store::open_on_backend(n.disk.after_crash(), "sim-disk", fsync).and_then(|store| {
+            Store::open_on_backend(n.disk.after_crash(), "sim-disk", true).and_then(|store| {
                 let timings = (Duration::from_secs(2), Duration::from_secs(3));
                 let topic = (TOPIC, 0);
                 let replica = DrivenPartition::open(

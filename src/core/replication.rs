@@ -1455,14 +1455,9 @@ impl<P: PeerKey> Replica<P> {
             }
             self.advance_commit(now, actions);
         } else {
-            // Walk back to where the follower's log may still match ours. A
-            // log end below what it confirmed durable means it lost entries
-            // (or the reply is stale): believe it, so that it is sent what it
-            // lacks rather than the same append forever (the commit point
-            // already counted stays; later ones count what it holds now).
-            let m = matched.entry(from.clone()).or_default();
-            *m = (*m).min(log_end);
-            next.insert(from.clone(), log_end);
+            // Walk back to where the follower's log may still match ours.
+            let matched_end = matched.get(&from).copied().unwrap_or(0);
+            next.insert(from.clone(), log_end.max(matched_end));
             self.replicate_to(from, actions);
         }
     }
