@@ -134,12 +134,22 @@ async fn committed_offsets_resume_a_group_and_reset_policies_apply() {
         .consumer(ConsumerConfig::default().with_group_id("fresh"))
         .unwrap();
     latest.subscribe(&["t"]).unwrap();
-    assert!(
-        latest
-            .poll(Duration::from_millis(20))
-            .await
-            .unwrap()
-            .is_empty()
+    // "latest" is resolved once the consumer knows its partitions: poll
+    // (returning nothing, as nothing new was written) until it has a position.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while latest.position("t", 0).is_none() && tokio::time::Instant::now() < deadline {
+        assert!(
+            latest
+                .poll(Duration::from_millis(20))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(
+        latest.position("t", 0),
+        Some(10),
+        "latest starts at the log end"
     );
     node.producer(ProducerConfig::default())
         .send("t", None, b"new")
