@@ -52,6 +52,10 @@ const REPLICAS: u32 = 3;
 const FAULT_PHASE: Duration = Duration::from_secs(20);
 /// After the heal, a record must be acknowledged within this.
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(20);
+
+/// Events one run may take: far above a healthy run's (about 10,000), so
+/// that a storm of messages fails the run instead of never ending.
+const MAX_EVENTS: u64 = 2_000_000;
 const TICK: Duration = Duration::from_millis(20);
 const MAX_PENDING_EVENTS: usize = 1_000_000;
 
@@ -320,6 +324,11 @@ impl World {
             };
             self.now = at;
             self.events += 1;
+            if self.events > MAX_EVENTS {
+                let detail = format!("more than {MAX_EVENTS} events by {at:?} (a message storm?)");
+                self.fail("the run stays bounded", detail);
+                break;
+            }
             self.handle(event);
         }
         self.now = self.now.max(until);

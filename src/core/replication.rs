@@ -248,7 +248,8 @@ pub enum Message {
         epoch: u64,
         /// Whether the entries were appended.
         success: bool,
-        /// The follower's log end (durable, on success).
+        /// On success the follower's durable log end; otherwise where the
+        /// leader should try next (see [`Replica::walk_back_hint`]).
         log_end: u64,
     },
 }
@@ -1346,7 +1347,13 @@ impl<P: PeerKey> Replica<P> {
         let reaches = self.id_before(index) == Some(snapshot.last_id) || index <= self.commit;
         if reaches {
             // Already there: the leader goes on from the point (once a
-            // restart there in flight is durable).
+            // restart there in flight is durable). Our log matches the
+            // leader's up to the point, and all of it is committed; knowing
+            // so keeps our walk-back hints at or above the point.
+            if index > self.commit {
+                self.commit = index;
+                actions.push(Action::Committed { upto: self.commit });
+            }
             if self.durable >= index && self.installing.is_none() {
                 let message = Message::AppendReply {
                     epoch: self.epoch,
@@ -1454,12 +1461,18 @@ impl<P: PeerKey> Replica<P> {
                 self.replicate_to(from, actions);
             }
             self.advance_commit(now, actions);
-        } else {
-            // Walk back to where the follower's log may still match ours.
-            let matched_end = matched.get(&from).copied().unwrap_or(0);
-            next.insert(from.clone(), log_end.max(matched_end));
-            self.replicate_to(from, actions);
+            return;
         }
+        // Walk back to where the follower's log may still match ours. Below
+        // the point it confirmed, it lost entries (a disk without fsync, a
+        // rolled-back store) or the reply is stale: either way it is sent
+        // from there rather than the same append forever, and the commit
+        // point already counted stays.
+        if matched.get(&from).is_some_and(|&end| log_end < end) {
+            matched.insert(from.clone(), log_end);
+        }
+        next.insert(from.clone(), log_end);
+        self.replicate_to(from, actions);
     }
 
     fn advance_commit(&mut self, _now: Duration, actions: &mut Vec<Action<P>>) {
@@ -1581,7 +1594,10 @@ mod tests {
         fn run(&mut self, from: u32, actions: Vec<Action<u32>>) {
             let mut queue: Vec<(u32, Action<u32>)> =
                 actions.into_iter().map(|a| (from, a)).collect();
+            let mut handled = 0;
             while !queue.is_empty() {
+                handled += 1;
+                assert!(handled < 100_000, "a message storm");
                 let (at, action) = queue.remove(0);
                 match action {
                     Action::Send { to, message } => {
@@ -2036,6 +2052,53 @@ mod tests {
             "the same entries from the log start"
         );
         assert_eq!(bd.end(), ld.end());
+    }
+
+    #[test]
+    fn a_follower_that_lost_what_it_confirmed_is_sent_it_again() {
+        // Found by the engine scenario over stores without fsync: a follower
+        // that restarted holding fewer (and other) entries than it had
+        // confirmed was sent the same append forever, since the leader never
+        // walked back below the confirmed point.
+        let mut c = Cluster::new(3);
+        c.tick_until(3000);
+        let leader = c.leader().expect("a leader");
+        for n in 1..=10 {
+            c.propose(n).expect("the leader accepts");
+        }
+        c.tick_until(c.now.as_millis() as u64 + 500);
+        let follower = (0..3).find(|r| *r != leader).unwrap();
+        let confirmed = c.replicas[&follower].log_end();
+        assert_eq!(confirmed, c.replicas[&leader].log_end());
+        // It comes back holding its first four entries and three of its own.
+        let mut log = c.disks[&follower].entries[..4].to_vec();
+        log.extend(chained(log[3].id, 0, 4, &[200, 201, 202]));
+        let restarted = Replica::new(
+            follower,
+            vec![0, 1, 2],
+            ReplicationConfig::default(),
+            MessageId([9; 32]),
+            DurableState {
+                epoch: c.replicas[&follower].epoch(),
+                voted_for: None,
+                snapshot: None,
+                log: log.clone(),
+            },
+            c.now,
+            7,
+        );
+        c.disks.get_mut(&follower).unwrap().entries = log;
+        c.replicas.insert(follower, restarted);
+        c.propose(11).expect("the leader accepts");
+        c.tick_until(c.now.as_millis() as u64 + 500);
+        let (l, f) = (&c.replicas[&leader], &c.replicas[&follower]);
+        assert_eq!(
+            f.log(),
+            l.log(),
+            "the follower holds the leader's log again"
+        );
+        assert_eq!(f.commit(), confirmed + 1);
+        assert_eq!(c.disks[&follower], c.disks[&leader], "the same durable log");
     }
 
     #[test]
