@@ -216,6 +216,27 @@ redb_errors_into_store_error!(
     redb::SetDurabilityError
 );
 
+impl From<crate::core::idempotence::SequenceError> for StoreError {
+    fn from(e: crate::core::idempotence::SequenceError) -> Self {
+        use crate::core::idempotence::SequenceError;
+        match e {
+            SequenceError::Gap {
+                producer,
+                expected,
+                found,
+            } => StoreError::SequenceGap {
+                producer,
+                expected,
+                found,
+            },
+            SequenceError::ChainMismatch { producer, seq } => {
+                StoreError::ProducerChainMismatch { producer, seq }
+            }
+            SequenceError::Stale { producer, seq } => StoreError::StaleSequence { producer, seq },
+        }
+    }
+}
+
 /// The error type of meshlog's public API.
 #[derive(Debug, ThisError)]
 #[non_exhaustive]

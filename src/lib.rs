@@ -75,6 +75,7 @@ pub use replica::driven;
 pub mod store;
 pub mod wire;
 
+pub use crate::core::dedup::DEDUP_HEADER;
 pub use chain::{MessageId, ProducerId};
 pub use config::{
     Acks, Assignor, ConsumerConfig, NodeConfig, OffsetReset, Partitioner, ProducerConfig,
@@ -85,4 +86,3 @@ pub use error::{Error, Result};
 pub use node::{GroupInfo, GroupOffset, Node, PartitionDescription, TopicDescription};
 pub use producer::{Delivery, Producer, ProducerRecord};
 pub use record::{ConsumerRecord, Header, Record, RecordMetadata};
-pub use replica::dedup::DEDUP_HEADER;

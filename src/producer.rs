@@ -98,7 +98,7 @@ impl ProducerRecord {
     /// answers a repeat with the original's offset and ID. Carried in the
     /// [`crate::DEDUP_HEADER`] header.
     pub fn with_dedup_key(self, key: impl Into<Vec<u8>>) -> Self {
-        self.with_header(crate::replica::dedup::DEDUP_HEADER, key)
+        self.with_header(crate::core::dedup::DEDUP_HEADER, key)
     }
 
     /// Sets the timestamp.

@@ -281,6 +281,7 @@ pub fn run_with(
         rules: PartitionRules {
             produce_timeout: Duration::from_secs(3),
             replica_lag: Duration::from_secs(2),
+            dedup_window: Duration::from_secs(120),
             injected_fault: inject_rule,
         },
         genesis: chain::partition_genesis("sim", 0),

@@ -13,10 +13,15 @@
 //! - [`group`]: consumer-group coordination (join, sync, heartbeat, commit, assignors).
 //! - [`producer`]: one producer's batching, in-flight window and ordered retries.
 //! - [`replication`]: one partition's log among its replicas (Raft rules, hash-chained).
-//! - [`partition`]: one partition replica's produce answers by `acks`, and
-//!   the rule that nothing depending on a vote is sent before it is durable.
+//! - [`partition`]: one partition replica's produce answers by `acks`,
+//!   idempotent producers and dedup keys, and the rule that nothing
+//!   depending on a vote is sent before it is durable.
+//! - [`idempotence`]: idempotent producers' states and their checks.
+//! - [`dedup`]: the leader's window of recent dedup keys.
 
+pub mod dedup;
 pub mod group;
+pub mod idempotence;
 pub mod membership;
 pub mod ownership;
 pub mod partition;

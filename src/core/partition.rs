@@ -21,6 +21,15 @@
 //!   the vote durable ([`Partition::vote_persisted`]): a replica that crashes
 //!   before its vote reached the disk has told no one about it, so it cannot
 //!   promise twice in one epoch.
+//! - **Idempotent producers.** A stamped batch is checked against its
+//!   producer's state as of the log end ([`ProducerTable`]): the next one is
+//!   appended, a retry answered with the original's place, anything else
+//!   refused with where the producer's chain stands. States follow every
+//!   batch that enters the log, roll back when it is cut, and are dropped
+//!   when it restarts at a leader's log start.
+//! - **Dedup keys.** As leader, records whose dedup key was stored within the
+//!   window are refused with their originals ([`DedupWindow`]); keyed records
+//!   wait (retriably) until the index of the leader's epoch is built.
 //!
 //! The driver turns [`Output::Act`] into I/O (writes, sends, reads) exactly
 //! as for a bare [`Replica`], and [`Output::Answer`] into a reply on the
@@ -29,10 +38,16 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use super::dedup::{DedupIndex, DedupRefusal, DedupWindow};
+use super::idempotence::{
+    Availability, BatchProducer, ProducerCheck, ProducerState, ProducerTable,
+};
 use super::membership::PeerKey;
 use super::replication::{Action, Input, Replica, ReplicaSet};
-use crate::chain::MessageId;
+use crate::chain::{MessageId, ProducerId};
 use crate::config::Acks;
+use crate::record::Record;
+use crate::wire::ProducerBatch;
 
 /// The rules' settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +56,8 @@ pub struct PartitionRules {
     pub produce_timeout: Duration,
     /// A follower silent for longer is out of sync (`replica.lag.time.max.ms`).
     pub replica_lag: Duration,
+    /// How long the leader remembers records' dedup keys (on their timestamps).
+    pub dedup_window: Duration,
     /// A deliberate bug, for proving that the simulation's checkers catch one.
     #[cfg(feature = "fault-injection")]
     pub injected_fault: Option<PartitionFault>,
@@ -51,6 +68,7 @@ impl Default for PartitionRules {
         PartitionRules {
             produce_timeout: Duration::from_secs(30),
             replica_lag: Duration::from_secs(30),
+            dedup_window: Duration::from_secs(120),
             #[cfg(feature = "fault-injection")]
             injected_fault: None,
         }
@@ -138,6 +156,10 @@ pub struct Partition<P, T> {
     held_behind_votes: VecDeque<Vec<Action<P>>>,
     /// Whether this replica led when it last looked.
     leading: bool,
+    /// Idempotent producers' states as of the log end.
+    producers: ProducerTable,
+    /// Recent dedup keys, while leading.
+    dedup: DedupWindow,
 }
 
 impl<P: PeerKey, T> Partition<P, T> {
@@ -145,10 +167,12 @@ impl<P: PeerKey, T> Partition<P, T> {
     pub fn new(replica: Replica<P>, rules: PartitionRules) -> Self {
         Partition {
             replica,
+            dedup: DedupWindow::new(rules.dedup_window),
             rules,
             waiters: Vec::new(),
             held_behind_votes: VecDeque::new(),
             leading: false,
+            producers: ProducerTable::default(),
         }
     }
 
@@ -248,12 +272,104 @@ impl<P: PeerKey, T> Partition<P, T> {
     /// One input for the replica; a tick also times out requests.
     pub fn handle(&mut self, input: Input<P>, now: Duration) -> Vec<Output<P, T>> {
         let tick = matches!(input, Input::Tick);
+        let persisted = matches!(input, Input::Persisted { .. });
         let actions = self.replica.handle(input, now);
+        if persisted {
+            self.producers.persisted(self.replica.durable());
+        }
         let mut outputs = self.finish(actions);
         if tick {
             self.time_out(now, &mut outputs);
         }
         outputs
+    }
+
+    /// The idempotent producers' states (read-only).
+    pub fn producers(&self) -> &ProducerTable {
+        &self.producers
+    }
+
+    /// Whether the state of `producer` can be checked against now, or must
+    /// be read from the store first (see [`Self::load_producer`]).
+    pub fn producer_availability(&self, producer: ProducerId) -> Availability {
+        self.producers.availability(producer)
+    }
+
+    /// The state of `producer` as the store holds it.
+    pub fn load_producer(&mut self, producer: ProducerId, stored: Option<ProducerState>) {
+        self.producers.loaded(producer, stored);
+    }
+
+    /// Checks an idempotent batch of `count` records stamped `pb` against
+    /// its producer's state; `genesis` starts the producer's chain here.
+    pub fn check_producer(
+        &self,
+        pb: &ProducerBatch,
+        count: usize,
+        genesis: MessageId,
+    ) -> ProducerCheck {
+        self.producers.check(pb, count, genesis)
+    }
+
+    /// A batch of `count` records at record offset `base_offset` entered the
+    /// log as entry `index` (proposed here or received from the leader).
+    pub fn batch_appended(
+        &mut self,
+        index: u64,
+        base_offset: u64,
+        count: u32,
+        producer: BatchProducer,
+    ) {
+        self.producers.appended(index, base_offset, count, producer);
+    }
+
+    /// The log is cut from entry `from` on, whose records start at
+    /// `cut_offset`: producers' states roll back, dedup keys are forgotten.
+    pub fn records_cut(&mut self, from: u64, cut_offset: u64) {
+        self.producers.cut(from, cut_offset);
+        self.dedup.invalidate();
+    }
+
+    /// Checks a batch for dedup keys stored within the window, as the leader
+    /// is about to append it. A producer's retry is answered by its chain
+    /// instead (its own keys would be found). `readable` tells whether
+    /// everything committed before this epoch is readable from the store, so
+    /// the index can be built (asked only when it must be).
+    pub fn check_dedup(
+        &mut self,
+        records: &[Record],
+        producer: Option<&ProducerBatch>,
+        readable: impl FnOnce() -> bool,
+    ) -> Result<(), DedupRefusal> {
+        if producer.is_some_and(|pb| self.producers.is_retry(pb)) {
+            return Ok(());
+        }
+        let epoch = self.replica.epoch();
+        self.dedup.check(records, epoch, readable)
+    }
+
+    /// The epoch to build a dedup index for off the driver's task, once
+    /// (see [`DedupWindow::take_build`]); the driver hands the result to
+    /// [`Self::install_dedup`].
+    pub fn take_dedup_build(&mut self) -> Option<u64> {
+        self.dedup.take_build()
+    }
+
+    /// A dedup index built for `asked_for`, used if this replica still leads it.
+    pub fn install_dedup(&mut self, asked_for: u64, index: DedupIndex) {
+        let (epoch, leading) = (self.replica.epoch(), self.replica.is_leader());
+        self.dedup.install(asked_for, index, epoch, leading);
+    }
+
+    /// Indexes the dedup keys of records this leader just appended.
+    pub fn remember_dedup(&mut self, records: &[Record], base_offset: u64, ids: &[MessageId]) {
+        let epoch = self.replica.epoch();
+        self.dedup.remember(records, base_offset, ids, epoch);
+    }
+
+    /// The dedup window's length.
+    pub fn dedup_window(&self) -> Duration {
+        self.dedup.window()
     }
 
     /// The oldest vote write in flight is durable: the messages held behind it go.
@@ -284,7 +400,13 @@ impl<P: PeerKey, T> Partition<P, T> {
         for action in actions {
             match &action {
                 Action::PersistLog { from, .. } => self.fail_cut(*from, &mut outputs),
-                Action::InstallSnapshot { .. } => self.fail_cut(0, &mut outputs),
+                Action::InstallSnapshot { .. } => {
+                    self.fail_cut(0, &mut outputs);
+                    // The log restarts: producers are read again from the
+                    // states the restart stores, keys from the new log.
+                    self.producers.clear();
+                    self.dedup.invalidate();
+                }
                 _ => {}
             }
             self.route(action, &mut outputs);

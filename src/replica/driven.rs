@@ -24,7 +24,7 @@ use crate::record::Record;
 use crate::store::{Store, WriteOp, WriteOutcome};
 use crate::wire::ProducerBatch;
 
-pub use super::dedup::{DEDUP_HEADER, dedup_key};
+pub use crate::core::dedup::{DEDUP_HEADER, dedup_key};
 
 /// What the replica asks for, in order.
 #[derive(Debug)]
@@ -169,7 +169,7 @@ impl DrivenPartition {
         };
         let effects = self.replica.produce(frame, reply, now, store);
         if let Some((epoch, window)) = self.replica.take_dedup_build() {
-            let index = dedup::DedupIndex::build(store, &self.key.0, self.key.1, epoch, window);
+            let index = dedup::build(store, &self.key.0, self.key.1, epoch, window);
             self.replica.install_dedup(epoch, index);
         }
         (answer, self.steps(store, effects))

@@ -249,7 +249,7 @@ type ReadDone = (NodeId, Key, Option<ReplicateFrame>);
 
 /// A dedup index built off the task: (partition, replica generation, the
 /// epoch it was asked for, the index).
-type DedupBuilt = (Key, u64, u64, dedup::DedupIndex);
+type DedupBuilt = (Key, u64, u64, crate::core::dedup::DedupIndex);
 
 /// The ownership table a node's tasks share.
 pub(crate) type SharedOwnership = Arc<std::sync::Mutex<OwnershipTable<NodeId>>>;
@@ -860,7 +860,7 @@ impl Task {
             );
             let key = key.clone();
             tokio::task::spawn_blocking(move || {
-                let index = dedup::DedupIndex::build(&store, &key.0, key.1, epoch, window);
+                let index = dedup::build(&store, &key.0, key.1, epoch, window);
                 let _ = done.send((key, generation, epoch, index));
             });
         }

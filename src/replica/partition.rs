@@ -7,9 +7,10 @@
 //! replies, and turns store confirmations and peers' messages back into core
 //! inputs. It keeps, next to the core's entries, where each entry's records
 //! sit (`spans`), the encoded batches not yet known to be on every follower
-//! (`payloads`), the idempotent producers' state as of the log end
-//! (`producers`), and the reply channel of each produce request the core
-//! holds under a token (`replies`).
+//! (`payloads`), and the reply channel of each produce request the core
+//! holds under a token (`replies`). Idempotent producers' states and dedup
+//! keys are the core's; this type reads them from the store when the core
+//! asks.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use tracing::{debug, warn};
 
 use crate::chain::{self, MessageId, ProducerId};
 use crate::config::TopicConfig;
+use crate::core::dedup::{DedupIndex, DedupRefusal};
+use crate::core::idempotence::{Availability, BatchProducer, ProducerCheck, ProducerStep};
 use crate::core::partition::{Answer, Output, Partition, PartitionRules, Refused};
 use crate::core::replication::{
     Action, DurableState, Input, LogEntry, Message, Replica, ReplicationConfig, Snapshot,
@@ -27,10 +30,8 @@ use crate::core::replication::{
 use crate::error::StoreError;
 use crate::net::NodeId;
 use crate::protocol::{ProduceFrame, Produced, Refusal};
-use crate::record::Record;
-use crate::replica::dedup::{DedupIndex, Original, dedup_key};
 use crate::replica::spans::{Span, Spans};
-use crate::store::{ProducerState, ReplicatedEntry, SequenceCheck, SnapshotRow, Store, VoteRow};
+use crate::store::{ProducerState, ReplicatedEntry, SnapshotRow, Store, VoteRow};
 use crate::wire::{self, BatchHeader, PreparedRecords, ProducerBatch, StoredBatch};
 
 /// Whether a replica leads its partition, as a reader of the whole log needs to know.
@@ -185,21 +186,11 @@ pub(crate) struct PartitionReplica {
     topic: String,
     partition: u32,
     config: TopicConfig,
-    settings: PartitionSettings,
     core: Partition<NodeId, u64>,
     /// Where each entry from the core's snapshot point on holds its records.
     spans: Spans,
     /// Encoded batches by entry index, kept while followers may still need them.
     payloads: BTreeMap<u64, Arc<Vec<u8>>>,
-    /// Idempotent producers' state as of the in-memory log end, loaded lazily.
-    producers: BTreeMap<ProducerId, Option<ProducerState>>,
-    /// Producer steps of entries in the log but maybe not yet in the store,
-    /// by entry index: a producer's state loaded from the store meanwhile is
-    /// brought up to the log end with them.
-    unwritten_steps: BTreeMap<u64, (u64, u32, ProducerStep)>,
-    /// Unwritten entries of producers not tracked here (their steps were not
-    /// computed): such a producer cannot be loaded until they are written.
-    unwritten_untracked: BTreeMap<u64, ProducerId>,
     /// Where each produce request the core holds goes, and its answer when acknowledged.
     replies: BTreeMap<u64, (ProduceReply, Produced)>,
     /// The token of the next produce request.
@@ -217,11 +208,6 @@ pub(crate) struct PartitionReplica {
     first_at_quiet_check: u64,
     /// Which opening of this partition's replica this is (see the driver).
     generation: u64,
-    /// Recent dedup keys, while leading.
-    dedup: DedupIndex,
-    /// The epoch a dedup index is being built for off the task, and whether
-    /// the driver has been asked to start it.
-    dedup_build: Option<(u64, bool)>,
 }
 
 impl PartitionReplica {
@@ -298,6 +284,7 @@ impl PartitionReplica {
         let rules = PartitionRules {
             produce_timeout: settings.produce_timeout,
             replica_lag: settings.replica_lag,
+            dedup_window: settings.dedup_window,
             ..PartitionRules::default()
         };
         let core = Partition::new(replica, rules);
@@ -305,13 +292,9 @@ impl PartitionReplica {
             topic: topic.to_string(),
             partition,
             config,
-            settings,
             core,
             spans,
             payloads: BTreeMap::new(),
-            producers: BTreeMap::new(),
-            unwritten_steps: BTreeMap::new(),
-            unwritten_untracked: BTreeMap::new(),
             replies: BTreeMap::new(),
             next_token: 0,
             durable,
@@ -320,8 +303,6 @@ impl PartitionReplica {
             epoch_start_offset: None,
             rf,
             generation: 0,
-            dedup: DedupIndex::default(),
-            dedup_build: None,
         })
     }
 
@@ -463,12 +444,12 @@ impl PartitionReplica {
             }
             // Hash the records for the producer chain only when this
             // producer's state is tracked here.
-            let producer = header
-                .header
-                .producer
-                .clone()
-                .filter(|first| self.producers.contains_key(&first.producer))
-                .map(|first| ProducerStep {
+            let producer = match header.header.producer.clone() {
+                None => BatchProducer::Unstamped,
+                Some(first) if !self.core.producers().tracks(first.producer) => {
+                    BatchProducer::Untracked(first.producer)
+                }
+                Some(first) => BatchProducer::Tracked(ProducerStep {
                     after: header.producer_head().unwrap_or(first.prev),
                     newest: header
                         .records
@@ -477,7 +458,8 @@ impl PartitionReplica {
                         .max()
                         .unwrap_or(0),
                     first,
-                });
+                }),
+            };
             out.insert(
                 index,
                 Incoming::Batch {
@@ -485,7 +467,6 @@ impl PartitionReplica {
                     count: header.records.len() as u32,
                     bytes: Arc::new(bytes),
                     producer,
-                    stamped_by: header.header.producer.as_ref().map(|p| p.producer),
                 },
             );
         }
@@ -516,9 +497,6 @@ impl PartitionReplica {
                     now,
                 );
                 self.durable = self.core().durable();
-                // The store holds these entries now.
-                self.unwritten_steps = self.unwritten_steps.split_off(&self.durable);
-                self.unwritten_untracked = self.unwritten_untracked.split_off(&self.durable);
                 self.apply(outputs, None)
             }
             // The messages that waited for the vote go now.
@@ -592,9 +570,7 @@ impl PartitionReplica {
                 max,
             });
         }
-        if !self.is_producer_retry(frame.producer.as_ref()) {
-            self.refuse_duplicates(&frame.records, store)?;
-        }
+        self.refuse_duplicates(&frame, store)?;
         let mut producer = frame.producer.clone();
         let mut produced: Option<Produced> = None;
         let mut effects = Vec::new();
@@ -622,59 +598,27 @@ impl PartitionReplica {
             }
         }
         let produced = produced.ok_or_else(|| Refusal::Other("empty batch".into()))?;
-        self.remember_dedup_keys(&frame.records, &produced);
+        self.core
+            .remember_dedup(&frame.records, produced.base_offset, &produced.ids);
         Ok((produced, entries_end, effects))
     }
 
-    /// Whether an idempotent batch is (or claims to be) a producer's retry:
-    /// the producer-chain check answers those, before dedup keys, which would
-    /// otherwise find the batch's own keys.
-    fn is_producer_retry(&self, pb: Option<&ProducerBatch>) -> bool {
-        pb.is_some_and(|pb| {
-            self.producers
-                .get(&pb.producer)
-                .and_then(Option::as_ref)
-                .is_some_and(|state| pb.base_seq < state.next_seq)
-        })
-    }
-
     /// Refuses a batch with records whose dedup keys this partition stored
-    /// within the window, naming each one's original.
-    fn refuse_duplicates(&mut self, records: &[Record], store: &Store) -> Result<(), Refusal> {
-        if !records.iter().any(|r| dedup_key(r).is_some()) {
-            return Ok(());
-        }
-        let epoch = self.core().epoch();
-        let window = self.settings.dedup_window;
-        if !self.dedup.is_built_for(epoch) {
-            // The index is read from the store's committed records: wait until
-            // everything from before this epoch is committed and readable, so
-            // that keys the previous leader stored are not missed. Keyed
-            // records are refused (retriably) until it is built, so none is
-            // appended meanwhile that the index would miss.
-            if self.leadership(store) == (Leadership::Leader { epoch })
-                && self
-                    .dedup_build
-                    .is_none_or(|(building, _)| building != epoch)
-            {
-                self.dedup_build = Some((epoch, false));
-            }
-            return Err(Refusal::Other(
+    /// within the window, naming each one's original (the core decides; the
+    /// store is read only to tell whether a new leader may build its index).
+    fn refuse_duplicates(&mut self, frame: &ProduceFrame, store: &Store) -> Result<(), Refusal> {
+        let leads_own_epoch = self.core().is_leader() && self.core().has_committed_own_epoch();
+        let (topic, partition, start) = (&self.topic, self.partition, self.epoch_start_offset);
+        let readable = || leads_own_epoch && readable_from(store, topic, partition, start);
+        match self
+            .core
+            .check_dedup(&frame.records, frame.producer.as_ref(), readable)
+        {
+            Ok(()) => Ok(()),
+            Err(DedupRefusal::Building) => Err(Refusal::Other(
                 "the partition's new leader is still reading its recent dedup keys".into(),
-            ));
-        }
-        let duplicates: Vec<(u32, u64, MessageId)> = records
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                let original = self.dedup.lookup(dedup_key(r)?, r.timestamp, window)?;
-                Some((i as u32, original.offset, original.id))
-            })
-            .collect();
-        if duplicates.is_empty() {
-            Ok(())
-        } else {
-            Err(Refusal::Duplicates(duplicates))
+            )),
+            Err(DedupRefusal::Duplicates(duplicates)) => Err(Refusal::Duplicates(duplicates)),
         }
     }
 
@@ -688,62 +632,30 @@ impl PartitionReplica {
                 hint: core.leader_hint().copied(),
             };
         }
-        let epoch = core.epoch();
-        let epoch_start = self.epoch_start_offset;
-        let readable = store
-            .partition_state(&self.topic, self.partition)
-            .map_or(0, |s| s.high_watermark);
-        match epoch_start {
-            Some(start) if core.has_committed_own_epoch() && readable >= start => {
-                Leadership::Leader { epoch }
+        let start = self.epoch_start_offset;
+        if core.has_committed_own_epoch()
+            && readable_from(store, &self.topic, self.partition, start)
+        {
+            Leadership::Leader {
+                epoch: core.epoch(),
             }
-            _ => Leadership::Catching,
+        } else {
+            Leadership::Catching
         }
     }
 
     /// The dedup index to build off the task (epoch, window), once: see
     /// [`Self::install_dedup`].
     pub fn take_dedup_build(&mut self) -> Option<(u64, Duration)> {
-        match &mut self.dedup_build {
-            Some((epoch, asked @ false)) => {
-                *asked = true;
-                Some((*epoch, self.settings.dedup_window))
-            }
-            _ => None,
-        }
+        let epoch = self.core.take_dedup_build()?;
+        Some((epoch, self.core.dedup_window()))
     }
 
     /// A dedup index built off the task: used if this replica still leads
     /// the epoch it was built for.
     /// One that could not be read is asked for again by the next keyed record.
     pub fn install_dedup(&mut self, asked_for: u64, index: DedupIndex) {
-        let epoch = self.core().epoch();
-        if self
-            .dedup_build
-            .is_some_and(|(building, _)| building == asked_for)
-        {
-            self.dedup_build = None;
-        }
-        if self.core().is_leader() && index.is_built_for(epoch) {
-            self.dedup = index;
-        }
-    }
-
-    /// Indexes the dedup keys of records just stored.
-    fn remember_dedup_keys(&mut self, records: &[Record], produced: &Produced) {
-        if !self.dedup.is_built_for(self.core().epoch()) {
-            return;
-        }
-        let window = self.settings.dedup_window;
-        for (i, (record, id)) in records.iter().zip(&produced.ids).enumerate() {
-            if let Some(key) = dedup_key(record) {
-                let original = Original {
-                    offset: produced.base_offset + i as u64,
-                    id: *id,
-                };
-                self.dedup.insert(key, original, record.timestamp, window);
-            }
-        }
+        self.core.install_dedup(asked_for, index);
     }
 
     /// Checks an idempotent chunk: `Some` is a retry's original placement.
@@ -753,19 +665,19 @@ impl PartitionReplica {
         digests: &[MessageId],
         store: &Store,
     ) -> Result<Option<(Produced, u64)>, Refusal> {
-        let state = self.producer_state(pb.producer)?;
         let genesis = chain::producer_genesis(pb.producer, &self.topic, self.partition);
-        // Where the producer's chain stands, for a stamp that does not fit.
-        let out_of_sequence = || {
-            let (next_seq, head) = state
-                .as_ref()
-                .map_or((0, genesis), |s| (s.next_seq, s.head));
-            Refusal::OutOfSequence { next_seq, head }
-        };
-        let check = ProducerState::check(state.as_ref(), genesis, pb, digests.len())
-            .map_err(|_| out_of_sequence())?;
-        let SequenceCheck::Retry(original) = check else {
-            return Ok(None);
+        let original = match self.core.check_producer(pb, digests.len(), genesis) {
+            ProducerCheck::Next => return Ok(None),
+            ProducerCheck::Retry(original) => original,
+            ProducerCheck::OutOfSequence { next_seq, head } => {
+                return Err(Refusal::OutOfSequence { next_seq, head });
+            }
+            ProducerCheck::NotLoaded => {
+                return Err(Refusal::Other(format!(
+                    "producer {} state not loaded",
+                    pb.producer
+                )));
+            }
         };
         // A batch below the in-memory log is committed: its retry is
         // answered at once (its entries end before the first held).
@@ -799,7 +711,8 @@ impl PartitionReplica {
             // the producer's chain stands, as for any stamp that does not fit
             // (a restarted named producer starts at sequence 0 and learns its
             // place from this answer).
-            return Err(out_of_sequence());
+            let (next_seq, head) = self.core.producers().position(pb.producer, genesis);
+            return Err(Refusal::OutOfSequence { next_seq, head });
         }
         let produced = Produced {
             base_offset: original.base_offset,
@@ -810,17 +723,8 @@ impl PartitionReplica {
         Ok(Some((produced, index + 1)))
     }
 
-    fn producer_state(&mut self, producer: ProducerId) -> Result<Option<ProducerState>, Refusal> {
-        if let Some(state) = self.producers.get(&producer) {
-            return Ok(state.clone());
-        }
-        Err(Refusal::Other(format!(
-            "producer {producer} state not loaded"
-        )))
-    }
-
-    /// Loads producer state from the store for producers not yet seen (to be
-    /// called before [`Self::produce`] with the store at hand).
+    /// Reads the state of `producer` from the store if the core does not
+    /// have it (to be called before [`Self::produce`] with the store at hand).
     /// Returns `false` when it cannot yet: batches of that producer this
     /// replica received as a follower, without following its state, are
     /// still being written.
@@ -829,39 +733,15 @@ impl PartitionReplica {
         store: &Store,
         producer: ProducerId,
     ) -> Result<bool, StoreError> {
-        if self.producers.contains_key(&producer) {
-            return Ok(true);
-        }
-        if self.unwritten_untracked.values().any(|p| *p == producer) {
-            return Ok(false);
-        }
-        let mut state = store.producer_state(&self.topic, self.partition, producer)?;
-        // Entries appended since may not be in the store yet: apply those of
-        // this producer that continue the stored state (the others are there).
-        for (base_offset, count, step) in self.unwritten_steps.values() {
-            if step.first.producer != producer {
-                continue;
+        match self.core.producer_availability(producer) {
+            Availability::Loaded => Ok(true),
+            Availability::Wait => Ok(false),
+            Availability::Read => {
+                let stored = store.producer_state(&self.topic, self.partition, producer)?;
+                self.core.load_producer(producer, stored);
+                Ok(true)
             }
-            let next_seq = state.as_ref().map_or(0, |s| s.next_seq);
-            if step.first.base_seq != next_seq {
-                continue;
-            }
-            let after = ProducerBatch {
-                producer,
-                base_seq: step.first.base_seq + u64::from(*count),
-                prev: step.after,
-            };
-            state = Some(ProducerState::advanced(
-                state,
-                &step.first,
-                &after,
-                *base_offset,
-                *count,
-                step.newest,
-            ));
         }
-        self.producers.insert(producer, state);
-        Ok(true)
     }
 
     /// Chains one chunk onto the log and proposes it.
@@ -895,12 +775,14 @@ impl PartitionReplica {
                 base_offset,
                 count: chunk.len() as u32,
                 bytes,
-                stamped_by: producer.as_ref().map(|p| p.producer),
-                producer: producer.clone().map(|first| ProducerStep {
-                    after: wire::producer_head(&first, chunk.digests()),
-                    newest: chunk.timestamps().1,
-                    first,
-                }),
+                producer: match producer.clone() {
+                    Some(first) => BatchProducer::Tracked(ProducerStep {
+                        after: wire::producer_head(&first, chunk.digests()),
+                        newest: chunk.timestamps().1,
+                        first,
+                    }),
+                    None => BatchProducer::Unstamped,
+                },
             },
         )]);
         let (proposed, outputs) = self.core.propose(last_id, now);
@@ -909,11 +791,11 @@ impl PartitionReplica {
                 hint: self.core().leader_hint().copied(),
             });
         }
-        // The producer's state advances when the entry is persisted below
-        // (`follow_producer`), as on followers.
+        // The producer's state advances when the entry enters the log below
+        // (`persist_log`), as on followers.
         let producer_head = match incoming.get(&index) {
             Some(Incoming::Batch {
-                producer: Some(step),
+                producer: BatchProducer::Tracked(step),
                 ..
             }) => Some(step.after),
             _ => None,
@@ -1067,15 +949,9 @@ impl PartitionReplica {
                     count,
                     bytes,
                     producer,
-                    stamped_by,
                 }) => {
-                    if let Some(step) = producer {
-                        self.follow_producer(*base_offset, *count, step);
-                        self.unwritten_steps
-                            .insert(index, (*base_offset, *count, step.clone()));
-                    } else if let Some(untracked) = stamped_by {
-                        self.unwritten_untracked.insert(index, *untracked);
-                    }
+                    self.core
+                        .batch_appended(index, *base_offset, *count, producer.clone());
                     let span = Span {
                         base: *base_offset,
                         count: *count,
@@ -1114,10 +990,6 @@ impl PartitionReplica {
     fn restart_at(&mut self, snapshot: &Snapshot<NodeId>, record_start: (u64, MessageId)) {
         self.spans = Spans::new(snapshot.index, record_start.0, record_start.1, Vec::new());
         self.payloads.clear();
-        self.producers.clear();
-        self.unwritten_steps.clear();
-        self.unwritten_untracked.clear();
-        self.dedup.invalidate();
         self.durable = snapshot.index;
         self.committed = snapshot.index;
         tracing::info!(
@@ -1129,57 +1001,15 @@ impl PartitionReplica {
         );
     }
 
-    /// Advances the tracked state of a batch's idempotent producer as the
-    /// batch enters the log (the leader's own batches and a follower's alike).
-    fn follow_producer(&mut self, base_offset: u64, count: u32, step: &ProducerStep) {
-        let Some(state) = self.producers.get_mut(&step.first.producer) else {
-            // Not loaded: the store will have it once this write lands, and
-            // a load before then applies `unwritten_steps`.
-            return;
-        };
-        let after = ProducerBatch {
-            producer: step.first.producer,
-            base_seq: step.first.base_seq + u64::from(count),
-            prev: step.after,
-        };
-        *state = Some(ProducerState::advanced(
-            state.take(),
-            &step.first,
-            &after,
-            base_offset,
-            count,
-            step.newest,
-        ));
-    }
-
     /// Drops entries from `from` on (an uncommitted suffix a new leader replaced).
     fn truncate(&mut self, from: u64) {
         // (The core fails the requests whose entries are cut: the producer
         // retries at the new leader, idempotently.)
         let cut_offset = self.record_end(from);
-        self.dedup.invalidate();
+        self.core.records_cut(from, cut_offset);
         self.spans.truncate(from);
         self.payloads.split_off(&from);
         self.durable = self.durable.min(from);
-        self.unwritten_steps.split_off(&from);
-        self.unwritten_untracked.split_off(&from);
-        // A state that cannot be rolled back (every batch it remembers was
-        // cut) is dropped, to be loaded again, rather than taken for "never
-        // wrote here", which would restart the producer's chain.
-        let producers = std::mem::take(&mut self.producers);
-        for (producer, state) in producers {
-            match state.as_ref().map(|s| s.rolled_back_to(cut_offset)) {
-                Some(None) => {}
-                Some(rolled) => {
-                    self.producers.insert(producer, rolled);
-                }
-                None => {
-                    self.producers.insert(producer, None);
-                }
-            }
-        }
-        // A producer whose state could not be rolled back is reloaded later.
-        self.producers.retain(|_, s| s.is_some());
     }
 
     /// The encoded batches an append carries, in entry order.
@@ -1248,6 +1078,18 @@ impl PartitionReplica {
     }
 }
 
+/// Whether the store can be read up to `epoch_start` (a leader's epoch
+/// start, `None` before it is known).
+fn readable_from(store: &Store, topic: &str, partition: u32, epoch_start: Option<u64>) -> bool {
+    let Some(start) = epoch_start else {
+        return false;
+    };
+    let readable = store
+        .partition_state(topic, partition)
+        .map_or(0, |s| s.high_watermark);
+    readable >= start
+}
+
 /// An entry of an append being received.
 enum Incoming {
     Marker,
@@ -1255,21 +1097,9 @@ enum Incoming {
         base_offset: u64,
         count: u32,
         bytes: Arc<Vec<u8>>,
-        /// How the batch moves its idempotent producer's state, when that
-        /// state is tracked here (computed once, where the records are at hand).
-        producer: Option<ProducerStep>,
-        /// The idempotent producer that wrote the batch, tracked here or not.
-        stamped_by: Option<ProducerId>,
+        /// Who stamped the batch, and how it moves that producer's state
+        /// when the state is tracked here (computed once, where the records
+        /// are at hand).
+        producer: BatchProducer,
     },
-}
-
-/// One batch's step in an idempotent producer's state.
-#[derive(Clone)]
-struct ProducerStep {
-    /// The batch's stamp.
-    first: ProducerBatch,
-    /// The producer-chain hash after it.
-    after: MessageId,
-    /// Its newest record timestamp.
-    newest: i64,
 }

@@ -4,8 +4,6 @@
 //! walk them in offset order. Values are versioned postcard frames
 //! ([`crate::wire::encode`]), so a damaged value is a clear error on decode.
 
-use std::collections::VecDeque;
-
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
@@ -13,9 +11,7 @@ use crate::chain::MessageId;
 use crate::config::TopicConfig;
 use crate::core::replication::LogEntry;
 use crate::core::replication::Snapshot;
-use crate::error::StoreError;
 use crate::peer::NodeId;
-use crate::wire::ProducerBatch;
 
 /// The key in [`META`] of the mesh this node belongs to.
 pub(super) const MESH_ID: &str = "mesh_id";
@@ -144,147 +140,6 @@ pub struct SegmentMeta {
     pub max_timestamp: i64,
 }
 
-/// How many of a producer's recent batches the log remembers for retries.
-/// Kafka remembers 5; a retry older than this is refused with `StaleSequence`.
-pub const PRODUCER_WINDOW_BATCHES: usize = 64;
-
-/// What the log knows of one idempotent producer in one partition.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProducerState {
-    /// The sequence its next batch must start at.
-    pub next_seq: u64,
-    /// Its producer-chain head: the hash after its last appended record.
-    pub head: MessageId,
-    /// Its most recent batches, oldest first, to answer retries with the original offsets.
-    pub recent: VecDeque<RecentBatch>,
-    /// The newest record timestamp it wrote here (ms): the state expires
-    /// [`PRODUCER_EXPIRATION_MS`] after it.
-    pub last_timestamp: i64,
-}
-
-/// How long the log keeps the state of a producer that stopped writing to a
-/// partition: one day, Kafka's `producer.id.expiration.ms`. A producer that
-/// comes back later starts its chain over (sequence 0, producer genesis).
-/// Measured on record timestamps, since the store has no clock of its own: a
-/// producer that writes records stamped more than a day in the past sees one
-/// `SequenceGap` after a retention run, then starts over.
-pub const PRODUCER_EXPIRATION_MS: i64 = 24 * 3600 * 1000;
-
-/// One remembered producer batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecentBatch {
-    /// Its first sequence.
-    pub base_seq: u64,
-    /// How many records it held.
-    pub count: u32,
-    /// Where it was appended.
-    pub base_offset: u64,
-    /// The producer-chain hash before it, to roll the state back to it.
-    pub prev: MessageId,
-}
-
-/// What an idempotent batch is, against the producer's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SequenceCheck {
-    /// The next batch in sequence, extending the producer chain.
-    Next,
-    /// A retry of this remembered batch (its records still to be compared).
-    Retry(RecentBatch),
-}
-
-impl ProducerState {
-    /// Checks a batch of `count` records stamped `pb` against `state` (`None`:
-    /// the producer has written nothing here; its chain starts at `genesis`).
-    /// Gaps, chain mismatches and retries too old to look up are errors.
-    pub fn check(
-        state: Option<&ProducerState>,
-        genesis: MessageId,
-        pb: &ProducerBatch,
-        count: usize,
-    ) -> Result<SequenceCheck, StoreError> {
-        let (next_seq, head) = state.map_or((0, genesis), |s| (s.next_seq, s.head));
-        if pb.base_seq > next_seq {
-            return Err(StoreError::SequenceGap {
-                producer: pb.producer,
-                expected: next_seq,
-                found: pb.base_seq,
-            });
-        }
-        if pb.base_seq == next_seq {
-            if pb.prev != head {
-                return Err(StoreError::ProducerChainMismatch {
-                    producer: pb.producer,
-                    seq: pb.base_seq,
-                });
-            }
-            return Ok(SequenceCheck::Next);
-        }
-        state
-            .and_then(|s| {
-                s.recent
-                    .iter()
-                    .find(|b| b.base_seq == pb.base_seq && b.count as usize == count)
-            })
-            .map(|b| SequenceCheck::Retry(*b))
-            .ok_or(StoreError::StaleSequence {
-                producer: pb.producer,
-                seq: pb.base_seq,
-            })
-    }
-
-    /// The state after a batch of `count` records that started as `first`, was
-    /// stored at `base_offset`, and left the producer chain at `after`.
-    pub fn advanced(
-        state: Option<ProducerState>,
-        first: &ProducerBatch,
-        after: &ProducerBatch,
-        base_offset: u64,
-        count: u32,
-        newest_timestamp: i64,
-    ) -> ProducerState {
-        let mut state = state.unwrap_or(ProducerState {
-            next_seq: 0,
-            head: after.prev,
-            recent: VecDeque::new(),
-            last_timestamp: newest_timestamp,
-        });
-        state.next_seq = after.base_seq;
-        state.head = after.prev;
-        state.last_timestamp = state.last_timestamp.max(newest_timestamp);
-        state.recent.push_back(RecentBatch {
-            base_seq: first.base_seq,
-            count,
-            base_offset,
-            prev: first.prev,
-        });
-        if state.recent.len() > PRODUCER_WINDOW_BATCHES {
-            state.recent.pop_front();
-        }
-        state
-    }
-
-    /// The state as it was before any batch at or after `offset`; `None` when
-    /// that is before everything remembered (the producer starts over).
-    pub fn rolled_back_to(&self, offset: u64) -> Option<ProducerState> {
-        let keep = self
-            .recent
-            .iter()
-            .take_while(|b| b.base_offset < offset)
-            .count();
-        if keep == self.recent.len() {
-            return Some(self.clone());
-        }
-        let first_cut = self.recent[keep];
-        if keep == 0 && first_cut.base_seq > 0 {
-            // Batches before the first cut one are not remembered: the state
-            // before it is unknown, except that a producer at sequence 0 had none.
-            return None;
-        }
-        Some(ProducerState {
-            next_seq: first_cut.base_seq,
-            head: first_cut.prev,
-            recent: self.recent.iter().take(keep).copied().collect(),
-            last_timestamp: self.last_timestamp,
-        })
-    }
-}
+pub use crate::core::idempotence::{
+    PRODUCER_EXPIRATION_MS, PRODUCER_WINDOW_BATCHES, ProducerState, RecentBatch, SequenceCheck,
+};
