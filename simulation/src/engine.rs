@@ -11,7 +11,12 @@
 //! like any other, so followers restart at a leader's log start (sent by the
 //! real store). A client sends small batches of real records with `acks` all
 //! or leader to whoever leads; half its records carry a dedup key, and now
-//! and then it sends one of them again (a retry).
+//! and then it sends one of them again (a retry). Beside it an idempotent
+//! producer sends stamped batches (`acks=all`, one in flight) and sends
+//! each again, with the same stamp, until it is acknowledged: every refusal,
+//! timeout and crash of its leader makes a retry, so the leaders' producer
+//! states (loaded from the store, followed through the log, rolled back on
+//! cuts, carried across restarts at a log start) answer retries all the time.
 //!
 //! Checkers:
 //! - **fencing**: at most one leader per epoch;
@@ -26,20 +31,27 @@
 //!   from the highest log start of any store (a leader forgets the keys of
 //!   records its own retention dropped, as Kafka forgets those beyond the
 //!   window);
+//! - **idempotence**: each store holds the idempotent producer's records
+//!   from the highest log start on once each, in the order sent (unless a
+//!   leader told the producer its chain restarted, which happens only when a
+//!   restart at a log start could not carry the producer's state: counted);
 //! - **liveness**: after the heal, a new record is acknowledged with
 //!   `acks=all` within a bound.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use meshlog::chain::MessageId;
+use meshlog::chain::{self, MessageId, ProducerId};
 use meshlog::config::Acks;
+use meshlog::core::partition::PartitionFault;
 use meshlog::core::replication::{Message, ReplicationConfig, ReplicationFault};
 use meshlog::core::rng::Rng;
 use meshlog::driven::{DEDUP_HEADER, dedup_key};
 use meshlog::driven::{DrivenPartition, PendingWrite, ProduceAnswer, Step};
 use meshlog::peer::NodeId;
+use meshlog::protocol::Refusal;
 use meshlog::store::{Store, WriteOp};
+use meshlog::wire::ProducerBatch;
 use meshlog::{Record, TopicConfig};
 
 use crate::check::Violation;
@@ -48,6 +60,7 @@ use crate::net::{NetConfig, SimNet};
 use crate::queue::EventQueue;
 
 const TOPIC: &str = "sim";
+const PRODUCER: ProducerId = ProducerId(0x1de0);
 const REPLICAS: u32 = 3;
 const FAULT_PHASE: Duration = Duration::from_secs(20);
 /// After the heal, a record must be acknowledged within this.
@@ -66,6 +79,12 @@ pub struct Report {
     pub seed: u64,
     /// Records acknowledged with `acks=all`.
     pub acked: usize,
+    /// Batches of the idempotent producer acknowledged.
+    pub idempotent_acked: usize,
+    /// Of them, retries answered with the original's place.
+    pub idempotent_duplicates: usize,
+    /// Times a leader told the idempotent producer its chain restarted.
+    pub producer_restarts: usize,
     /// Leader elections won.
     pub elections: usize,
     /// Crashes (queued writes lost).
@@ -84,6 +103,35 @@ pub struct Report {
     pub violation: Option<Violation>,
     /// Wall-clock time.
     pub wall: Duration,
+}
+
+/// Who sent a produce request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Client {
+    /// The plain client.
+    Plain,
+    /// The idempotent producer.
+    Idempotent,
+}
+
+/// The idempotent producer's name in the log's value of its records.
+const IDEMPOTENT_PREFIX: &str = "idem-";
+
+/// One idempotent producer with one batch in flight.
+struct IdempotentProducer {
+    /// The stamp of the batch being sent.
+    stamp: ProducerBatch,
+    /// The batch being sent until acknowledged (empty: make a new one).
+    records: Vec<Record>,
+    in_flight: bool,
+    /// Records made so far.
+    made: u64,
+    /// Batches acknowledged.
+    acked: usize,
+    /// Of them, retries answered with the original's place.
+    duplicates: usize,
+    /// Answers "out of sequence": the producer's chain restarted there.
+    restarts: usize,
 }
 
 enum Event {
@@ -123,8 +171,8 @@ struct Node {
     replica: Option<DrivenPartition>,
     life: u64,
     disk_busy_until: Duration,
-    /// Produce requests waiting for their answer: (acks, the answer).
-    waiting: Vec<(Acks, ProduceAnswer)>,
+    /// Produce requests waiting for their answer: (acks, who sent it, the answer).
+    waiting: Vec<(Acks, Client, ProduceAnswer)>,
     /// The power fails within the next commit.
     power_failing: bool,
 }
@@ -140,6 +188,9 @@ struct World {
     topic: TopicConfig,
     /// Keyed records sent so far, to send again now and then.
     keyed: Vec<Record>,
+    /// A deliberate bug in every replica's partition rules.
+    rules_fault: Option<PartitionFault>,
+    idempotent: IdempotentProducer,
     trace: blake3::Hasher,
     events: u64,
     violation: Option<Violation>,
@@ -163,6 +214,16 @@ pub fn run(seed: u64) -> Report {
 
 /// Runs the engine scenario of `seed` with an optional injected bug in the log.
 pub fn run_with(seed: u64, inject: Option<ReplicationFault>) -> Report {
+    run_injected(seed, inject, None)
+}
+
+/// Runs the engine scenario of `seed` with optional injected bugs in the
+/// log and in the partition's rules.
+pub fn run_injected(
+    seed: u64,
+    inject: Option<ReplicationFault>,
+    rules_fault: Option<PartitionFault>,
+) -> Report {
     let started = Instant::now();
     let mut rng = Rng::new(seed ^ 0x0e9e_11e5_70fe_5ea1);
     let net = NetConfig {
@@ -199,6 +260,20 @@ pub fn run_with(seed: u64, inject: Option<ReplicationFault>) -> Report {
                 })
         },
         keyed: Vec::new(),
+        rules_fault,
+        idempotent: IdempotentProducer {
+            stamp: ProducerBatch {
+                producer: PRODUCER,
+                base_seq: 0,
+                prev: chain::producer_genesis(PRODUCER, TOPIC, 0),
+            },
+            records: Vec::new(),
+            in_flight: false,
+            made: 0,
+            acked: 0,
+            duplicates: 0,
+            restarts: 0,
+        },
         trace: blake3::Hasher::new(),
         events: 0,
         violation: None,
@@ -254,6 +329,9 @@ pub fn run_with(seed: u64, inject: Option<ReplicationFault>) -> Report {
     Report {
         seed,
         acked: world.acked.len(),
+        idempotent_acked: world.idempotent.acked,
+        idempotent_duplicates: world.idempotent.duplicates,
+        producer_restarts: world.idempotent.restarts,
         elections: world.leaders.len(),
         crashes: world.crashes,
         power_cuts: world.power_cuts,
@@ -476,14 +554,17 @@ impl World {
             .map_or(0, DrivenPartition::high_watermark);
         let mut answered = Vec::new();
         n.waiting
-            .retain_mut(|(acks, answer)| match answer.try_take() {
+            .retain_mut(|(acks, client, answer)| match answer.try_take() {
                 Some(result) => {
-                    answered.push((*acks, result));
+                    answered.push((*acks, *client, result));
                     false
                 }
                 None => true,
             });
-        for (acks, result) in answered {
+        for (acks, client, result) in answered {
+            if client == Client::Idempotent {
+                self.idempotent_answered(&result);
+            }
             let Ok(produced) = result else { continue };
             if acks != Acks::All {
                 continue;
@@ -517,17 +598,25 @@ impl World {
             .map(|(_, id)| id)
     }
 
-    /// The client sends 1–4 records to the leader, mostly with `acks=all`.
+    /// The plain client sends 1–4 records to the leader, mostly with
+    /// `acks=all`; or, half the time while it has nothing in flight, the
+    /// idempotent producer sends its batch.
     fn propose(&mut self) -> bool {
         let Some(leader) = self.leader() else {
             return false;
         };
-        let acks = if self.rng.below(5) == 0 {
-            Acks::Leader
+        let (acks, client, records, stamp) = if !self.idempotent.in_flight && self.rng.below(2) == 0
+        {
+            let (records, stamp) = self.idempotent_batch();
+            (Acks::All, Client::Idempotent, records, Some(stamp))
         } else {
-            Acks::All
+            let acks = if self.rng.below(5) == 0 {
+                Acks::Leader
+            } else {
+                Acks::All
+            };
+            (acks, Client::Plain, self.records_to_send(), None)
         };
-        let records = self.records_to_send();
         let now = self.now;
         let Some(n) = self.nodes.get_mut(&leader) else {
             return false;
@@ -535,10 +624,62 @@ impl World {
         let (Some(replica), Some(store)) = (n.replica.as_mut(), n.store.as_ref()) else {
             return false;
         };
-        let (answer, steps) = replica.produce(store, records, acks, None, now);
-        n.waiting.push((acks, answer));
+        let (answer, steps) = replica.produce(store, records, acks, stamp, now);
+        n.waiting.push((acks, client, answer));
+        if client == Client::Idempotent {
+            self.idempotent.in_flight = true;
+        }
         self.after_input(leader, steps);
         true
+    }
+
+    /// The idempotent producer's batch: the one not yet acknowledged, or
+    /// 1–4 new records.
+    fn idempotent_batch(&mut self) -> (Vec<Record>, ProducerBatch) {
+        let p = &mut self.idempotent;
+        if p.records.is_empty() {
+            let count = 1 + self.rng.below(4);
+            p.records = (0..count)
+                .map(|_| {
+                    p.made += 1;
+                    Record::new(format!("{IDEMPOTENT_PREFIX}{}", p.made), 1)
+                })
+                .collect();
+        }
+        (p.records.clone(), p.stamp.clone())
+    }
+
+    /// The idempotent producer's batch was answered: acknowledged (the next
+    /// batch follows on the chain the leader reports), told where the chain
+    /// stands (the same records are stamped from there), or refused (the
+    /// same batch goes again).
+    fn idempotent_answered(&mut self, result: &Result<meshlog::protocol::Produced, Refusal>) {
+        let p = &mut self.idempotent;
+        p.in_flight = false;
+        match result {
+            Ok(produced) => {
+                let count = p.records.len() as u64;
+                if produced.ids.len() as u64 != count {
+                    let detail = format!(
+                        "a batch of {count} was answered with {} IDs",
+                        produced.ids.len()
+                    );
+                    self.fail("idempotence: an answer covers its batch", detail);
+                    return;
+                }
+                p.stamp.base_seq += count;
+                p.stamp.prev = produced.producer_head.unwrap_or(p.stamp.prev);
+                p.records.clear();
+                p.acked += 1;
+                p.duplicates += usize::from(produced.duplicate);
+            }
+            Err(Refusal::OutOfSequence { next_seq, head }) => {
+                p.restarts += 1;
+                p.stamp.base_seq = *next_seq;
+                p.stamp.prev = *head;
+            }
+            Err(_) => {}
+        }
     }
 
     /// 1–4 new records, half of them with a dedup key; or, one time in
@@ -645,6 +786,12 @@ impl World {
         // Dropped after the crash: nothing it writes on the way out lands.
         n.replica = None;
         n.store = None;
+        if n.waiting
+            .iter()
+            .any(|(_, client, _)| *client == Client::Idempotent)
+        {
+            self.idempotent.in_flight = false;
+        }
         n.waiting.clear();
         n.power_failing = false;
         n.life += 1;
@@ -655,6 +802,7 @@ impl World {
         let (seed, now) = (self.rng.next_u64(), self.now);
         let (voters, config) = (self.voters.clone(), self.config.clone());
         let topic_config = self.topic.clone();
+        let rules_fault = self.rules_fault;
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
         };
@@ -681,7 +829,8 @@ impl World {
                 Ok((store, replica))
             });
         match opened {
-            Ok((store, replica)) => {
+            Ok((store, mut replica)) => {
+                replica.inject_fault(rules_fault);
                 n.store = Some(store);
                 n.replica = Some(replica);
                 self.schedule(now + TICK, Event::Tick(node));
@@ -774,6 +923,16 @@ impl World {
                 self.fail("dedup: one record per dedup key", detail);
                 return;
             }
+            if self.idempotent.restarts == 0
+                && let Some((offset, seq)) = log.idempotent_out_of_order(indexed_from)
+            {
+                let detail = format!(
+                    "node {node} stores the idempotent producer's record {seq} at offset {offset} after a record at or past it (its log starts at {})",
+                    log.start
+                );
+                self.fail("idempotence: each record once, in order", detail);
+                return;
+            }
         }
         for (a, (hw_a, log_a)) in &logs {
             for (b, (hw_b, log_b)) in logs.range(a + 1..) {
@@ -792,16 +951,31 @@ impl World {
 }
 
 /// What a store holds of the partition: from its log start, each record's
-/// ID and dedup key.
+/// ID, dedup key and, for the idempotent producer's, its number.
 struct StoredLog {
     start: u64,
-    records: Vec<(MessageId, Option<Vec<u8>>)>,
+    records: Vec<(MessageId, Option<Vec<u8>>, Option<u64>)>,
 }
 
 impl StoredLog {
     fn id(&self, offset: u64) -> Option<MessageId> {
         let at = usize::try_from(offset.checked_sub(self.start)?).ok()?;
         self.records.get(at).map(|r| r.0)
+    }
+
+    /// The first of the idempotent producer's records, from record `from`
+    /// on, that does not come after every one before it: (offset, number).
+    fn idempotent_out_of_order(&self, from: u64) -> Option<(u64, u64)> {
+        let skip = usize::try_from(from.saturating_sub(self.start)).unwrap_or(usize::MAX);
+        let mut last = None;
+        for (i, record) in self.records.iter().enumerate().skip(skip) {
+            let Some(seq) = record.2 else { continue };
+            if last.is_some_and(|last| seq <= last) {
+                return Some((self.start + i as u64, seq));
+            }
+            last = Some(seq);
+        }
+        None
     }
 
     /// A dedup key held twice from record `from` on.
@@ -834,7 +1008,11 @@ fn read_log(store: &Store) -> Result<StoredLog, meshlog::error::StoreError> {
         offset = last.offset + 1;
         log.records.extend(read.records.iter().map(|r| {
             let key = dedup_key(&r.record).map(<[u8]>::to_vec);
-            (r.id, key)
+            let idempotent = std::str::from_utf8(&r.record.value)
+                .ok()
+                .and_then(|v| v.strip_prefix(IDEMPOTENT_PREFIX))
+                .and_then(|n| n.parse().ok());
+            (r.id, key, idempotent)
         }));
     }
 }

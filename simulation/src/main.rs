@@ -39,7 +39,7 @@ struct Args {
     #[arg(long)]
     engine: bool,
     /// Switch on a deliberate core bug (to see the checkers catch it).
-    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum", "compact-undurable", "send-before-vote-durable", "ack-all-when-leader-durable", "keep-cut-requests", "ignore-generations"])]
+    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum", "compact-undurable", "send-before-vote-durable", "ack-all-when-leader-durable", "keep-cut-requests", "append-retries", "ignore-generations"])]
     inject_fault: Option<String>,
 }
 
@@ -58,6 +58,7 @@ fn main() -> ExitCode {
         Some("send-before-vote-durable") => Some(PartitionFault::SendBeforeVoteDurable),
         Some("ack-all-when-leader-durable") => Some(PartitionFault::AckAllWhenLeaderDurable),
         Some("keep-cut-requests") => Some(PartitionFault::KeepCutRequests),
+        Some("append-retries") => Some(PartitionFault::AppendRetries),
         _ => None,
     };
     let replication_faults = (replication_fault, partition_fault);
@@ -77,7 +78,8 @@ fn main() -> ExitCode {
             }
             (None, None) => (0, 100),
         };
-        return engine_sweep(range, replication_fault, args.inject_fault.as_deref());
+        let faults = (replication_fault, partition_fault);
+        return engine_sweep(range, faults, args.inject_fault.as_deref());
     }
     if let Some(seed) = args.seed {
         let report = scenario::run(seed, &options);
@@ -185,18 +187,28 @@ fn sweep(
 
 fn engine_sweep(
     (start, end): (u64, u64),
-    fault: Option<ReplicationFault>,
+    (fault, rules_fault): (Option<ReplicationFault>, Option<PartitionFault>),
     inject: Option<&str>,
 ) -> ExitCode {
     let wall = Instant::now();
     let (mut acked, mut writes, mut crashes, mut power_cuts, mut worst) =
         (0usize, 0u64, 0usize, 0usize, Duration::ZERO);
+    let (mut idempotent, mut duplicates, mut restarts) = (0usize, 0usize, 0usize);
     for seed in start..end {
-        let r = engine::run_with(seed, fault);
+        let r = engine::run_injected(seed, fault, rules_fault);
         if end - start == 1 {
             println!(
-                "engine: {} records acknowledged with acks=all, {} elections, {} store writes, {} crashes, {} power cuts mid-commit, {} events, trace {}",
-                r.acked, r.elections, r.writes, r.crashes, r.power_cuts, r.events, r.trace_hash
+                "engine: {} records acknowledged with acks=all, {} idempotent batches acknowledged ({} retries answered with the original, {} chain restarts), {} elections, {} store writes, {} crashes, {} power cuts mid-commit, {} events, trace {}",
+                r.acked,
+                r.idempotent_acked,
+                r.idempotent_duplicates,
+                r.producer_restarts,
+                r.elections,
+                r.writes,
+                r.crashes,
+                r.power_cuts,
+                r.events,
+                r.trace_hash
             );
         }
         if let Some(v) = &r.violation {
@@ -206,13 +218,16 @@ fn engine_sweep(
             return ExitCode::FAILURE;
         }
         acked += r.acked;
+        idempotent += r.idempotent_acked;
+        duplicates += r.idempotent_duplicates;
+        restarts += r.producer_restarts;
         writes += r.writes;
         crashes += r.crashes;
         power_cuts += r.power_cuts;
         worst = worst.max(r.recovery.unwrap_or_default());
     }
     println!(
-        "{} engine seeds passed in {:.1} s: {acked} records acknowledged with acks=all, {writes} real store writes, {crashes} crashes, {power_cuts} power cuts mid-commit, every store verified and agreeing, a record acknowledged at most {worst:?} after the heal",
+        "{} engine seeds passed in {:.1} s: {acked} records acknowledged with acks=all ({idempotent} idempotent batches, {duplicates} of them retries answered with the original, {restarts} producer chain restarts), {writes} real store writes, {crashes} crashes, {power_cuts} power cuts mid-commit, every store verified and agreeing, a record acknowledged at most {worst:?} after the heal",
         end - start,
         wall.elapsed().as_secs_f64()
     );

@@ -284,6 +284,21 @@ fn the_engine_scenario_catches_a_leader_that_commits_alone() {
 }
 
 #[test]
+fn the_engine_scenario_catches_a_leader_that_appends_retries_again() {
+    let caught = (0..10).find_map(|seed| {
+        meshlog_sim::engine::run_injected(seed, None, Some(PartitionFault::AppendRetries))
+            .violation
+            .map(|v| (seed, v))
+    });
+    let (seed, violation) =
+        caught.expect("a leader that appends retries again must be caught within 10 engine seeds");
+    assert!(
+        violation.invariant.contains("idempotence"),
+        "engine seed {seed}: {violation}"
+    );
+}
+
+#[test]
 fn engine_runs_replay_the_same_trace() {
     let (a, b) = (meshlog_sim::engine::run(3), meshlog_sim::engine::run(3));
     assert_eq!(

@@ -88,6 +88,9 @@ pub enum PartitionFault {
     /// steps down (and are answered once their offsets commit, whatever
     /// entries committed there).
     KeepCutRequests,
+    /// An idempotent producer's retry is appended again instead of being
+    /// answered with the original's place.
+    AppendRetries,
 }
 
 /// Why a produce request is not taken.
@@ -308,7 +311,20 @@ impl<P: PeerKey, T> Partition<P, T> {
         count: usize,
         genesis: MessageId,
     ) -> ProducerCheck {
-        self.producers.check(pb, count, genesis)
+        let check = self.producers.check(pb, count, genesis);
+        #[cfg(feature = "fault-injection")]
+        if self.rules.injected_fault == Some(PartitionFault::AppendRetries)
+            && matches!(check, ProducerCheck::Retry(_))
+        {
+            return ProducerCheck::Next;
+        }
+        check
+    }
+
+    /// Switches a deliberate bug on (or off).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_fault(&mut self, fault: Option<PartitionFault>) {
+        self.rules.injected_fault = fault;
     }
 
     /// A batch of `count` records at record offset `base_offset` entered the

@@ -106,6 +106,11 @@ impl DrivenPartition {
         })
     }
 
+    /// Switches a deliberate bug in the partition's rules on (or off).
+    pub fn inject_fault(&mut self, fault: Option<crate::core::partition::PartitionFault>) {
+        self.replica.inject_fault(fault);
+    }
+
     /// The replica's log state machine.
     pub fn core(&self) -> &Replica<NodeId> {
         self.replica.core()

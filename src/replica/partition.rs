@@ -372,6 +372,12 @@ impl PartitionReplica {
         self.apply(outputs, None)
     }
 
+    /// Switches a deliberate bug in the core's rules on (or off).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_fault(&mut self, fault: Option<crate::core::partition::PartitionFault>) {
+        self.core.inject_fault(fault);
+    }
+
     /// Drops every committed entry from memory if the replica did not
     /// compact since the last check (a quiet partition, whose entries would
     /// otherwise stay below the compaction threshold, and hold retention
