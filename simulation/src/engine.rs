@@ -17,6 +17,11 @@
 //! timeout and crash of its leader makes a retry, so the leaders' producer
 //! states (loaded from the store, followed through the log, rolled back on
 //! cuts, carried across restarts at a log start) answer retries all the time.
+//! A third of the runs wipe one node's database: the node comes back with
+//! an empty store and, as a node whose database is new does, a new identity
+//! (its old one is a dead member); every 300 ms the leader steps the replica
+//! set toward the live identities (learner, promotion once caught up,
+//! removal of the old one), as placement makes it do.
 //!
 //! Checkers:
 //! - **fencing**: at most one leader per epoch;
@@ -85,6 +90,8 @@ pub struct Report {
     pub idempotent_duplicates: usize,
     /// Times a leader told the idempotent producer its chain restarted.
     pub producer_restarts: usize,
+    /// Databases wiped.
+    pub wipes: usize,
     /// Leader elections won.
     pub elections: usize,
     /// Crashes (queued writes lost).
@@ -136,9 +143,12 @@ struct IdempotentProducer {
 
 enum Event {
     Tick(u32),
+    /// A message from identity `from` to node `to`, if it still has the
+    /// identity `to_id` it was sent to.
     Deliver {
-        from: u32,
+        from: NodeId,
         to: u32,
+        to_id: NodeId,
         message: Message,
         batches: Vec<Vec<u8>>,
     },
@@ -152,6 +162,10 @@ enum Event {
     },
     /// Retention runs on a random store.
     Retention,
+    /// The node crashes and its database is lost.
+    Wipe(u32),
+    /// The leader steps the replica set toward the live identities.
+    Reconfigure,
     Propose,
     Crash(u32),
     /// The power fails within the node's next commit.
@@ -165,7 +179,10 @@ enum Event {
 }
 
 struct Node {
+    /// Its identity: a new one after its database was wiped.
     id: NodeId,
+    /// Times its database was wiped.
+    wipes: u8,
     disk: CrashDisk,
     store: Option<Store>,
     replica: Option<DrivenPartition>,
@@ -190,6 +207,10 @@ struct World {
     keyed: Vec<Record>,
     /// A deliberate bug in every replica's partition rules.
     rules_fault: Option<PartitionFault>,
+    /// The injected amnesia bug: a wiped node keeps its identity.
+    keep_identity: bool,
+    /// Databases wiped.
+    wipes: usize,
     idempotent: IdempotentProducer,
     trace: blake3::Hasher,
     events: u64,
@@ -203,6 +224,11 @@ struct World {
     writes: u64,
 }
 
+/// The identity node `node` takes after its database was wiped `wipes` times.
+fn wiped_node_id(node: u32, wipes: u8) -> NodeId {
+    NodeId::from_bytes(&[0, 37, node as u8 + 1, wipes]).unwrap_or_default()
+}
+
 fn node_id(node: u32) -> NodeId {
     NodeId::from_bytes(&[0, 37, node as u8 + 1]).unwrap_or_default()
 }
@@ -212,18 +238,35 @@ pub fn run(seed: u64) -> Report {
     run_with(seed, None)
 }
 
-/// Runs the engine scenario of `seed` with an optional injected bug in the log.
-pub fn run_with(seed: u64, inject: Option<ReplicationFault>) -> Report {
-    run_injected(seed, inject, None)
+/// A deliberate bug, to show the checkers catch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineFault {
+    /// In the log's rules.
+    Replication(ReplicationFault),
+    /// In the partition's rules.
+    Rules(PartitionFault),
+    /// A node whose database was wiped comes back with its old identity
+    /// (amnesia not refused): it may vote again in an epoch it voted in,
+    /// and counts for a quorum with entries it no longer holds.
+    KeepIdentityAfterWipe,
 }
 
-/// Runs the engine scenario of `seed` with optional injected bugs in the
-/// log and in the partition's rules.
-pub fn run_injected(
-    seed: u64,
-    inject: Option<ReplicationFault>,
-    rules_fault: Option<PartitionFault>,
-) -> Report {
+/// Runs the engine scenario of `seed` with an optional injected bug in the log.
+pub fn run_with(seed: u64, inject: Option<ReplicationFault>) -> Report {
+    run_injected(seed, inject.map(EngineFault::Replication))
+}
+
+/// Runs the engine scenario of `seed` with an optional injected bug.
+pub fn run_injected(seed: u64, fault: Option<EngineFault>) -> Report {
+    let inject = match fault {
+        Some(EngineFault::Replication(f)) => Some(f),
+        _ => None,
+    };
+    let rules_fault = match fault {
+        Some(EngineFault::Rules(f)) => Some(f),
+        _ => None,
+    };
+    let keep_identity = fault == Some(EngineFault::KeepIdentityAfterWipe);
     let started = Instant::now();
     let mut rng = Rng::new(seed ^ 0x0e9e_11e5_70fe_5ea1);
     let net = NetConfig {
@@ -261,6 +304,8 @@ pub fn run_injected(
         },
         keyed: Vec::new(),
         rules_fault,
+        keep_identity,
+        wipes: 0,
         idempotent: IdempotentProducer {
             stamp: ProducerBatch {
                 producer: PRODUCER,
@@ -285,23 +330,18 @@ pub fn run_injected(
         writes: 0,
     };
     for node in 0..REPLICAS {
-        let disk = CrashDisk::new();
-        let created = Store::open_on_backend(disk.clone(), "sim-disk", true).and_then(|store| {
-            let op = WriteOp::CreateTopic {
-                name: TOPIC.into(),
-                config: world.topic.clone(),
-                now_ms: 0,
-                replicas: vec![world.voters.clone()],
-            };
-            store.write(vec![op]).map(|_| ())
-        });
-        if let Err(error) = created {
-            world.fail("the store opens", format!("node {node}: {error}"));
-        }
+        let disk = match new_disk(&world.topic, &world.voters) {
+            Ok(disk) => disk,
+            Err(error) => {
+                world.fail("the store opens", format!("node {node}: {error}"));
+                CrashDisk::new()
+            }
+        };
         world.nodes.insert(
             node,
             Node {
                 id: node_id(node),
+                wipes: 0,
                 disk,
                 store: None,
                 replica: None,
@@ -315,6 +355,7 @@ pub fn run_injected(
     }
     world.schedule(Duration::from_millis(10), Event::Propose);
     world.schedule(Duration::from_millis(500), Event::Retention);
+    world.schedule(Duration::from_millis(300), Event::Reconfigure);
     schedule_faults(&mut world, &mut rng);
 
     world.run_until(FAULT_PHASE);
@@ -332,6 +373,7 @@ pub fn run_injected(
         idempotent_acked: world.idempotent.acked,
         idempotent_duplicates: world.idempotent.duplicates,
         producer_restarts: world.idempotent.restarts,
+        wipes: world.wipes,
         elections: world.leaders.len(),
         crashes: world.crashes,
         power_cuts: world.power_cuts,
@@ -344,7 +386,30 @@ pub fn run_injected(
     }
 }
 
+/// A disk holding a fresh database with the topic, as a node whose database
+/// is new gets it (from the metadata log, in the real node).
+fn new_disk(
+    topic: &TopicConfig,
+    voters: &[NodeId],
+) -> Result<CrashDisk, meshlog::error::StoreError> {
+    let disk = CrashDisk::new();
+    let store = Store::open_on_backend(disk.clone(), "sim-disk", true)?;
+    let op = WriteOp::CreateTopic {
+        name: TOPIC.into(),
+        config: topic.clone(),
+        now_ms: 0,
+        replicas: vec![voters.to_vec()],
+    };
+    store.write(vec![op])?;
+    Ok(disk)
+}
+
 fn schedule_faults(world: &mut World, rng: &mut Rng) {
+    // Every run wipes a database when the amnesia bug is injected, to find it sooner.
+    if rng.below(3) == 0 || world.keep_identity {
+        let at = Duration::from_millis(2_000 + rng.below(14_000) as u64);
+        world.schedule(at, Event::Wipe(rng.below(REPLICAS as usize) as u32));
+    }
     for _ in 0..1 + rng.below(5) {
         let at = Duration::from_millis(1_000 + rng.below(17_000) as u64);
         let node = rng.below(REPLICAS as usize) as u32;
@@ -423,11 +488,26 @@ impl World {
             Event::Deliver {
                 from,
                 to,
+                to_id,
                 message,
                 batches,
             } => {
-                let (now, from) = (self.now, node_id(from));
-                self.drive(to, |r, s| r.on_message(s, from, message, batches, now));
+                if self.nodes.get(&to).is_some_and(|n| n.id == to_id) {
+                    let now = self.now;
+                    self.drive(to, |r, s| r.on_message(s, from, message, batches, now));
+                }
+            }
+            Event::Wipe(node) => {
+                self.wipe(node);
+                let back = self.now + Duration::from_millis(100 + self.rng.below(2_000) as u64);
+                self.schedule(back, Event::Restart(node));
+            }
+            Event::Reconfigure => {
+                self.reconfigure();
+                let next = self.now + Duration::from_millis(300);
+                if next < FAULT_PHASE + LIVENESS_BOUND + Duration::from_secs(10) {
+                    self.schedule(next, Event::Reconfigure);
+                }
             }
             Event::DiskDone {
                 node,
@@ -492,8 +572,12 @@ impl World {
                     message,
                     batches,
                 } => {
+                    let to_id = to;
                     let Some(to) = self.nodes.iter().find(|(_, n)| n.id == to).map(|(i, _)| *i)
                     else {
+                        continue;
+                    };
+                    let Some(from) = self.nodes.get(&node).map(|n| n.id) else {
                         continue;
                     };
                     for delay in self.net.deliveries(node, to, &mut self.rng) {
@@ -502,8 +586,9 @@ impl World {
                         self.schedule(
                             at,
                             Event::Deliver {
-                                from: node,
+                                from,
                                 to,
+                                to_id,
                                 message,
                                 batches,
                             },
@@ -798,6 +883,60 @@ impl World {
         n.disk_busy_until = self.now;
     }
 
+    /// The node crashes and comes back (at its restart) with an empty
+    /// database and, unless the amnesia bug is injected, a new identity.
+    fn wipe(&mut self, node: u32) {
+        self.crash(node, false);
+        let disk = match new_disk(&self.topic, &self.voters) {
+            Ok(disk) => disk,
+            Err(error) => {
+                self.fail("the store opens", format!("node {node}: {error}"));
+                return;
+            }
+        };
+        let keep_identity = self.keep_identity;
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        n.disk = disk;
+        n.wipes = n.wipes.saturating_add(1);
+        if !keep_identity {
+            n.id = wiped_node_id(node, n.wipes);
+        }
+        self.wipes += 1;
+        self.trace
+            .update(format!("{:?} wipe {node}\n", self.now).as_bytes());
+    }
+
+    /// The leader takes one step of the replica set toward the nodes'
+    /// current identities.
+    fn reconfigure(&mut self) {
+        let Some(leader) = self.leader() else {
+            return;
+        };
+        let target: Vec<NodeId> = self.nodes.values().map(|n| n.id).collect();
+        let now = self.now;
+        let steps = match self.nodes.get_mut(&leader) {
+            Some(Node {
+                replica: Some(replica),
+                store: Some(store),
+                ..
+            }) => replica.reconfigure(store, &target, now),
+            _ => return,
+        };
+        self.after_input(leader, steps);
+    }
+
+    /// The voters of the replica set in force at the most advanced replica.
+    fn final_voters(&self) -> Vec<NodeId> {
+        self.nodes
+            .values()
+            .filter_map(|n| n.replica.as_ref().map(DrivenPartition::core))
+            .max_by_key(|r| (r.is_leader(), r.epoch(), r.commit()))
+            .map(|r| r.voters().to_vec())
+            .unwrap_or_default()
+    }
+
     fn restart(&mut self, node: u32) {
         let (seed, now) = (self.rng.next_u64(), self.now);
         let (voters, config) = (self.voters.clone(), self.config.clone());
@@ -894,11 +1033,26 @@ impl World {
         }
         // Every leader held the records from here on when it indexed them.
         let indexed_from = logs.values().map(|(_, log)| log.start).max().unwrap_or(0);
+        // A wiped node still catching up as a learner need not hold
+        // everything yet; a voter does (it was promoted once caught up).
+        let voters = self.final_voters();
+        let left_out = self
+            .nodes
+            .iter()
+            .find(|(_, n)| n.wipes > 0 && !voters.contains(&n.id));
+        if let Some((node, n)) = left_out {
+            let detail = format!(
+                "node {node} (now {}) is not a voter after the heal; voters {voters:?}",
+                n.id
+            );
+            self.fail("a wiped node rejoins as a voter", detail);
+            return;
+        }
         for (node, (_, log)) in &logs {
-            let lost = self
-                .acked
-                .iter()
-                .find(|(offset, id)| **offset >= log.start && log.id(**offset) != Some(**id));
+            let voter = self.nodes.get(node).is_some_and(|n| voters.contains(&n.id));
+            let lost = self.acked.iter().find(|(offset, id)| {
+                voter && **offset >= log.start && log.id(**offset) != Some(**id)
+            });
             if let Some((offset, id)) = lost {
                 let detail = format!(
                     "acknowledged {id} at offset {offset} is not in node {node}'s store (it holds {:?}, from {})",

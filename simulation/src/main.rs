@@ -8,7 +8,7 @@ use meshlog::core::membership::InjectedFault;
 use meshlog::core::membership::MembershipConfig;
 use meshlog::core::partition::PartitionFault;
 use meshlog::core::replication::ReplicationFault;
-use meshlog_sim::engine;
+use meshlog_sim::engine::{self, EngineFault};
 use meshlog_sim::groups::{self, GroupFault};
 use meshlog_sim::producer;
 use meshlog_sim::replication;
@@ -39,7 +39,7 @@ struct Args {
     #[arg(long)]
     engine: bool,
     /// Switch on a deliberate core bug (to see the checkers catch it).
-    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum", "compact-undurable", "send-before-vote-durable", "ack-all-when-leader-durable", "keep-cut-requests", "append-retries", "ignore-generations"])]
+    #[arg(long, value_parser = ["skip-suspicion", "commit-without-quorum", "compact-undurable", "send-before-vote-durable", "ack-all-when-leader-durable", "keep-cut-requests", "append-retries", "keep-identity-after-wipe", "ignore-generations"])]
     inject_fault: Option<String>,
 }
 
@@ -78,8 +78,15 @@ fn main() -> ExitCode {
             }
             (None, None) => (0, 100),
         };
-        let faults = (replication_fault, partition_fault);
-        return engine_sweep(range, faults, args.inject_fault.as_deref());
+        let fault = match (replication_fault, partition_fault) {
+            _ if args.inject_fault.as_deref() == Some("keep-identity-after-wipe") => {
+                Some(EngineFault::KeepIdentityAfterWipe)
+            }
+            (Some(f), _) => Some(EngineFault::Replication(f)),
+            (None, Some(f)) => Some(EngineFault::Rules(f)),
+            (None, None) => None,
+        };
+        return engine_sweep(range, fault, args.inject_fault.as_deref());
     }
     if let Some(seed) = args.seed {
         let report = scenario::run(seed, &options);
@@ -187,15 +194,16 @@ fn sweep(
 
 fn engine_sweep(
     (start, end): (u64, u64),
-    (fault, rules_fault): (Option<ReplicationFault>, Option<PartitionFault>),
+    fault: Option<EngineFault>,
     inject: Option<&str>,
 ) -> ExitCode {
     let wall = Instant::now();
     let (mut acked, mut writes, mut crashes, mut power_cuts, mut worst) =
         (0usize, 0u64, 0usize, 0usize, Duration::ZERO);
-    let (mut idempotent, mut duplicates, mut restarts) = (0usize, 0usize, 0usize);
+    let (mut idempotent, mut duplicates, mut restarts, mut wipes) =
+        (0usize, 0usize, 0usize, 0usize);
     for seed in start..end {
-        let r = engine::run_injected(seed, fault, rules_fault);
+        let r = engine::run_injected(seed, fault);
         if end - start == 1 {
             println!(
                 "engine: {} records acknowledged with acks=all, {} idempotent batches acknowledged ({} retries answered with the original, {} chain restarts), {} elections, {} store writes, {} crashes, {} power cuts mid-commit, {} events, trace {}",
@@ -221,13 +229,14 @@ fn engine_sweep(
         idempotent += r.idempotent_acked;
         duplicates += r.idempotent_duplicates;
         restarts += r.producer_restarts;
+        wipes += r.wipes;
         writes += r.writes;
         crashes += r.crashes;
         power_cuts += r.power_cuts;
         worst = worst.max(r.recovery.unwrap_or_default());
     }
     println!(
-        "{} engine seeds passed in {:.1} s: {acked} records acknowledged with acks=all ({idempotent} idempotent batches, {duplicates} of them retries answered with the original, {restarts} producer chain restarts), {writes} real store writes, {crashes} crashes, {power_cuts} power cuts mid-commit, every store verified and agreeing, a record acknowledged at most {worst:?} after the heal",
+        "{} engine seeds passed in {:.1} s: {acked} records acknowledged with acks=all ({idempotent} idempotent batches, {duplicates} of them retries answered with the original, {restarts} producer chain restarts), {writes} real store writes, {crashes} crashes, {power_cuts} power cuts mid-commit, {wipes} databases wiped, every store verified and agreeing, a record acknowledged at most {worst:?} after the heal",
         end - start,
         wall.elapsed().as_secs_f64()
     );

@@ -4,6 +4,7 @@
 use meshlog::core::membership::InjectedFault;
 use meshlog::core::partition::PartitionFault;
 use meshlog::core::replication::ReplicationFault;
+use meshlog_sim::engine::EngineFault;
 use meshlog_sim::groups::{self, GroupFault};
 use meshlog_sim::producer::{self, ProducerFault};
 use meshlog_sim::replication;
@@ -270,13 +271,13 @@ const ENGINE_SEEDS: u64 = 10;
 
 #[test]
 fn the_engine_scenario_catches_a_leader_that_commits_alone() {
-    let caught = (0..10).find_map(|seed| {
+    let caught = (0..30).find_map(|seed| {
         meshlog_sim::engine::run_with(seed, Some(ReplicationFault::CommitWithoutQuorum))
             .violation
             .map(|v| (seed, v))
     });
     let (seed, violation) =
-        caught.expect("a leader that commits alone must be caught within 10 engine seeds");
+        caught.expect("a leader that commits alone must be caught within 30 engine seeds");
     assert!(
         violation.invariant.contains("acknowledged") || violation.invariant.contains("agreement"),
         "engine seed {seed}: {violation}"
@@ -286,14 +287,32 @@ fn the_engine_scenario_catches_a_leader_that_commits_alone() {
 #[test]
 fn the_engine_scenario_catches_a_leader_that_appends_retries_again() {
     let caught = (0..10).find_map(|seed| {
-        meshlog_sim::engine::run_injected(seed, None, Some(PartitionFault::AppendRetries))
-            .violation
-            .map(|v| (seed, v))
+        meshlog_sim::engine::run_injected(
+            seed,
+            Some(EngineFault::Rules(PartitionFault::AppendRetries)),
+        )
+        .violation
+        .map(|v| (seed, v))
     });
     let (seed, violation) =
         caught.expect("a leader that appends retries again must be caught within 10 engine seeds");
     assert!(
         violation.invariant.contains("idempotence"),
+        "engine seed {seed}: {violation}"
+    );
+}
+
+#[test]
+fn the_engine_scenario_catches_a_wiped_node_that_keeps_its_identity() {
+    let caught = (0..10).find_map(|seed| {
+        meshlog_sim::engine::run_injected(seed, Some(EngineFault::KeepIdentityAfterWipe))
+            .violation
+            .map(|v| (seed, v))
+    });
+    let (seed, violation) = caught
+        .expect("a wiped node voting under its old identity must be caught within 10 engine seeds");
+    assert!(
+        violation.invariant.contains("acknowledged") || violation.invariant.contains("fencing"),
         "engine seed {seed}: {violation}"
     );
 }

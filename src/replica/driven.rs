@@ -106,6 +106,14 @@ impl DrivenPartition {
         })
     }
 
+    /// As leader, takes one step of the replica set toward `target` (see
+    /// [`crate::core::replication::Replica::step_toward`]), as a node's
+    /// leaders do every 500 ms toward the placement's choice.
+    pub fn reconfigure(&mut self, store: &Store, target: &[NodeId], now: Duration) -> Vec<Step> {
+        let effects = self.replica.reconfigure(target, &[], now);
+        self.steps(store, effects)
+    }
+
     /// Switches a deliberate bug in the partition's rules on (or off).
     pub fn inject_fault(&mut self, fault: Option<crate::core::partition::PartitionFault>) {
         self.replica.inject_fault(fault);
