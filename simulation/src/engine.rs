@@ -17,7 +17,8 @@
 //! timeout and crash of its leader makes a retry, so the leaders' producer
 //! states (loaded from the store, followed through the log, rolled back on
 //! cuts, carried across restarts at a log start) answer retries all the time.
-//! A third of the runs wipe one node's database: the node comes back with
+//! A third of the runs wipe one node's database (and a quarter of the
+//! failed writes lose the disk for good, replaced by an empty one): the node comes back with
 //! an empty store and, as a node whose database is new does, a new identity
 //! (its old one is a dead member); every 300 ms the leader steps the replica
 //! set toward the live identities (learner, promotion once caught up,
@@ -405,8 +406,15 @@ fn new_disk(
 }
 
 fn schedule_faults(world: &mut World, rng: &mut Rng) {
-    // Every run wipes a database when the amnesia bug is injected, to find it sooner.
-    if rng.below(3) == 0 || world.keep_identity {
+    // With the amnesia bug injected every run wipes three times (a wiped
+    // node that keeps its identity is what is under test; with a new
+    // identity only one loss per run keeps a quorum of the replica set).
+    let wipes = if world.keep_identity {
+        3
+    } else {
+        usize::from(rng.below(3) == 0)
+    };
+    for _ in 0..wipes {
         let at = Duration::from_millis(2_000 + rng.below(14_000) as u64);
         world.schedule(at, Event::Wipe(rng.below(REPLICAS as usize) as u32));
     }
@@ -813,6 +821,7 @@ impl World {
 
     fn disk_done(&mut self, node: u32, life: u64, op: WriteOp, pending: Option<PendingWrite>) {
         let cut_after = self.rng.below(14) as u64;
+        let disk_lost = self.rng.below(4) == 0;
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
         };
@@ -839,8 +848,12 @@ impl World {
             // A failed store stops the node, as the real one does (and a
             // log write the store refuses makes the node reopen its replica
             // from what the disk holds; a restart covers that too). After a
-            // power cut the disk keeps what the cut left.
+            // power cut the disk keeps what the cut left; one time in four
+            // the disk failed for good and is replaced by an empty one.
             self.crash(node, true);
+            if disk_lost {
+                self.wipe(node);
+            }
             let back = self.now + Duration::from_millis(100 + self.rng.below(1_000) as u64);
             self.schedule(back, Event::Restart(node));
             return;
@@ -885,8 +898,15 @@ impl World {
 
     /// The node crashes and comes back (at its restart) with an empty
     /// database and, unless the amnesia bug is injected, a new identity.
+    ///
+    /// At most one database per run is lost: a second loss could leave
+    /// fewer live voters than a quorum of the replica set (a majority of
+    /// disks lost loses the partition, as in Raft), so it is a crash only.
     fn wipe(&mut self, node: u32) {
         self.crash(node, false);
+        if self.wipes > 0 && !self.keep_identity {
+            return;
+        }
         let disk = match new_disk(&self.topic, &self.voters) {
             Ok(disk) => disk,
             Err(error) => {
@@ -925,6 +945,28 @@ impl World {
             _ => return,
         };
         self.after_input(leader, steps);
+    }
+
+    /// Each node's identity and replica state, for a failure's detail.
+    fn replica_states(&self) -> String {
+        let states: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(node, n)| match n.replica.as_ref().map(DrivenPartition::core) {
+                Some(r) => format!(
+                    "node {node} {}: epoch {} leader {} voters {:?} learners {:?} commit {} log end {}",
+                    n.id,
+                    r.epoch(),
+                    r.is_leader(),
+                    r.voters(),
+                    r.members().learners,
+                    r.commit(),
+                    r.log_end()
+                ),
+                None => format!("node {node} {}: down", n.id),
+            })
+            .collect();
+        states.join("; ")
     }
 
     /// The voters of the replica set in force at the most advanced replica.
@@ -999,7 +1041,10 @@ impl World {
         if self.violation.is_none() {
             self.fail(
                 "liveness: a record is acknowledged after the heal",
-                format!("nothing acknowledged {LIVENESS_BOUND:?} after the heal"),
+                format!(
+                    "nothing acknowledged {LIVENESS_BOUND:?} after the heal; replicas: {}",
+                    self.replica_states()
+                ),
             );
         }
         None
