@@ -83,6 +83,23 @@ async fn a_voter_that_loses_its_database_rejoins_as_a_new_replica_and_nothing_ac
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The metadata log gains its voters one at a time from its founder: a
+    // permanent loss while it has two would leave it without a quorum for
+    // good (the lost identity never comes back), so the loss waits until it
+    // has all three.
+    common::cluster::wait_until(
+        "the metadata log has three voters",
+        Duration::from_secs(30),
+        || async {
+            client.describe_topic("__meta").await.is_ok_and(|t| {
+                t.partitions
+                    .iter()
+                    .all(|p| p.replicas.len() == 3 && p.learners.is_empty())
+            })
+        },
+    )
+    .await;
+
     // The leader of partition 0 loses its database; its identity file stays.
     let leader = client
         .describe_topic(TOPIC)
