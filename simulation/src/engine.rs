@@ -6,8 +6,9 @@
 //! to produce requests — runs under the faults: a lossy, reordering network,
 //! isolation, crashes that lose the writes still queued for the store, and
 //! power cuts in the middle of a commit (the disk keeps a random prefix of
-//! the unsynced writes, the next one torn). Half the runs give the topic a
-//! small `retention.bytes`, and retention runs on random stores as a write
+//! the unsynced writes, the next one torn). A quarter of the runs give the topic a
+//! small `retention.bytes` and a quarter a short `retention.ms` (records carry
+//! the virtual clock); retention runs on random stores as a write
 //! like any other, so followers restart at a leader's log start (sent by the
 //! real store). A client sends small batches of real records with `acks` all
 //! or leader to whoever leads; half its records carry a dedup key, and now
@@ -66,6 +67,9 @@ use crate::net::{NetConfig, SimNet};
 use crate::queue::EventQueue;
 
 const TOPIC: &str = "sim";
+/// `retention.ms` of the runs that retain by time: records (stamped with the
+/// virtual clock) expire after it.
+const RETENTION_TIME: Duration = Duration::from_secs(2);
 const PRODUCER: ProducerId = ProducerId(0x1de0);
 const REPLICAS: u32 = 3;
 const FAULT_PHASE: Duration = Duration::from_secs(20);
@@ -293,15 +297,20 @@ pub fn run_injected(seed: u64, fault: Option<EngineFault>) -> Report {
         nodes: BTreeMap::new(),
         voters: (0..REPLICAS).map(node_id).collect(),
         config,
-        topic: if rng.below(2) == 0 {
-            TopicConfig::default()
-        } else {
-            TopicConfig::default()
+        topic: match rng.below(4) {
+            0 | 1 => TopicConfig::default(),
+            2 => TopicConfig::default()
                 .with_segment_bytes(2 * 1024)
                 .with_retention(meshlog::Retention {
                     time: None,
                     bytes: Some(8 * 1024),
-                })
+                }),
+            _ => TopicConfig::default()
+                .with_segment_bytes(2 * 1024)
+                .with_retention(meshlog::Retention {
+                    time: Some(RETENTION_TIME),
+                    bytes: None,
+                }),
         },
         keyed: Vec::new(),
         rules_fault,
@@ -532,7 +541,8 @@ impl World {
             }
             Event::Retention => {
                 let node = self.rng.below(REPLICAS as usize) as u32;
-                self.schedule_write(node, WriteOp::EnforceRetention { now_ms: 0 }, None);
+                let now_ms = self.now_ms();
+                self.schedule_write(node, WriteOp::EnforceRetention { now_ms }, None);
                 let next = self.now + Duration::from_millis(300 + self.rng.below(2_000) as u64);
                 if next < FAULT_PHASE {
                     self.schedule(next, Event::Retention);
@@ -729,13 +739,14 @@ impl World {
     /// The idempotent producer's batch: the one not yet acknowledged, or
     /// 1–4 new records.
     fn idempotent_batch(&mut self) -> (Vec<Record>, ProducerBatch) {
+        let now_ms = self.now_ms();
         let p = &mut self.idempotent;
         if p.records.is_empty() {
             let count = 1 + self.rng.below(4);
             p.records = (0..count)
                 .map(|_| {
                     p.made += 1;
-                    Record::new(format!("{IDEMPOTENT_PREFIX}{}", p.made), 1)
+                    Record::new(format!("{IDEMPOTENT_PREFIX}{}", p.made), now_ms)
                 })
                 .collect();
         }
@@ -778,6 +789,7 @@ impl World {
     /// 1–4 new records, half of them with a dedup key; or, one time in
     /// eight, a keyed record sent before.
     fn records_to_send(&mut self) -> Vec<Record> {
+        let now_ms = self.now_ms();
         if !self.keyed.is_empty() && self.rng.below(8) == 0 {
             let again = self.keyed[self.rng.below(self.keyed.len())].clone();
             return vec![again];
@@ -786,7 +798,7 @@ impl World {
         (0..count)
             .map(|_| {
                 self.next_record += 1;
-                let record = Record::new(format!("record-{}", self.next_record), 1);
+                let record = Record::new(format!("record-{}", self.next_record), now_ms);
                 if self.rng.below(2) == 0 {
                     let key = format!("msg-{}", self.next_record);
                     let record = record.with_header(DEDUP_HEADER, key.into_bytes());
@@ -945,6 +957,12 @@ impl World {
             _ => return,
         };
         self.after_input(leader, steps);
+    }
+
+    /// The virtual clock in milliseconds, as records' timestamps and
+    /// retention's clock.
+    fn now_ms(&self) -> i64 {
+        i64::try_from(self.now.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Each node's identity and replica state, for a failure's detail.
