@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::core::dedup::{DedupIndex, Original, dedup_key};
+use crate::error::StoreError;
 use crate::store::Store;
 
 /// Most records read back from the store to build the index.
@@ -28,9 +29,16 @@ pub(crate) fn build(
         .log_start_offset
         .max(bounds.high_watermark.saturating_sub(REBUILD_SCAN_RECORDS));
     loop {
-        let Ok(read) = store.read(topic, partition, offset, 1 << 20) else {
+        let read = match store.read(topic, partition, offset, 1 << 20) {
+            Ok(read) => read,
+            // Retention moved the log start past the scan: what it dropped
+            // holds no originals any more; go on from the new start.
+            Err(StoreError::OffsetOutOfRange { start, .. }) if start > offset => {
+                offset = start;
+                continue;
+            }
             // A partial index would miss keys: none, asked for again later.
-            return DedupIndex::new();
+            Err(_) => return DedupIndex::new(),
         };
         let Some(last) = read.records.last() else {
             break;
