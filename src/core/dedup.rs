@@ -94,16 +94,6 @@ impl DedupIndex {
             }
         }
     }
-
-    /// Keys held.
-    pub fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
-    /// Whether no key is held.
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
-    }
 }
 
 /// Why a batch with dedup keys is refused.
@@ -229,16 +219,6 @@ impl DedupWindow {
     /// records that are gone.
     pub fn invalidate(&mut self) {
         self.index = DedupIndex::new();
-    }
-
-    /// Keys held.
-    pub fn len(&self) -> usize {
-        self.index.len()
-    }
-
-    /// Whether no key is held.
-    pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
     }
 }
 

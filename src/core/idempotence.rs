@@ -407,16 +407,6 @@ impl ProducerTable {
         self.states.clear();
         self.unwritten.clear();
     }
-
-    /// Producers whose state is loaded.
-    pub fn len(&self) -> usize {
-        self.states.len()
-    }
-
-    /// Whether no producer's state is loaded.
-    pub fn is_empty(&self) -> bool {
-        self.states.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -519,33 +509,17 @@ mod tests {
         table.persisted(1);
         // Loaded again (say after a cut dropped it) from a store that holds
         // the first batch only.
-        let mut fresh = ProducerTable {
+        let forgotten = || ProducerTable {
             states: BTreeMap::new(),
             unwritten: table.unwritten.clone(),
         };
-        let stored = ProducerState::advanced(None, &stamp(0, 9), &stamp(2, 1), 0, 2, 1);
-        fresh.loaded(producer(), Some(stored));
+        let first = ProducerState::advanced(None, &stamp(0, 9), &stamp(2, 1), 0, 2, 1);
+        let mut fresh = forgotten();
+        fresh.loaded(producer(), Some(first.clone()));
         assert_eq!(fresh.check(&stamp(5, 2), 1, GENESIS), ProducerCheck::Next);
         // A store that already holds both is not advanced twice.
-        let mut fresh = ProducerTable {
-            states: BTreeMap::new(),
-            unwritten: table.unwritten.clone(),
-        };
-        let both = ProducerState::advanced(
-            Some(ProducerState::advanced(
-                None,
-                &stamp(0, 9),
-                &stamp(2, 1),
-                0,
-                2,
-                1,
-            )),
-            &stamp(2, 1),
-            &stamp(5, 2),
-            2,
-            3,
-            1,
-        );
+        let both = ProducerState::advanced(Some(first), &stamp(2, 1), &stamp(5, 2), 2, 3, 1);
+        let mut fresh = forgotten();
         fresh.loaded(producer(), Some(both.clone()));
         assert_eq!(fresh.states.get(&producer()), Some(&Some(both)));
     }
@@ -588,7 +562,6 @@ mod tests {
         table.loaded(producer(), None);
         table.appended(0, 0, 2, step(0, 9, 1));
         table.clear();
-        assert!(table.is_empty());
         assert_eq!(table.availability(producer()), Availability::Read);
     }
 }

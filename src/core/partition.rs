@@ -39,9 +39,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::dedup::{DedupIndex, DedupRefusal, DedupWindow};
-use super::idempotence::{
-    Availability, BatchProducer, ProducerCheck, ProducerState, ProducerTable,
-};
+use super::idempotence::{BatchProducer, ProducerCheck, ProducerState, ProducerTable};
 use super::membership::PeerKey;
 use super::replication::{Action, Input, Replica, ReplicaSet};
 use crate::chain::{MessageId, ProducerId};
@@ -290,12 +288,6 @@ impl<P: PeerKey, T> Partition<P, T> {
     /// The idempotent producers' states (read-only).
     pub fn producers(&self) -> &ProducerTable {
         &self.producers
-    }
-
-    /// Whether the state of `producer` can be checked against now, or must
-    /// be read from the store first (see [`Self::load_producer`]).
-    pub fn producer_availability(&self, producer: ProducerId) -> Availability {
-        self.producers.availability(producer)
     }
 
     /// The state of `producer` as the store holds it.

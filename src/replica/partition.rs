@@ -739,7 +739,7 @@ impl PartitionReplica {
         store: &Store,
         producer: ProducerId,
     ) -> Result<bool, StoreError> {
-        match self.core.producer_availability(producer) {
+        match self.core.producers().availability(producer) {
             Availability::Loaded => Ok(true),
             Availability::Wait => Ok(false),
             Availability::Read => {
