@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::partition::{Effect, PartitionReplica, PartitionSettings, WriteKind};
+use super::partition::{
+    Effect, PartitionReplica, PartitionSettings, PendingProduce, ProduceStep, WriteKind,
+};
 use super::{dedup, fill_batches, stored_append};
 use crate::config::{Acks, TopicConfig};
 use crate::core::replication::{Message, Replica, ReplicationConfig};
@@ -160,19 +162,6 @@ impl DrivenPartition {
     ) -> (ProduceAnswer, Vec<Step>) {
         let (reply, answer) = oneshot::channel();
         let answer = ProduceAnswer(answer);
-        if let Some(pb) = &producer {
-            match self.replica.load_producer(store, pb.producer) {
-                Ok(true) => {}
-                Ok(false) => {
-                    let _ = reply.send(Err(Refusal::Other("producer state not loaded".into())));
-                    return (answer, Vec::new());
-                }
-                Err(error) => {
-                    let _ = reply.send(Err(Refusal::Other(error.to_string())));
-                    return (answer, Vec::new());
-                }
-            }
-        }
         let frame = ProduceFrame {
             topic: self.key.0.clone(),
             partition: self.key.1,
@@ -180,7 +169,24 @@ impl DrivenPartition {
             producer,
             records,
         };
-        let effects = self.replica.produce(frame, reply, now, store);
+        // The node runs the reads a request waits for on its blocking pool
+        // and hands the request back; here they run at once.
+        let mut step = self.replica.produce(PendingProduce::new(frame, reply), now);
+        let effects = loop {
+            match step {
+                ProduceStep::Taken(effects) => break effects,
+                ProduceStep::Read(read, mut request) => {
+                    match read.run(store, &self.key.0, self.key.1) {
+                        Ok(found) => self.replica.read_done(&mut request, found),
+                        Err(error) => {
+                            request.refuse(Refusal::Other(error.to_string()));
+                            break Vec::new();
+                        }
+                    }
+                    step = self.replica.produce(request, now);
+                }
+            }
+        };
         if let Some((epoch, window)) = self.replica.take_dedup_build() {
             let index = dedup::build(store, &self.key.0, self.key.1, epoch, window);
             self.replica.install_dedup(epoch, index);

@@ -42,7 +42,10 @@ use crate::protocol::{
 use crate::store::{Store, StoredEntries, TopicEntry, WriteOp, WriteOutcome};
 
 pub(crate) use partition::Leadership;
-use partition::{Effect, PartitionReplica, PartitionSettings, ProduceReply, WriteKind};
+use partition::{
+    Effect, PartitionReplica, PartitionSettings, PendingProduce, ProduceReadDone, ProduceReply,
+    ProduceStep, WriteKind,
+};
 
 /// How often replicas get a tick (elections, heartbeats, timeouts).
 const TICK: Duration = Duration::from_millis(50);
@@ -144,6 +147,7 @@ impl Replicator {
         let (requests, receiver) = mpsc::channel(1024);
         let (reads_done, reads) = mpsc::unbounded_channel();
         let (dedup_done, dedups) = mpsc::unbounded_channel();
+        let (produce_reads_done, produce_reads) = mpsc::unbounded_channel();
         let task = Task {
             me,
             store,
@@ -171,9 +175,11 @@ impl Replicator {
             reading: BTreeSet::new(),
             reads_done,
             dedup_done,
+            produce_reads_done,
             groups,
         };
-        let handle = tokio::spawn(task.run(receiver, inbound, (reads, dedups), stop));
+        let done = (reads, dedups, produce_reads);
+        let handle = tokio::spawn(task.run(receiver, inbound, done, stop));
         (Replicator { requests }, handle)
     }
 
@@ -239,6 +245,8 @@ struct Task {
     reads_done: mpsc::UnboundedSender<ReadDone>,
     /// Where dedup indexes built on the blocking pool come back.
     dedup_done: mpsc::UnboundedSender<DedupBuilt>,
+    /// Where produce requests put aside for a store read come back.
+    produce_reads_done: mpsc::UnboundedSender<ProduceReadFinished>,
     /// This node's group coordinators.
     groups: mpsc::Sender<crate::coordinator::GroupCall>,
 }
@@ -246,6 +254,14 @@ struct Task {
 /// A message to a follower read from the store off the task: (follower,
 /// partition, the message if the store still held what it needs).
 type ReadDone = (NodeId, Key, Option<ReplicateFrame>);
+
+/// A store read for a produce request done off the task: (replica
+/// generation, the request, what the read found).
+type ProduceReadFinished = (
+    u64,
+    PendingProduce,
+    Result<ProduceReadDone, crate::error::StoreError>,
+);
 
 /// A dedup index built off the task: (partition, replica generation, the
 /// epoch it was asked for, the index).
@@ -282,9 +298,10 @@ impl Task {
         mut self,
         mut requests: mpsc::Receiver<Request>,
         mut inbound: mpsc::Receiver<InboundRequest>,
-        (mut reads, mut dedups): (
+        (mut reads, mut dedups, mut produce_reads): (
             mpsc::UnboundedReceiver<ReadDone>,
             mpsc::UnboundedReceiver<DedupBuilt>,
+            mpsc::UnboundedReceiver<ProduceReadFinished>,
         ),
         mut stop: watch::Receiver<bool>,
     ) {
@@ -311,6 +328,7 @@ impl Task {
                         replica.install_dedup(epoch, index);
                     }
                 }
+                Some(done) = produce_reads.recv() => self.on_produce_read(done).await,
                 Some((to, key, frame)) = reads.recv() => {
                     self.reading.remove(&(to, key));
                     self.outbox.extend(frame.map(|frame| (to, frame)));
@@ -712,7 +730,9 @@ impl Task {
 
     async fn on_request(&mut self, request: Request) {
         match request {
-            Request::Produce { frame, reply } => self.produce(frame, reply).await,
+            Request::Produce { frame, reply } => {
+                self.produce(PendingProduce::new(frame, reply)).await
+            }
             Request::Fetch { frame, reply } => self.fetch(frame, reply),
             Request::Leadership {
                 topic,
@@ -720,7 +740,7 @@ impl Task {
                 reply,
             } => {
                 let answer = match self.replicas.get(&(topic, partition)) {
-                    Some(replica) => replica.leadership(&self.store),
+                    Some(replica) => replica.leadership(),
                     None => Leadership::Follower { hint: None },
                 };
                 let _ = reply.send(answer);
@@ -819,39 +839,27 @@ impl Task {
         });
     }
 
-    async fn produce(&mut self, frame: ProduceFrame, reply: ProduceReply) {
-        let key = (frame.topic.clone(), frame.partition);
+    async fn produce(&mut self, request: PendingProduce) {
+        let key = (request.frame.topic.clone(), request.frame.partition);
         let now = self.now();
         let Some(replica) = self.replicas.get_mut(&key) else {
-            let refusal = match self.store.topic(&frame.topic) {
-                Ok(t) if frame.partition >= t.config.partitions => {
-                    Refusal::PartitionNotFound(frame.topic, frame.partition)
-                }
-                Ok(t) => Refusal::NotLeader {
-                    hint: t
-                        .replicas
-                        .get(frame.partition as usize)
-                        .and_then(|r| r.first().copied()),
-                },
-                Err(_) => Refusal::TopicNotFound(frame.topic),
-            };
-            let _ = reply.send(Err(refusal));
+            let refusal = self.not_hosted(&request.frame);
+            request.refuse(refusal);
             return;
         };
-        if let Some(pb) = &frame.producer {
-            let refusal = match replica.load_producer(&self.store, pb.producer) {
-                Ok(true) => None,
-                Ok(false) => Some(Refusal::Other(
-                    "this producer's batches are still being written here; retry".into(),
-                )),
-                Err(error) => Some(Refusal::Other(error.to_string())),
-            };
-            if let Some(refusal) = refusal {
-                let _ = reply.send(Err(refusal));
+        let effects = match replica.produce(request, now) {
+            ProduceStep::Taken(effects) => effects,
+            ProduceStep::Read(read, request) => {
+                let (store, done) = (self.store.clone(), self.produce_reads_done.clone());
+                let generation = replica.generation();
+                tokio::task::spawn_blocking(move || {
+                    let (topic, partition) = (&request.frame.topic, request.frame.partition);
+                    let result = read.run(&store, topic, partition);
+                    let _ = done.send((generation, request, result));
+                });
                 return;
             }
-        }
-        let effects = replica.produce(frame, reply, now, &self.store);
+        };
         if let Some((epoch, window)) = replica.take_dedup_build() {
             let (store, done, generation) = (
                 self.store.clone(),
@@ -865,6 +873,40 @@ impl Task {
             });
         }
         self.run_effects(&key, effects).await;
+    }
+
+    /// A store read a produce request was put aside for is done: the request
+    /// goes to its replica again (a reopened replica decides afresh).
+    async fn on_produce_read(&mut self, done: ProduceReadFinished) {
+        let (generation, mut request, result) = done;
+        let key = (request.frame.topic.clone(), request.frame.partition);
+        match result {
+            Err(error) => request.refuse(Refusal::Other(error.to_string())),
+            Ok(found) => {
+                if let Some(replica) = self.replicas.get_mut(&key)
+                    && replica.generation() == generation
+                {
+                    replica.read_done(&mut request, found);
+                }
+                self.produce(request).await;
+            }
+        }
+    }
+
+    /// Why a produce request for a partition not hosted here is refused.
+    fn not_hosted(&self, frame: &ProduceFrame) -> Refusal {
+        match self.store.topic(&frame.topic) {
+            Ok(t) if frame.partition >= t.config.partitions => {
+                Refusal::PartitionNotFound(frame.topic.clone(), frame.partition)
+            }
+            Ok(t) => Refusal::NotLeader {
+                hint: t
+                    .replicas
+                    .get(frame.partition as usize)
+                    .and_then(|r| r.first().copied()),
+            },
+            Err(_) => Refusal::TopicNotFound(frame.topic.clone()),
+        }
     }
 
     async fn on_inbound(&mut self, inbound: InboundRequest) {
@@ -886,7 +928,7 @@ impl Task {
             }
             PeerRequest::Produce(frame) => {
                 let (tx, rx) = oneshot::channel();
-                self.produce(frame, tx).await;
+                self.produce(PendingProduce::new(frame, tx)).await;
                 tokio::spawn(async move {
                     let outcome = rx
                         .await

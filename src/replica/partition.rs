@@ -54,6 +54,103 @@ pub(crate) enum Leadership {
 /// A produce request's answer channel.
 pub(crate) type ProduceReply = oneshot::Sender<Result<Produced, Refusal>>;
 
+/// A produce request the replica has not answered yet, with what was read
+/// from the store for it so far.
+pub(crate) struct PendingProduce {
+    /// The request.
+    pub frame: ProduceFrame,
+    /// Where its answer goes.
+    pub reply: ProduceReply,
+    /// Stored batches read back for it (originals of retried chunks no
+    /// longer cached), by base offset; `None` when the store no longer had one.
+    batches: BTreeMap<u64, Option<Arc<Vec<u8>>>>,
+    /// Store reads done for it so far.
+    reads: u32,
+}
+
+/// At most this many store reads for one produce request: a request that
+/// still needs one after them is refused (the producer retries).
+const MAX_PRODUCE_READS: u32 = 8;
+
+impl PendingProduce {
+    /// A request just received.
+    pub fn new(frame: ProduceFrame, reply: ProduceReply) -> Self {
+        PendingProduce {
+            frame,
+            reply,
+            batches: BTreeMap::new(),
+            reads: 0,
+        }
+    }
+
+    /// Answers the request with a refusal.
+    pub fn refuse(self, refusal: Refusal) {
+        let _ = self.reply.send(Err(refusal));
+    }
+}
+
+/// A store read a produce request waits for.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ProduceRead {
+    /// The stored state of an idempotent producer the core has not loaded.
+    Producer(ProducerId),
+    /// The stored batch at this base offset: the original of a retried
+    /// chunk no longer cached.
+    Batch(u64),
+}
+
+/// What a [`ProduceRead`] found.
+#[derive(Debug)]
+pub(crate) enum ProduceReadDone {
+    /// The producer's stored state (`None`: none stored).
+    Producer(ProducerId, Option<ProducerState>),
+    /// The stored batch at this base offset (`None`: no longer stored).
+    Batch(u64, Option<Vec<u8>>),
+}
+
+impl ProduceRead {
+    /// Runs the read (on the blocking pool: it may wait on the disk).
+    pub fn run(
+        self,
+        store: &Store,
+        topic: &str,
+        partition: u32,
+    ) -> Result<ProduceReadDone, StoreError> {
+        Ok(match self {
+            ProduceRead::Producer(producer) => ProduceReadDone::Producer(
+                producer,
+                store.producer_state(topic, partition, producer)?,
+            ),
+            ProduceRead::Batch(base) => {
+                ProduceReadDone::Batch(base, store.batch_bytes(topic, partition, base)?)
+            }
+        })
+    }
+}
+
+/// What became of a produce request handed to the replica.
+pub(crate) enum ProduceStep {
+    /// Taken (or answered at once): carry out these effects.
+    Taken(Vec<Effect>),
+    /// Put aside: run the read, hand its result to
+    /// [`PartitionReplica::read_done`], then produce the request again.
+    Read(ProduceRead, PendingProduce),
+}
+
+/// Why a proposal did not go into the log.
+enum NotProposed {
+    /// Refused, with this answer.
+    Refused(Refusal),
+    /// It needs this store read first (nothing was proposed).
+    Read(ProduceRead),
+}
+
+impl From<Refusal> for NotProposed {
+    fn from(refusal: Refusal) -> Self {
+        NotProposed::Refused(refusal)
+    }
+}
+
 /// What the partition asks its driver to do, in order.
 #[derive(Debug)]
 pub(crate) enum Effect {
@@ -105,10 +202,12 @@ pub(crate) enum WriteKind {
     Log,
     /// A vote.
     Vote,
-    /// A high watermark or a snapshot point: nothing waits on it.
+    /// The high watermark raised to this record offset.
+    HighWatermark(u64),
+    /// A snapshot point: nothing waits on it.
     State,
-    /// The log restarted at this entry.
-    Install(u64),
+    /// The log restarted at this entry (`index`), at this record offset.
+    Install { index: u64, record_end: u64 },
 }
 
 impl PartitionWrite {
@@ -143,7 +242,7 @@ impl PartitionWrite {
                     partition,
                     high_watermark,
                 },
-                WriteKind::State,
+                WriteKind::HighWatermark(high_watermark),
             ),
             PartitionWrite::Snapshot(snapshot) => (
                 WriteOp::SetSnapshot {
@@ -154,7 +253,7 @@ impl PartitionWrite {
                 WriteKind::State,
             ),
             PartitionWrite::Install { point, producers } => {
-                let index = point.snapshot.index;
+                let (index, record_end) = (point.snapshot.index, point.record_end);
                 (
                     WriteOp::InstallSnapshot {
                         topic,
@@ -162,7 +261,7 @@ impl PartitionWrite {
                         point,
                         producers,
                     },
-                    WriteKind::Install(index),
+                    WriteKind::Install { index, record_end },
                 )
             }
         }
@@ -208,6 +307,9 @@ pub(crate) struct PartitionReplica {
     first_at_quiet_check: u64,
     /// Which opening of this partition's replica this is (see the driver).
     generation: u64,
+    /// The high watermark the store holds (readers of the whole log wait
+    /// for it to reach the epoch start).
+    stored_high_watermark: u64,
 }
 
 impl PartitionReplica {
@@ -303,6 +405,7 @@ impl PartitionReplica {
             epoch_start_offset: None,
             rf,
             generation: 0,
+            stored_high_watermark: state.high_watermark,
         })
     }
 
@@ -510,7 +613,14 @@ impl PartitionReplica {
                 let outputs = self.core.vote_persisted();
                 self.apply(outputs, None)
             }
-            (WriteKind::Install(index), Ok(_)) => {
+            (WriteKind::HighWatermark(high_watermark), Ok(_)) => {
+                // The store raises it no further than its log end.
+                let stored = high_watermark.min(self.record_end(self.durable));
+                self.stored_high_watermark = self.stored_high_watermark.max(stored);
+                Vec::new()
+            }
+            (WriteKind::Install { index, record_end }, Ok(_)) => {
+                self.stored_high_watermark = record_end;
                 let outputs = self.core.handle(Input::SnapshotInstalled { index }, now);
                 self.apply(outputs, None)
             }
@@ -522,50 +632,89 @@ impl PartitionReplica {
         }
     }
 
-    /// A produce request for this partition.
-    pub fn produce(
-        &mut self,
-        frame: ProduceFrame,
-        reply: ProduceReply,
-        now: Duration,
-        store: &Store,
-    ) -> Vec<Effect> {
-        if let Err(refused) = self.core.admit(frame.acks, now) {
-            let _ = reply.send(Err(match refused {
+    /// A produce request for this partition: taken, answered at once, or put
+    /// aside until a store read it needs is done (the replica never reads
+    /// the store itself).
+    pub fn produce(&mut self, request: PendingProduce, now: Duration) -> ProduceStep {
+        if let Err(refused) = self.core.admit(request.frame.acks, now) {
+            request.refuse(match refused {
                 Refused::NotLeader { hint } => Refusal::NotLeader { hint },
                 Refused::NotEnoughReplicas { in_sync, required } => {
                     Refusal::NotEnoughReplicas { in_sync, required }
                 }
-            }));
-            return Vec::new();
+            });
+            return ProduceStep::Taken(Vec::new());
         }
-        let acks = frame.acks;
-        match self.propose(frame, now, store) {
+        if let Some(producer) = request.frame.producer.as_ref().map(|pb| pb.producer) {
+            match self.core.producers().availability(producer) {
+                Availability::Loaded => {}
+                Availability::Read => {
+                    return self.read_for(request, ProduceRead::Producer(producer));
+                }
+                Availability::Wait => {
+                    request.refuse(Refusal::Other(
+                        "this producer's batches are still being written here; retry".into(),
+                    ));
+                    return ProduceStep::Taken(Vec::new());
+                }
+            }
+        }
+        let acks = request.frame.acks;
+        match self.propose(&request, now) {
             Ok((produced, entries_end, mut effects)) => {
                 let token = self.next_token;
                 self.next_token += 1;
-                self.replies.insert(token, (reply, produced));
+                self.replies.insert(token, (request.reply, produced));
                 let outputs = self.core.await_ack(token, entries_end, acks, now);
                 effects.extend(self.apply(outputs, None));
-                effects
+                ProduceStep::Taken(effects)
             }
-            Err(refusal) => {
-                let _ = reply.send(Err(refusal));
-                Vec::new()
+            Err(NotProposed::Read(read)) => self.read_for(request, read),
+            Err(NotProposed::Refused(refusal)) => {
+                request.refuse(refusal);
+                ProduceStep::Taken(Vec::new())
             }
         }
     }
 
-    /// Appends the frame's records as one entry per chunk. Returns where they
-    /// went, the entry count after them, and what to do.
+    /// Puts a request aside for a store read, unless it has had its share.
+    fn read_for(&self, mut request: PendingProduce, read: ProduceRead) -> ProduceStep {
+        if request.reads >= MAX_PRODUCE_READS {
+            request.refuse(Refusal::Other(
+                "the partition's state kept moving while this batch was checked; retry".into(),
+            ));
+            return ProduceStep::Taken(Vec::new());
+        }
+        request.reads += 1;
+        ProduceStep::Read(read, request)
+    }
+
+    /// A store read a request was put aside for is done: what it found is
+    /// kept for the request (a batch) or loaded into the core (a producer's
+    /// state, unless the core has it by now).
+    pub fn read_done(&mut self, request: &mut PendingProduce, done: ProduceReadDone) {
+        match done {
+            ProduceReadDone::Producer(producer, stored) => {
+                if self.core.producers().availability(producer) == Availability::Read {
+                    self.core.load_producer(producer, stored);
+                }
+            }
+            ProduceReadDone::Batch(base, bytes) => {
+                request.batches.insert(base, bytes.map(Arc::new));
+            }
+        }
+    }
+
+    /// Appends the request's records as one entry per chunk. Returns where
+    /// they went, the entry count after them, and what to do.
     fn propose(
         &mut self,
-        frame: ProduceFrame,
+        request: &PendingProduce,
         now: Duration,
-        store: &Store,
-    ) -> Result<(Produced, u64, Vec<Effect>), Refusal> {
+    ) -> Result<(Produced, u64, Vec<Effect>), NotProposed> {
+        let frame = &request.frame;
         if frame.records.is_empty() {
-            return Err(Refusal::Other("empty batch".into()));
+            return Err(Refusal::Other("empty batch".into()).into());
         }
         let prepared =
             PreparedRecords::new(&frame.records).map_err(|e| Refusal::Other(e.to_string()))?;
@@ -574,18 +723,27 @@ impl PartitionReplica {
             return Err(Refusal::RecordTooLarge {
                 size: prepared.largest_record(),
                 max,
-            });
+            }
+            .into());
         }
-        self.refuse_duplicates(&frame, store)?;
+        self.refuse_duplicates(frame)?;
         let mut producer = frame.producer.clone();
         let mut produced: Option<Produced> = None;
         let mut effects = Vec::new();
         let mut entries_end = 0;
         for chunk in prepared.chunks() {
             let part = match &producer {
-                Some(pb) => match self.check_producer(pb, chunk.digests(), store)? {
-                    Some(retry) => retry,
-                    None => self.append_chunk(Some(pb.clone()), chunk, now, &mut effects)?,
+                Some(pb) => match self.check_producer(pb, chunk.digests(), &request.batches) {
+                    Ok(Some(retry)) => retry,
+                    Ok(None) => self.append_chunk(Some(pb.clone()), chunk, now, &mut effects)?,
+                    // Retried chunks come before new ones: nothing is proposed yet.
+                    Err(NotProposed::Read(read)) if effects.is_empty() => {
+                        return Err(NotProposed::Read(read));
+                    }
+                    Err(NotProposed::Read(_)) => {
+                        return Err(Refusal::Other("a retried chunk after a new one".into()).into());
+                    }
+                    Err(refused) => return Err(refused),
                 },
                 None => self.append_chunk(None, chunk, now, &mut effects)?,
             };
@@ -612,13 +770,11 @@ impl PartitionReplica {
     /// Refuses a batch with records whose dedup keys this partition stored
     /// within the window, naming each one's original (the core decides; the
     /// store is read only to tell whether a new leader may build its index).
-    fn refuse_duplicates(&mut self, frame: &ProduceFrame, store: &Store) -> Result<(), Refusal> {
-        let leads_own_epoch = self.core().is_leader() && self.core().has_committed_own_epoch();
-        let (topic, partition, start) = (&self.topic, self.partition, self.epoch_start_offset);
-        let readable = || leads_own_epoch && readable_from(store, topic, partition, start);
+    fn refuse_duplicates(&mut self, frame: &ProduceFrame) -> Result<(), Refusal> {
+        let readable = self.whole_log_readable();
         match self
             .core
-            .check_dedup(&frame.records, frame.producer.as_ref(), readable)
+            .check_dedup(&frame.records, frame.producer.as_ref(), || readable)
         {
             Ok(()) => Ok(()),
             Err(DedupRefusal::Building) => Err(Refusal::Other(
@@ -631,23 +787,29 @@ impl PartitionReplica {
     /// Whether this replica leads, and whether its store already holds (and
     /// can be read for) every record committed before its epoch — what a
     /// reader of the whole log (dedup index, group coordinator) waits for.
-    pub fn leadership(&self, store: &Store) -> Leadership {
+    pub fn leadership(&self) -> Leadership {
         let core = self.core();
         if !core.is_leader() {
-            return Leadership::Follower {
+            Leadership::Follower {
                 hint: core.leader_hint().copied(),
-            };
-        }
-        let start = self.epoch_start_offset;
-        if core.has_committed_own_epoch()
-            && readable_from(store, &self.topic, self.partition, start)
-        {
+            }
+        } else if self.whole_log_readable() {
             Leadership::Leader {
                 epoch: core.epoch(),
             }
         } else {
             Leadership::Catching
         }
+    }
+
+    /// Whether this replica leads, has committed in its own epoch, and its
+    /// store holds readable everything before the epoch's start.
+    fn whole_log_readable(&self) -> bool {
+        self.core().is_leader()
+            && self.core().has_committed_own_epoch()
+            && self
+                .epoch_start_offset
+                .is_some_and(|start| self.stored_high_watermark >= start)
     }
 
     /// The dedup index to build off the task (epoch, window), once: see
@@ -669,20 +831,17 @@ impl PartitionReplica {
         &mut self,
         pb: &ProducerBatch,
         digests: &[MessageId],
-        store: &Store,
-    ) -> Result<Option<(Produced, u64)>, Refusal> {
+        read_back: &BTreeMap<u64, Option<Arc<Vec<u8>>>>,
+    ) -> Result<Option<(Produced, u64)>, NotProposed> {
         let genesis = chain::producer_genesis(pb.producer, &self.topic, self.partition);
         let original = match self.core.check_producer(pb, digests.len(), genesis) {
             ProducerCheck::Next => return Ok(None),
             ProducerCheck::Retry(original) => original,
             ProducerCheck::OutOfSequence { next_seq, head } => {
-                return Err(Refusal::OutOfSequence { next_seq, head });
+                return Err(Refusal::OutOfSequence { next_seq, head }.into());
             }
             ProducerCheck::NotLoaded => {
-                return Err(Refusal::Other(format!(
-                    "producer {} state not loaded",
-                    pb.producer
-                )));
+                return Err(NotProposed::Read(ProduceRead::Producer(pb.producer)));
             }
         };
         // A batch below the in-memory log is committed: its retry is
@@ -693,18 +852,23 @@ impl PartitionReplica {
                 self.spans.first().saturating_sub(1)
             }
             None => {
-                return Err(Refusal::Other(
-                    "a retried batch is no longer in the log".into(),
-                ));
+                return Err(
+                    Refusal::Other("a retried batch is no longer in the log".into()).into(),
+                );
             }
         };
         // A retried batch no longer cached is read back from the store.
-        let bytes = match self.payloads.get(&index) {
-            Some(bytes) => bytes.to_vec(),
-            None => store
-                .batch_bytes(&self.topic, self.partition, original.base_offset)
-                .map_err(|e| Refusal::Other(e.to_string()))?
-                .ok_or_else(|| Refusal::Other("a retried batch is no longer stored".into()))?,
+        let bytes = match (
+            self.payloads.get(&index),
+            read_back.get(&original.base_offset),
+        ) {
+            (Some(bytes), _) | (None, Some(Some(bytes))) => Arc::clone(bytes),
+            (None, Some(None)) => {
+                return Err(Refusal::Other("a retried batch is no longer stored".into()).into());
+            }
+            (None, None) => {
+                return Err(NotProposed::Read(ProduceRead::Batch(original.base_offset)));
+            }
         };
         let batch = wire::decode_batch(&bytes).map_err(|e| Refusal::Other(e.to_string()))?;
         let after = ProducerBatch {
@@ -718,7 +882,7 @@ impl PartitionReplica {
             // (a restarted named producer starts at sequence 0 and learns its
             // place from this answer).
             let (next_seq, head) = self.core.producers().position(pb.producer, genesis);
-            return Err(Refusal::OutOfSequence { next_seq, head });
+            return Err(Refusal::OutOfSequence { next_seq, head }.into());
         }
         let produced = Produced {
             base_offset: original.base_offset,
@@ -727,27 +891,6 @@ impl PartitionReplica {
             producer_head: Some(after.prev),
         };
         Ok(Some((produced, index + 1)))
-    }
-
-    /// Reads the state of `producer` from the store if the core does not
-    /// have it (to be called before [`Self::produce`] with the store at hand).
-    /// Returns `false` when it cannot yet: batches of that producer this
-    /// replica received as a follower, without following its state, are
-    /// still being written.
-    pub fn load_producer(
-        &mut self,
-        store: &Store,
-        producer: ProducerId,
-    ) -> Result<bool, StoreError> {
-        match self.core.producers().availability(producer) {
-            Availability::Loaded => Ok(true),
-            Availability::Wait => Ok(false),
-            Availability::Read => {
-                let stored = store.producer_state(&self.topic, self.partition, producer)?;
-                self.core.load_producer(producer, stored);
-                Ok(true)
-            }
-        }
     }
 
     /// Chains one chunk onto the log and proposes it.
@@ -1082,18 +1225,6 @@ impl PartitionReplica {
         let outputs = self.core.close();
         self.apply(outputs, None);
     }
-}
-
-/// Whether the store can be read up to `epoch_start` (a leader's epoch
-/// start, `None` before it is known).
-fn readable_from(store: &Store, topic: &str, partition: u32, epoch_start: Option<u64>) -> bool {
-    let Some(start) = epoch_start else {
-        return false;
-    };
-    let readable = store
-        .partition_state(topic, partition)
-        .map_or(0, |s| s.high_watermark);
-    readable >= start
 }
 
 /// An entry of an append being received.
