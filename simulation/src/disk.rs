@@ -135,6 +135,24 @@ impl CrashDisk {
         image.power_left = None;
     }
 
+    /// A copy of what the disk holds durably now, as a backup (or a
+    /// file-system snapshot) of a running node takes it: a disk of its own,
+    /// which a crash-consistent store opens.
+    pub fn backup(&self) -> CrashDisk {
+        let durable = self
+            .image
+            .lock()
+            .map_or_else(|_| Vec::new(), |i| i.durable.clone());
+        CrashDisk {
+            image: Arc::new(Mutex::new(Image {
+                current: durable.clone(),
+                durable,
+                ..Image::default()
+            })),
+            life: 0,
+        }
+    }
+
     /// A handle on the disk as the crash left it, to reopen the store on.
     pub fn after_crash(&self) -> CrashDisk {
         let life = self.image.lock().map_or(0, |i| i.life);

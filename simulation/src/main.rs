@@ -200,8 +200,8 @@ fn engine_sweep(
     let wall = Instant::now();
     let (mut acked, mut writes, mut crashes, mut power_cuts, mut worst) =
         (0usize, 0u64, 0usize, 0usize, Duration::ZERO);
-    let (mut idempotent, mut duplicates, mut restarts, mut wipes) =
-        (0usize, 0usize, 0usize, 0usize);
+    let (mut idempotent, mut duplicates, mut restarts, mut wipes, mut restores) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
     for seed in start..end {
         let r = engine::run_injected(seed, fault);
         if end - start == 1 {
@@ -230,13 +230,14 @@ fn engine_sweep(
         duplicates += r.idempotent_duplicates;
         restarts += r.producer_restarts;
         wipes += r.wipes;
+        restores += r.restores;
         writes += r.writes;
         crashes += r.crashes;
         power_cuts += r.power_cuts;
         worst = worst.max(r.recovery.unwrap_or_default());
     }
     println!(
-        "{} engine seeds passed in {:.1} s: {acked} records acknowledged with acks=all ({idempotent} idempotent batches, {duplicates} of them retries answered with the original, {restarts} producer chain restarts), {writes} real store writes, {crashes} crashes, {power_cuts} power cuts mid-commit, {wipes} databases wiped, every store verified and agreeing, a record acknowledged at most {worst:?} after the heal",
+        "{} engine seeds passed in {:.1} s: {acked} records acknowledged with acks=all ({idempotent} idempotent batches, {duplicates} of them retries answered with the original, {restarts} producer chain restarts), {writes} real store writes, {crashes} crashes, {power_cuts} power cuts mid-commit, {wipes} databases lost ({restores} of them replaced by an older backup), every store verified and agreeing, a record acknowledged at most {worst:?} after the heal",
         end - start,
         wall.elapsed().as_secs_f64()
     );
