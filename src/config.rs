@@ -282,9 +282,12 @@ pub struct ProducerConfig {
     /// (`max.in.flight.requests.per.connection`). Default 5. Any value keeps
     /// order and exactly-once storage with idempotence on.
     pub max_in_flight: usize,
-    /// Bytes of records sent and not yet answered (`buffer.memory`). When
-    /// full, `send` waits up to `max_block` and then fails with
-    /// [`crate::Error::BufferFull`]. Default 32 MiB.
+    /// Memory of records sent and not yet answered (`buffer.memory`): each
+    /// record counts its encoded bytes plus what holding it costs beyond
+    /// them ([`crate::producer::RECORD_OVERHEAD`]), so a flood of tiny
+    /// records is held back as a few large ones are. When full, `send` waits
+    /// up to `max_block` and then fails with [`crate::Error::BufferFull`].
+    /// Default 32 MiB.
     pub buffer_memory: usize,
     /// How long `send` waits for buffer memory (`max.block.ms`). Default 60 s.
     pub max_block: Duration,

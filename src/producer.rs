@@ -5,8 +5,9 @@
 //! stick to one partition per batch. Records wait in a per-partition queue
 //! ([`crate::core::producer`]) until a batch is full (`batch_size`) or has
 //! lingered (`linger`), and at most `max_in_flight` batches per partition await
-//! their answer. Unanswered records hold `buffer_memory`; when it is full,
-//! sending waits up to `max_block`.
+//! their answer. Unanswered records hold `buffer_memory` (their encoded bytes
+//! plus [`RECORD_OVERHEAD`] each); when it is full, sending waits up to
+//! `max_block`.
 //!
 //! With `enable_idempotence` (the default) the producer chains its own
 //! records per partition: each batch carries its first sequence number and the
@@ -37,6 +38,12 @@ use crate::error::{Error, Result, StoreError};
 use crate::node::{Node, now_ms};
 use crate::record::{Header, Record, RecordMetadata};
 use crate::wire::ProducerBatch;
+
+/// What a queued record costs in memory beyond its encoded bytes, counted
+/// against `buffer_memory`: the record's fields and allocations, its digest,
+/// its answer channel and the caller's handle on it. Measured: about 500
+/// bytes per record in `meshlog produce` with 1.5 million short lines queued.
+pub const RECORD_OVERHEAD: usize = 512;
 
 /// The partition a key maps to among `partitions`: the first 8 bytes of the
 /// key's blake3 hash, modulo the partition count. Stable across versions and
@@ -356,7 +363,8 @@ impl Producer {
 
     async fn reserve_memory(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
         let config = &self.shared.config;
-        let permits = bytes.clamp(1, config.buffer_memory.max(1)) as u32;
+        let cost = bytes.saturating_add(RECORD_OVERHEAD);
+        let permits = cost.clamp(1, config.buffer_memory.max(1)) as u32;
         let acquire = self.shared.memory.clone().acquire_many_owned(permits);
         match tokio::time::timeout(config.max_block, acquire).await {
             Ok(Ok(permit)) => Ok(permit),

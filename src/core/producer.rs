@@ -5,9 +5,10 @@
 //!
 //! Records are pushed in send order and sealed into batches. With an
 //! idempotent producer each batch is stamped with its first sequence number
-//! and the producer-chain hash before it, once, when it is sealed, so a
+//! and the producer-chain hash before it when it first goes out, so a
 //! retried batch is the same batch and the leader answers it with its original
-//! offsets. Batches go out in sequence order, at most `max_in_flight` at a
+//! offsets. (Stamping at the first send rather than at sealing keeps the stamps
+//! that a failure moves to the few batches sent so far, however long the queue.) Batches go out in sequence order, at most `max_in_flight` at a
 //! time. When one fails, nothing new is sent until every batch in flight has
 //! been answered ("draining"); then the queue resolves the first unanswered
 //! batch and sends again from there, in order. So a partition never stores a
@@ -184,6 +185,9 @@ struct Batch<R, T, O, E> {
     prev: MessageId,
     /// The chain after the batch: next sequence and head.
     after: (u64, MessageId),
+    /// Whether `base_seq`, `prev` and `after` are set. The stamped batches
+    /// are always the first ones of the queue (batches go out in order).
+    stamped: bool,
     /// Sends so far.
     attempts: u32,
     items: Vec<Item<R, T>>,
@@ -226,7 +230,7 @@ pub struct PartitionSender<R, T, O, E> {
     settings: SendSettings,
     idempotence: Idempotence,
     genesis: MessageId,
-    /// The stamp of the next sealed batch: sequence and chain head.
+    /// The stamp of the next batch to stamp: sequence and chain head.
     next_seq: u64,
     head: MessageId,
     /// False until a leader's answer confirms where the chain stands.
@@ -321,11 +325,12 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         let items: Vec<Item<R, T>> = open.items.into_iter().map(|(item, _)| item).collect();
         let id = self.next_batch_id;
         self.next_batch_id += 1;
-        let mut batch = Batch {
+        let batch = Batch {
             id,
             base_seq: 0,
             prev: self.genesis,
             after: (0, self.genesis),
+            stamped: false,
             attempts: 0,
             items,
             in_flight: false,
@@ -334,23 +339,18 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             last_error: None,
             deadline,
         };
-        self.stamp(&mut batch);
         self.batches.push_back(batch);
     }
 
-    /// Gives `batch` the next stamp and advances the chain past it.
-    fn stamp(&mut self, batch: &mut Batch<R, T, O, E>) {
-        batch.base_seq = self.next_seq;
-        batch.prev = self.head;
-        if let Some(producer) = self.producer() {
-            for item in &batch.items {
-                self.head = chain::producer_link(&self.head, producer, self.next_seq, &item.digest);
-                self.next_seq += 1;
-            }
+    /// The first batch's place in the chain (first sequence, chain hash
+    /// before it), stamped or not.
+    fn front_place(&self) -> Option<(u64, MessageId)> {
+        let front = self.batches.front()?;
+        Some(if front.stamped {
+            (front.base_seq, front.prev)
         } else {
-            self.next_seq += batch.items.len() as u64;
-        }
-        batch.after = (self.next_seq, self.head);
+            (self.next_seq, self.head)
+        })
     }
 
     fn producer(&self) -> Option<ProducerId> {
@@ -437,12 +437,16 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
             return;
         };
         let window_end = oldest + self.settings.max_in_flight as u64;
+        let (next_seq, head) = (&mut self.next_seq, &mut self.head);
         for (index, batch) in self.batches.iter_mut().enumerate() {
             if batch.id >= window_end {
                 break;
             }
             if batch.in_flight {
                 continue;
+            }
+            if !batch.stamped {
+                stamp(next_seq, head, producer, batch);
             }
             batch.in_flight = true;
             batch.sent_as_front = index == 0;
@@ -543,10 +547,12 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         }
         match last {
             Some(Refusal::Refused(error)) => {
+                let Some((seq, head)) = self.front_place() else {
+                    return;
+                };
                 let Some(front) = self.batches.pop_front() else {
                     return;
                 };
-                let (seq, head) = (front.base_seq, front.prev);
                 out.push(Output::Failed {
                     tokens: front.items.into_iter().map(|i| i.token).collect(),
                     failure: Failure::Refused(error),
@@ -577,10 +583,12 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         mut duplicates: Vec<(usize, O)>,
         out: &mut Vec<Output<R, T, O, E>>,
     ) {
+        let Some((seq, head)) = self.front_place() else {
+            return;
+        };
         let Some(front) = self.batches.front_mut() else {
             return;
         };
-        let (seq, head) = (front.base_seq, front.prev);
         duplicates.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
         duplicates.dedup_by_key(|(index, _)| *index);
         let mut reported = Vec::new();
@@ -604,10 +612,9 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
 
     /// The leader's log says the producer's chain stands at (`next_seq`, `head`).
     fn resync(&mut self, next_seq: u64, head: MessageId, out: &mut Vec<Output<R, T, O, E>>) {
-        let Some(front) = self.batches.front() else {
+        let Some((base_seq, prev)) = self.front_place() else {
             return;
         };
-        let (base_seq, prev) = (front.base_seq, front.prev);
         if next_seq == base_seq && head == prev {
             // It fits after all (the log moved on since): just send again.
             return;
@@ -640,9 +647,9 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         self.confirmed = true;
         self.seal();
         // Rewind the chain to the front batch and walk forward item by item.
-        if let Some(front) = self.batches.front() {
-            self.next_seq = front.base_seq;
-            self.head = front.prev;
+        if let Some((seq, head)) = self.front_place() {
+            self.next_seq = seq;
+            self.head = head;
         }
         self.skip_until = Some((next_seq, head));
         let mut skipped = Vec::new();
@@ -731,47 +738,89 @@ impl<R: Clone, T, O, E: Clone> PartitionSender<R, T, O, E> {
         Ok(None)
     }
 
-    /// Stamps every batch again from (`seq`, `head`), in order, and the
-    /// chain continues after them.
+    /// Stamps the stamped batches again from (`seq`, `head`), in order, and
+    /// the chain continues after them (the others are stamped when they go out).
     fn restamp_from(&mut self, seq: u64, head: MessageId) {
         self.next_seq = seq;
         self.head = head;
-        let mut batches = std::mem::take(&mut self.batches);
-        for batch in batches.iter_mut() {
-            self.stamp(batch);
+        let producer = self.producer();
+        let (next_seq, head) = (&mut self.next_seq, &mut self.head);
+        for batch in self.batches.iter_mut().take_while(|b| b.stamped) {
+            stamp(next_seq, head, producer, batch);
         }
-        self.batches = batches;
     }
 
     /// Fails the first batch (out of retries or time); the batches after it
     /// take its place in the chain.
     fn give_up_front(&mut self, out: &mut Vec<Output<R, T, O, E>>) {
-        let Some(front) = self.batches.pop_front() else {
-            return;
-        };
-        let (seq, head) = (front.base_seq, front.prev);
+        if let Some(place) = self.fail_front(out) {
+            self.restamp_after_failure(place);
+        }
+    }
+
+    /// Fails the first batches while their delivery timeout has passed.
+    /// The batches after them are stamped again once, from the first failed
+    /// one's place: stamping again after each would cost the whole queue per
+    /// failed batch, and a long queue expiring would take minutes.
+    fn expire(&mut self, now: Duration, out: &mut Vec<Output<R, T, O, E>>) {
+        let mut first_place = None;
+        while self
+            .batches
+            .front()
+            .is_some_and(|front| !front.in_flight && now >= front.deadline)
+        {
+            let place = self.fail_front(out);
+            first_place = first_place.or(place);
+        }
+        if let Some(place) = first_place {
+            self.restamp_after_failure(place);
+        }
+    }
+
+    /// Removes the first batch and fails its records; returns its place in
+    /// the chain (first sequence, chain hash before it).
+    fn fail_front(&mut self, out: &mut Vec<Output<R, T, O, E>>) -> Option<(u64, MessageId)> {
+        let place = self.front_place()?;
+        let front = self.batches.pop_front()?;
         out.push(Output::Failed {
             tokens: front.items.into_iter().map(|i| i.token).collect(),
             failure: Failure::Expired {
                 last: front.last_error,
             },
         });
-        // It may have been stored: the next answer says where the chain is.
+        Some(place)
+    }
+
+    /// The batches left take the failed ones' place, from `(seq, head)`.
+    fn restamp_after_failure(&mut self, (seq, head): (u64, MessageId)) {
+        // The failed batches may have been stored: the next answer says
+        // where the chain is.
         if self.producer().is_some() {
             self.confirmed = false;
         }
         self.restamp_from(seq, head);
     }
+}
 
-    /// Fails the first batches while their delivery timeout has passed.
-    fn expire(&mut self, now: Duration, out: &mut Vec<Output<R, T, O, E>>) {
-        while let Some(front) = self.batches.front() {
-            if front.in_flight || now < front.deadline {
-                return;
-            }
-            self.give_up_front(out);
+/// Gives `batch` the stamp at (`next_seq`, `head`) and advances them past it.
+fn stamp<R, T, O, E>(
+    next_seq: &mut u64,
+    head: &mut MessageId,
+    producer: Option<ProducerId>,
+    batch: &mut Batch<R, T, O, E>,
+) {
+    batch.base_seq = *next_seq;
+    batch.prev = *head;
+    if let Some(producer) = producer {
+        for item in &batch.items {
+            *head = chain::producer_link(head, producer, *next_seq, &item.digest);
+            *next_seq += 1;
         }
+    } else {
+        *next_seq += batch.items.len() as u64;
     }
+    batch.after = (*next_seq, *head);
+    batch.stamped = true;
 }
 
 #[cfg(test)]
@@ -1031,6 +1080,44 @@ mod tests {
             matches!(&out[0], Output::Failed { tokens, failure: Failure::Expired { last: Some("timeout") } } if tokens == &vec![1])
         );
         assert!(q.is_idle());
+    }
+
+    #[test]
+    fn a_long_queue_expires_at_once_and_the_next_record_takes_the_first_place() {
+        let mut s = settings();
+        s.delivery_timeout = Duration::from_millis(100);
+        let mut q = Sender::new(s, Idempotence::Fresh(PRODUCER), genesis());
+        // 10,000 batches of 3: the window sends 3, the rest wait unstamped.
+        let mut sent = Vec::new();
+        for v in 0..30_000 {
+            sent.extend(sends(&q.push(item(v), Duration::ZERO)));
+        }
+        assert_eq!(sent.len(), 3);
+        let late = Duration::from_millis(200);
+        let mut out = Vec::new();
+        for (batch, _, _) in &sent {
+            out.extend(q.answer(*batch, 1, Answer::Retry("timeout"), late));
+        }
+        out.extend(q.poll(late));
+        let failed: usize = out
+            .iter()
+            .map(|o| match o {
+                Output::Failed {
+                    tokens,
+                    failure: Failure::Expired { .. },
+                } => tokens.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(failed, 30_000, "every queued record expired");
+        assert!(q.is_idle());
+        let next = sends(&q.push(item(7), late + Duration::from_millis(10)));
+        let next = [next, sends(&q.poll(late + Duration::from_millis(20)))].concat();
+        assert_eq!(
+            next,
+            vec![(next[0].0, 0, vec![7])],
+            "from the first failed place"
+        );
     }
 
     #[test]

@@ -114,7 +114,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // A read of standard input still blocked in its thread (a command that
+    // stopped on an error before its input ended) must not keep the process
+    // alive: the runtime gives its threads a moment, then exits without them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
