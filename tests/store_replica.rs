@@ -356,3 +356,40 @@ fn retention_keeps_a_replicated_log_from_its_snapshot_point_and_says_where_it_st
         );
     }
 }
+
+#[test]
+fn records_a_replica_knows_committed_are_readable_before_the_high_watermark_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_topic(&dir);
+    let genesis = chain::partition_genesis(TOPIC, 0);
+    let (first, head) = batch_entry(1, 0, genesis, 0, genesis, &["a", "b"], None);
+    let (second, _) = batch_entry(1, 2, head, 1, first.entry.id, &["c"], None);
+    replicate(&store, 0, vec![first, second]).expect("two batches");
+    assert_eq!(store.partition_state(TOPIC, 0).unwrap().high_watermark, 0);
+
+    // With the stored high watermark alone nothing is readable yet.
+    let read = store.read(TOPIC, 0, 0, 1 << 20).expect("read");
+    assert!(read.records.is_empty());
+    assert_eq!(read.high_watermark, 0);
+
+    // Known committed up to 2: "a" and "b", not "c".
+    let read = store.read_committed(TOPIC, 0, 0, 1 << 20, 2).expect("read");
+    let values: Vec<&[u8]> = read.records.iter().map(|r| r.value()).collect();
+    assert_eq!(values, vec![&b"a"[..], b"b"]);
+    assert_eq!(read.high_watermark, 2);
+
+    // Never past what the store holds.
+    let read = store
+        .read_committed(TOPIC, 0, 0, 1 << 20, 99)
+        .expect("read");
+    assert_eq!((read.records.len(), read.high_watermark), (3, 3));
+    assert!(matches!(
+        store.read_committed(TOPIC, 0, 4, 1 << 20, 99),
+        Err(StoreError::OffsetOutOfRange { end: 3, .. })
+    ));
+    // Between the commit known here and the log end: nothing yet, no error
+    // (a reader that saw offset 3 committed on another replica).
+    let read = store.read_committed(TOPIC, 0, 3, 1 << 20, 2).expect("read");
+    assert!(read.records.is_empty());
+    assert_eq!(read.high_watermark, 2);
+}

@@ -15,6 +15,7 @@ pub mod dedup;
 #[cfg(feature = "fault-injection")]
 pub mod driven;
 mod partition;
+mod readable;
 mod spans;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -46,6 +47,7 @@ use partition::{
     Effect, PartitionReplica, PartitionSettings, PendingProduce, ProduceReadDone, ProduceReply,
     ProduceStep, WriteKind,
 };
+use readable::Readable;
 
 /// How often replicas get a tick (elections, heartbeats, timeouts).
 const TICK: Duration = Duration::from_millis(50);
@@ -170,6 +172,7 @@ impl Replicator {
             founding,
             ownership,
             appended,
+            readable: Arc::new(Readable::new()),
             generations: 0,
             outbox: Vec::new(),
             reading: BTreeSet::new(),
@@ -232,6 +235,9 @@ struct Task {
     ownership: SharedOwnership,
     /// Bumped whenever committed records become readable here.
     appended: watch::Receiver<u64>,
+    /// How far each replica knows its records committed and durable here:
+    /// fetches read up to it before the high watermark is stored.
+    readable: Arc<Readable>,
     /// Replicas opened so far: each opening gets the next number, so that
     /// outcomes of writes from before a restart are told apart.
     generations: u64,
@@ -661,6 +667,7 @@ impl Task {
             if let Some(mut replica) = self.replicas.remove(&key) {
                 replica.close();
             }
+            self.readable.forget(&key);
         }
     }
 
@@ -815,24 +822,38 @@ impl Task {
         }
         let store = self.store.clone();
         let mut appended = self.appended.clone();
+        let readable = self.readable.clone();
+        let mut moved = readable.moved();
         tokio::spawn(async move {
             let wait = Duration::from_millis(u64::from(frame.max_wait_ms).min(MAX_FETCH_WAIT_MS));
             let deadline = Instant::now() + wait;
             loop {
                 appended.borrow_and_update();
+                moved.borrow_and_update();
+                let known_committed = readable.end(&key);
                 let (reader, request) = (store.clone(), frame.clone());
-                let answer = tokio::task::spawn_blocking(move || read_committed(&reader, &request))
-                    .await
-                    .unwrap_or_else(|e| Err(Refusal::Other(format!("the read failed: {e}"))));
+                let answer = tokio::task::spawn_blocking(move || {
+                    read_committed(&reader, &request, known_committed)
+                })
+                .await
+                .unwrap_or_else(|e| Err(Refusal::Other(format!("the read failed: {e}"))));
                 let short = matches!(&answer, Ok(f) if fetched_bytes(f) < (frame.min_bytes as usize).max(1));
                 if !short || frame.offset.is_none() || Instant::now() >= deadline {
                     let _ = reply.send(answer);
                     return;
                 }
-                if tokio::time::timeout_at(deadline, appended.changed())
-                    .await
-                    .is_err()
-                {
+                let woken = async {
+                    tokio::select! {
+                        changed = appended.changed() => {
+                            if changed.is_err() {
+                                // The writer stopped: nothing more comes.
+                                tokio::time::sleep_until(deadline).await;
+                            }
+                        }
+                        _ = moved.changed() => {}
+                    }
+                };
+                if tokio::time::timeout_at(deadline, woken).await.is_err() {
                     continue;
                 }
             }
@@ -1083,6 +1104,9 @@ impl Task {
 
     /// Carries out a partition's effects in order.
     async fn run_effects(&mut self, key: &Key, effects: Vec<Effect>) {
+        if let Some(replica) = self.replicas.get(key) {
+            self.readable.raise(key, replica.readable_end());
+        }
         for effect in effects {
             match effect {
                 Effect::Send {
@@ -1470,7 +1494,11 @@ fn stored_append(
 const MAX_FETCH_WAIT_MS: u64 = 30_000;
 
 /// Reads committed records of a fetch from the store.
-fn read_committed(store: &Store, frame: &FetchFrame) -> Result<Fetched, Refusal> {
+fn read_committed(
+    store: &Store,
+    frame: &FetchFrame,
+    known_committed: u64,
+) -> Result<Fetched, Refusal> {
     let Some(offset) = frame.offset else {
         let state = store
             .partition_state(&frame.topic, frame.partition)
@@ -1478,14 +1506,17 @@ fn read_committed(store: &Store, frame: &FetchFrame) -> Result<Fetched, Refusal>
         return Ok(Fetched {
             records: Vec::new(),
             log_start_offset: state.log_start_offset,
-            high_watermark: state.high_watermark,
+            high_watermark: state
+                .high_watermark
+                .max(known_committed.min(state.log_end_offset)),
         });
     };
-    match store.read(
+    match store.read_committed(
         &frame.topic,
         frame.partition,
         offset,
         frame.max_bytes as usize,
+        known_committed,
     ) {
         Ok(read) => Ok(Fetched {
             records: read.records,

@@ -434,6 +434,12 @@ impl PartitionReplica {
         self.record_end(self.committed)
     }
 
+    /// One past the last record offset both committed and durable here:
+    /// what readers of this replica may see now.
+    pub fn readable_end(&self) -> u64 {
+        self.record_end(self.committed.min(self.durable))
+    }
+
     /// The chain ID of the last committed record.
     pub fn committed_head(&self) -> MessageId {
         self.record_head(self.committed)

@@ -321,8 +321,9 @@ impl Store {
 
     /// Reads committed records of one partition from `offset` on, stopping after
     /// the first batch that brings the total to `max_bytes` (at least one record
-    /// is returned when any is available, as in Kafka). Reading at the high
-    /// watermark returns no records; outside the log is `OffsetOutOfRange`.
+    /// is returned when any is available, as in Kafka). Reading at or past the
+    /// high watermark (up to the log end) returns no records; before the log
+    /// start or past its end is `OffsetOutOfRange`.
     pub fn read(
         &self,
         topic: &str,
@@ -330,24 +331,46 @@ impl Store {
         offset: u64,
         max_bytes: usize,
     ) -> Result<ReadResult, StoreError> {
+        self.read_committed(topic, partition, offset, max_bytes, 0)
+    }
+
+    /// As [`Store::read`], with records up to `known_committed` (one past
+    /// the last record offset a replica knows committed and durable here)
+    /// readable even before the stored high watermark reaches them; never
+    /// past the stored log end.
+    pub fn read_committed(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+        known_committed: u64,
+    ) -> Result<ReadResult, StoreError> {
         let txn = self.db.begin_read()?;
         let entry = self.topic_in(&txn, topic)?;
         let state = self.partition_state_in(&txn, &entry, partition)?;
+        let end = state
+            .high_watermark
+            .max(known_committed.min(state.log_end_offset));
         let mut result = ReadResult {
             records: Vec::new(),
             log_start_offset: state.log_start_offset,
-            high_watermark: state.high_watermark,
+            high_watermark: end,
         };
-        if offset < state.log_start_offset || offset > state.high_watermark {
+        // As Kafka: out of range only past the log end. An offset between
+        // the commit point known here and the log end is one a reader saw
+        // committed elsewhere (another replica, or this one before a
+        // restart): nothing to read yet.
+        if offset < state.log_start_offset || offset > end.max(state.log_end_offset) {
             return Err(StoreError::OffsetOutOfRange {
                 topic: topic.to_string(),
                 partition,
                 offset,
                 start: state.log_start_offset,
-                end: state.high_watermark,
+                end,
             });
         }
-        if offset == state.high_watermark {
+        if offset >= end {
             return Ok(result);
         }
         let batches = txn.open_table(BATCHES)?;
@@ -366,19 +389,12 @@ impl Store {
         let mut bytes = 0usize;
         for row in batches.range((tid, partition, first_base)..=(tid, partition, u64::MAX))? {
             let (key, value) = row?;
-            if bytes >= max_bytes || key.value().2 >= state.high_watermark {
+            if bytes >= max_bytes || key.value().2 >= end {
                 break;
             }
             bytes += value.value().len();
             let batch = self.decode_batch(key.value(), value.value())?;
-            push_records(
-                &mut result.records,
-                topic,
-                partition,
-                batch,
-                offset,
-                state.high_watermark,
-            );
+            push_records(&mut result.records, topic, partition, batch, offset, end);
         }
         Ok(result)
     }
