@@ -352,10 +352,29 @@ impl Task {
             }
             self.flush_outbox().await;
         }
-        for replica in self.replicas.values_mut() {
+        self.close_replicas().await;
+        debug!("replicator stopped");
+    }
+
+    /// A clean stop: every replica stores its commit point (all in one group
+    /// commit) and closes.
+    async fn close_replicas(&mut self) {
+        let mut answers = Vec::new();
+        for (key, replica) in self.replicas.iter_mut() {
+            if let Some(write) = replica.unstored_high_watermark() {
+                let (op, _) = write.into_op(&key.0, key.1);
+                match self.writes.submit(op).await {
+                    Ok(answer) => answers.push(answer),
+                    Err(error) => warn!(%error, "the writer is gone"),
+                }
+            }
             replica.close();
         }
-        debug!("replicator stopped");
+        for answer in answers {
+            if let Err(error) = crate::node::await_reply(answer).await {
+                warn!(%error, "a commit point was not stored at the stop");
+            }
+        }
     }
 
     /// Opens a replica for every partition of every stored topic this node hosts.

@@ -298,6 +298,11 @@ pub(crate) struct PartitionReplica {
     durable: u64,
     /// Entries committed.
     committed: u64,
+    /// Whether the commit point moved since the high watermark was last
+    /// written. Readers do not wait for the stored high watermark (it only
+    /// serves restarts), so it is written with the next log write, which
+    /// shares its fsync, or at the next tick.
+    high_watermark_unstored: bool,
     /// While leading: the record offset where its epoch starts (everything
     /// before it must be readable before a reader of the whole log may start).
     epoch_start_offset: Option<u64>,
@@ -402,6 +407,7 @@ impl PartitionReplica {
             durable,
             first_at_quiet_check: first,
             committed: first,
+            high_watermark_unstored: false,
             epoch_start_offset: None,
             rf,
             generation: 0,
@@ -504,10 +510,12 @@ impl PartitionReplica {
         effects
     }
 
-    /// Time passes.
+    /// Time passes (and a commit point not yet stored is written).
     pub fn tick(&mut self, now: Duration) -> Vec<Effect> {
         let outputs = self.core.handle(Input::Tick, now);
-        self.apply(outputs, None)
+        let mut effects = self.apply(outputs, None);
+        effects.extend(self.store_high_watermark());
+        effects
     }
 
     /// A replication message from `from`, with the batches an append carries.
@@ -1004,9 +1012,8 @@ impl PartitionReplica {
                 Action::Committed { upto } => {
                     self.committed = upto.max(self.committed);
                     self.prune_payloads();
-                    Some(Effect::Write(PartitionWrite::HighWatermark(
-                        self.high_watermark(),
-                    )))
+                    self.high_watermark_unstored = true;
+                    None
                 }
                 Action::BecameLeader { epoch } => {
                     debug!(topic = %self.topic, partition = self.partition, epoch, "leading");
@@ -1056,7 +1063,28 @@ impl PartitionReplica {
             };
             effects.extend(effect);
         }
+        let log_write = effects
+            .iter()
+            .any(|e| matches!(e, Effect::Write(PartitionWrite::Log { .. })));
+        if log_write {
+            effects.extend(self.store_high_watermark());
+        }
         effects
+    }
+
+    /// The write of the high watermark, if the commit point moved since it
+    /// was last written.
+    fn store_high_watermark(&mut self) -> Option<Effect> {
+        self.unstored_high_watermark().map(Effect::Write)
+    }
+
+    /// The high watermark's write, if the commit point moved since it was
+    /// last written (a clean stop writes it, so that a restart reads it).
+    pub fn unstored_high_watermark(&mut self) -> Option<PartitionWrite> {
+        if !std::mem::take(&mut self.high_watermark_unstored) {
+            return None;
+        }
+        Some(PartitionWrite::HighWatermark(self.high_watermark()))
     }
 
     /// The producers' states a leader sent with its log start; none (and a
