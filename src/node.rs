@@ -5,8 +5,8 @@
 //! channel, and the writer takes everything queued, up to
 //! `NodeConfig::max_group_commit`, into one transaction. A request is answered
 //! only after that transaction has committed with the configured durability.
-//! After each group that appended records the node bumps a counter that
-//! long polls at its replicas watch, so a fetch wakes as soon as data lands.
+//! Fetches do not wait for the writer: they read up to the commit point each
+//! replica knows and are woken when it moves (`replica::readable`).
 //!
 //! Every node that stores runs the same engine: a storage node in a mesh,
 //! and a node without network, which is a mesh of one (its replicas, its
@@ -155,16 +155,15 @@ impl Node {
                 .map_err(|_| Error::Closed)??;
         let store = Arc::new(store);
         let (writes, queue) = mpsc::channel(WRITE_QUEUE_DEPTH);
-        let appended = Arc::new(watch::channel(0u64).0);
         let (failed, store_failure) = watch::channel(None);
         let writer = {
-            let (store, appended) = (store.clone(), appended.clone());
+            let store = store.clone();
             let max_group = config.max_group_commit;
             std::thread::Builder::new()
                 .name("meshlog-writer".into())
                 .spawn(move || {
                     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_writer(&store, queue, &appended, &failed, max_group)
+                        run_writer(&store, queue, &failed, max_group)
                     }));
                     if ran.is_err() {
                         failed.send_replace(Some("the writer thread panicked".into()));
@@ -224,7 +223,6 @@ impl Node {
                     stop: stop.subscribe(),
                     founding,
                     ownership: ownership.clone(),
-                    appended: appended.subscribe(),
                     dedup_window: config.dedup_window,
                     quiet_compaction: config.retention_check_interval,
                     groups: groups.clone(),
@@ -527,7 +525,6 @@ fn unexpected(outcome: WriteOutcome) -> Error {
 fn run_writer(
     store: &Store,
     mut queue: mpsc::Receiver<WriterMessage>,
-    appended: &watch::Sender<u64>,
     failed: &watch::Sender<Option<String>>,
     max_group: usize,
 ) {
@@ -557,7 +554,7 @@ fn run_writer(
             }
         } else if !ops.is_empty() {
             let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                commit_group(store, ops, replies, appended)
+                commit_group(store, ops, replies)
             }));
             let failure = match committed {
                 Ok(Ok(())) => None,
@@ -580,18 +577,11 @@ fn commit_group(
     store: &Store,
     ops: Vec<WriteOp>,
     replies: Vec<oneshot::Sender<Result<WriteOutcome, StoreError>>>,
-    appended: &watch::Sender<u64>,
 ) -> Result<(), StoreError> {
-    let has_appends = ops
-        .iter()
-        .any(|op| matches!(op, WriteOp::Append(_) | WriteOp::SetHighWatermark { .. }));
     match store.write(ops) {
         Ok(results) => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
-            }
-            if has_appends {
-                appended.send_modify(|n| *n = n.wrapping_add(1));
             }
             Ok(())
         }

@@ -117,8 +117,6 @@ pub(crate) struct ReplicatorSetup {
     pub founding: Founding,
     /// The ownership table it shares with the node.
     pub ownership: SharedOwnership,
-    /// Bumped whenever committed records become readable here (long polls).
-    pub appended: watch::Receiver<u64>,
     /// How long a leader remembers records' dedup keys.
     pub dedup_window: Duration,
     /// How often replicas of quiet partitions drop every committed entry
@@ -141,7 +139,6 @@ impl Replicator {
             stop,
             founding,
             ownership,
-            appended,
             dedup_window,
             quiet_compaction,
             groups,
@@ -171,7 +168,6 @@ impl Replicator {
             compacted_at: Instant::now(),
             founding,
             ownership,
-            appended,
             readable: Arc::new(Readable::new()),
             generations: 0,
             outbox: Vec::new(),
@@ -233,8 +229,6 @@ struct Task {
     founding: Founding,
     /// Who leads what: merged from this node's own leadership and peers' gossip.
     ownership: SharedOwnership,
-    /// Bumped whenever committed records become readable here.
-    appended: watch::Receiver<u64>,
     /// How far each replica knows its records committed and durable here:
     /// fetches read up to it before the high watermark is stored.
     readable: Arc<Readable>,
@@ -840,16 +834,12 @@ impl Task {
             return;
         }
         let store = self.store.clone();
-        let mut appended = self.appended.clone();
-        let readable = self.readable.clone();
-        let mut moved = readable.moved();
+        let mut readable_end = self.readable.watch(&key);
         tokio::spawn(async move {
             let wait = Duration::from_millis(u64::from(frame.max_wait_ms).min(MAX_FETCH_WAIT_MS));
             let deadline = Instant::now() + wait;
             loop {
-                appended.borrow_and_update();
-                moved.borrow_and_update();
-                let known_committed = readable.end(&key);
+                let known_committed = *readable_end.borrow_and_update();
                 let (reader, request) = (store.clone(), frame.clone());
                 let answer = tokio::task::spawn_blocking(move || {
                     read_committed(&reader, &request, known_committed)
@@ -862,19 +852,12 @@ impl Task {
                     return;
                 }
                 let woken = async {
-                    tokio::select! {
-                        changed = appended.changed() => {
-                            if changed.is_err() {
-                                // The writer stopped: nothing more comes.
-                                tokio::time::sleep_until(deadline).await;
-                            }
-                        }
-                        _ = moved.changed() => {}
+                    if readable_end.changed().await.is_err() {
+                        // The replica closed: nothing more comes.
+                        tokio::time::sleep_until(deadline).await;
                     }
                 };
-                if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                    continue;
-                }
+                let _ = tokio::time::timeout_at(deadline, woken).await;
             }
         });
     }

@@ -6,7 +6,7 @@
 //! see it then, without waiting for the stored high watermark, which is
 //! written after the commit and only serves restarts (Raft's commit index is
 //! not persisted either). The replication task raises the ends after every
-//! step of a replica; fetches read up to them and wait on [`Readable::moved`].
+//! step of a replica; fetches read up to them and wait on [`Readable::watch`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use super::Key;
 
 /// The readable end of each hosted partition, shared by the replication
-/// task (which raises them) and fetches (which read up to them).
+/// task (which raises them) and fetches (which read up to them, each woken
+/// only by its own partition).
 pub(crate) struct Readable {
-    ends: Mutex<HashMap<Key, u64>>,
-    moved: watch::Sender<u64>,
+    ends: Mutex<HashMap<Key, watch::Sender<u64>>>,
 }
 
 impl Readable {
@@ -27,54 +27,48 @@ impl Readable {
     pub fn new() -> Self {
         Readable {
             ends: Mutex::new(HashMap::new()),
-            moved: watch::channel(0).0,
         }
     }
 
     /// Raises `key`'s readable end to `end` (one past the last readable
-    /// record offset); a lower `end` changes nothing. Wakes waiting fetches
-    /// when it moves.
+    /// record offset); a lower `end` changes nothing. Wakes the partition's
+    /// waiting fetches when it moves.
     pub fn raise(&self, key: &Key, end: u64) {
-        let raised = match self.ends.lock() {
-            Ok(mut ends) => match ends.get_mut(key) {
-                Some(known) if *known >= end => false,
-                Some(known) => {
+        if let Ok(mut ends) = self.ends.lock() {
+            let known = ends
+                .entry(key.clone())
+                .or_insert_with(|| watch::channel(0).0);
+            known.send_if_modified(|known| {
+                let raised = end > *known;
+                if raised {
                     *known = end;
-                    true
                 }
-                None => {
-                    ends.insert(key.clone(), end);
-                    true
-                }
-            },
-            Err(_) => false,
-        };
-        if raised {
-            self.moved.send_modify(|n| *n = n.wrapping_add(1));
+                raised
+            });
         }
     }
 
     /// Forgets `key` (its replica closed: a topic created again under the
-    /// same name starts from nothing).
+    /// same name starts from nothing). Its waiting fetches see the end closed.
     pub fn forget(&self, key: &Key) {
         if let Ok(mut ends) = self.ends.lock() {
             ends.remove(key);
         }
     }
 
-    /// `key`'s readable end as known now (0 when unknown: the stored high
-    /// watermark then bounds reads alone).
-    pub fn end(&self, key: &Key) -> u64 {
-        self.ends
-            .lock()
-            .ok()
-            .and_then(|ends| ends.get(key).copied())
-            .unwrap_or(0)
-    }
-
-    /// Changes whenever a readable end moves.
-    pub fn moved(&self) -> watch::Receiver<u64> {
-        self.moved.subscribe()
+    /// `key`'s readable end from now on: the current value (0 when unknown:
+    /// the stored high watermark then bounds reads alone), changing when it
+    /// moves, closed when the partition is forgotten.
+    pub fn watch(&self, key: &Key) -> watch::Receiver<u64> {
+        match self.ends.lock() {
+            Ok(mut ends) => ends
+                .entry(key.clone())
+                .or_insert_with(|| watch::channel(0).0)
+                .subscribe(),
+            // A poisoned map: an end that never moves (reads fall back to
+            // the stored high watermark).
+            Err(_) => watch::channel(0).1,
+        }
     }
 }
 
@@ -83,21 +77,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ends_only_rise_and_wake_waiters_when_they_do() {
+    fn ends_only_rise_and_wake_only_their_partition() {
         let readable = Readable::new();
-        let key: Key = ("t".into(), 0);
-        let mut moved = readable.moved();
-        assert_eq!(readable.end(&key), 0);
-        readable.raise(&key, 5);
-        assert!(moved.has_changed().unwrap_or(false));
-        moved.borrow_and_update();
-        readable.raise(&key, 3);
-        assert_eq!(readable.end(&key), 5, "never lowered");
-        assert!(
-            !moved.has_changed().unwrap_or(true),
-            "no wake without a move"
-        );
-        readable.forget(&key);
-        assert_eq!(readable.end(&key), 0);
+        let (a, b): (Key, Key) = (("t".into(), 0), ("t".into(), 1));
+        let (mut end_a, mut end_b) = (readable.watch(&a), readable.watch(&b));
+        assert_eq!(*end_a.borrow_and_update(), 0);
+        readable.raise(&a, 5);
+        assert!(end_a.has_changed().unwrap_or(false));
+        assert!(!end_b.has_changed().unwrap_or(true), "another partition");
+        assert_eq!(*end_a.borrow_and_update(), 5);
+        readable.raise(&a, 3);
+        assert!(!end_a.has_changed().unwrap_or(true), "never lowered");
+        assert_eq!(*readable.watch(&a).borrow(), 5);
+        readable.forget(&a);
+        assert!(end_a.has_changed().is_err(), "closed once forgotten");
+        assert_eq!(*readable.watch(&a).borrow(), 0);
+        drop(end_b.borrow_and_update());
     }
 }

@@ -70,11 +70,12 @@ struct CaseResult {
     latency_us: Histogram<u64>,
 }
 
-/// Runs a benchmark.
-pub async fn run(command: &BenchCommand) -> CliResult {
+/// Runs a benchmark; `fsync` is the global `--no-fsync` flag's opposite
+/// (the mesh benchmark starts its nodes with it).
+pub async fn run(command: &BenchCommand, fsync: bool) -> CliResult {
     match command {
         BenchCommand::Storage(args) => storage(args).await,
-        BenchCommand::Mesh(args) => crate::bench_mesh::run(args).await,
+        BenchCommand::Mesh(args) => crate::bench_mesh::run(args, fsync).await,
         BenchCommand::Soak(args) => crate::bench_soak::run(args).await,
     }
 }

@@ -2,7 +2,7 @@
 //! real local mesh.
 //!
 //! Starts `--nodes` `meshlog node` processes on 127.0.0.1 (each with its own
-//! data directory in a scratch directory, fsync on), joins them as a light
+//! data directory in a scratch directory, fsync on unless `--no-fsync`), joins them as a light
 //! client in this process, and for each case (replication factor 1 and 3,
 //! acks leader and all) creates a topic, runs `--producers` producers streaming
 //! records (at `--rate` in all, or as fast as they are acknowledged) for
@@ -82,8 +82,9 @@ struct CaseResult {
     e2e_latency_us: Histogram<u64>,
 }
 
-/// Runs the benchmark.
-pub async fn run(args: &MeshArgs) -> CliResult {
+/// Runs the benchmark, with node processes that fsync before acknowledging
+/// unless `fsync` is false (`meshlog --no-fsync bench mesh`).
+pub async fn run(args: &MeshArgs, fsync: bool) -> CliResult {
     if args.record_size < 8 || args.nodes == 0 || args.producers == 0 {
         return Err(
             "--record-size must be at least 8, and --nodes and --producers at least 1".into(),
@@ -93,11 +94,12 @@ pub async fn run(args: &MeshArgs) -> CliResult {
         .prefix("meshlog-bench-")
         .tempdir()?;
     println!(
-        "starting {} node processes (fsync on) in {}",
+        "starting {} node processes (fsync {}) in {}",
         args.nodes,
+        if fsync { "on" } else { "off" },
         dir.path().display()
     );
-    let (processes, address) = start_nodes(dir.path(), args.nodes)?;
+    let (processes, address) = start_nodes(dir.path(), args.nodes, fsync)?;
     let client = join(dir.path(), &address, args.nodes).await?;
     println!(
         "{:>2} {:>6} {:>12} {:>8} {:>9} {:>9} {:>12} {:>9} {:>9} {:>10}",
@@ -129,15 +131,18 @@ pub async fn run(args: &MeshArgs) -> CliResult {
 fn start_nodes(
     dir: &Path,
     count: usize,
+    fsync: bool,
 ) -> Result<(Vec<NodeProcess>, Multiaddr), Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
     let mut processes = Vec::new();
     let mut address: Option<Multiaddr> = None;
     for i in 0..count {
         let mut command = Command::new(&exe);
+        command.arg("--data-dir").arg(dir.join(format!("node{i}")));
+        if !fsync {
+            command.arg("--no-fsync");
+        }
         command
-            .arg("--data-dir")
-            .arg(dir.join(format!("node{i}")))
             .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
             .args(["--gossip-interval-ms", "200"])
             .env("RUST_LOG", "error")

@@ -134,7 +134,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Produce(args) => with_node(&cli, |node| produce::run(node, args)).await,
         Command::Consume(args) => with_node(&cli, |node| consume::run(node, args)).await,
         Command::Group(command) => with_node(&cli, |node| group::run(node, command)).await,
-        Command::Bench(command) => bench::run(command).await,
+        Command::Bench(command) => bench::run(command, !cli.no_fsync).await,
         Command::Demo => demo::run().await,
         Command::Node(args) => mesh::run_node(cli.data_dir.clone(), !cli.no_fsync, args).await,
         Command::Peers(args) => mesh::run_peers(args).await,
