@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 use meshlog::core::membership::Role;
 use meshlog::net::{MeshConfig, Multiaddr};
@@ -242,8 +242,10 @@ async fn run_case(
         let size = args.record_size;
         let rate = args.rate as f64 / args.producers as f64;
         producers.push(tokio::spawn(async move {
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-            let mut pending = FuturesUnordered::new();
+            // Acknowledgements are timed by a task of their own, woken as each
+            // arrives, so that the sending loop's pace does not delay them.
+            let (deliveries, collected) = tokio::sync::mpsc::unbounded_channel();
+            let collector = tokio::spawn(collect_acks(collected, clock, acked));
             let mut n = 0u64;
             let mut tick = tokio::time::interval(Duration::from_millis(1));
             while clock.elapsed() < produce_for {
@@ -260,18 +262,15 @@ async fn run_case(
                     value[..8].copy_from_slice(&sent_at.to_le_bytes());
                     let record = ProducerRecord::new(value).with_key(format!("p{p}-k{}", n % 64));
                     let delivery = producer.enqueue(&topic, record).await?;
-                    pending.push(async move { (sent_at, delivery.await) });
+                    if deliveries.send((sent_at, delivery)).is_err() {
+                        break;
+                    }
                     n += 1;
-                }
-                while let Some(Some((sent_at, answer))) = pending.next().now_or_never() {
-                    record_ack(&mut latency, clock, sent_at, answer, &acked)?;
                 }
             }
             producer.flush().await?;
-            while let Some((sent_at, answer)) = pending.next().await {
-                record_ack(&mut latency, clock, sent_at, answer, &acked)?;
-            }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(latency)
+            drop(deliveries);
+            collector.await?
         }));
     }
     let (bar, ticker) = progress_bar(&topic, produce_for, acked.clone());
@@ -326,18 +325,33 @@ fn progress_bar(
 }
 
 /// Counts an acknowledged record and its latency.
-fn record_ack(
-    latency: &mut Histogram<u64>,
+/// Times each delivery (sent at µs on `clock`) as it is answered, until the
+/// sender is done and every delivery is answered; fails on the first error.
+async fn collect_acks(
+    mut deliveries: tokio::sync::mpsc::UnboundedReceiver<(u64, meshlog::Delivery)>,
     clock: Instant,
-    sent_at: u64,
-    answer: meshlog::Result<meshlog::RecordMetadata>,
-    acked: &AtomicU64,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    answer?;
-    let now = clock.elapsed().as_micros() as u64;
-    latency.record(now.saturating_sub(sent_at).max(1))?;
-    acked.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    acked: Arc<AtomicU64>,
+) -> Result<Histogram<u64>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut pending = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            next = deliveries.recv(), if open => match next {
+                Some((sent_at, delivery)) => pending.push(async move {
+                    let answer = delivery.await;
+                    (sent_at, clock.elapsed().as_micros() as u64, answer)
+                }),
+                None => open = false,
+            },
+            Some((sent_at, answered_at, answer)) = pending.next(), if !pending.is_empty() => {
+                answer?;
+                latency.record(answered_at.saturating_sub(sent_at).max(1))?;
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            else => return Ok(latency),
+        }
+    }
 }
 
 /// Reads the case's topic until it has seen every acknowledged record (whose
