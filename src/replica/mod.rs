@@ -1508,9 +1508,7 @@ fn read_committed(
         return Ok(Fetched {
             records: Vec::new(),
             log_start_offset: state.log_start_offset,
-            high_watermark: state
-                .high_watermark
-                .max(known_committed.min(state.log_end_offset)),
+            high_watermark: state.readable_end(known_committed),
         });
     };
     match store.read_committed(

@@ -349,9 +349,7 @@ impl Store {
         let txn = self.db.begin_read()?;
         let entry = self.topic_in(&txn, topic)?;
         let state = self.partition_state_in(&txn, &entry, partition)?;
-        let end = state
-            .high_watermark
-            .max(known_committed.min(state.log_end_offset));
+        let end = state.readable_end(known_committed);
         let mut result = ReadResult {
             records: Vec::new(),
             log_start_offset: state.log_start_offset,

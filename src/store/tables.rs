@@ -125,6 +125,16 @@ pub struct PartitionState {
     pub bytes: u64,
 }
 
+impl PartitionState {
+    /// Where committed records end for a reader, given `known_committed`
+    /// (one past the last record offset a replica knows committed and durable
+    /// here): the stored high watermark or further, never past the log end.
+    pub fn readable_end(&self, known_committed: u64) -> u64 {
+        self.high_watermark
+            .max(known_committed.min(self.log_end_offset))
+    }
+}
+
 /// A segment: a run of whole batches that retention keeps or drops together.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentMeta {
