@@ -1,5 +1,6 @@
 //! The composed libp2p behaviour: identify, Kademlia, mDNS (optional),
-//! membership gossip over request-response, and connection limits.
+//! membership gossip over request-response, long-lived peer links
+//! (libp2p-stream, see [`super::link`]) and connection limits.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{StreamProtocol, connection_limits, identify, kad, mdns, request_response};
 
-use super::codec::{GOSSIP_PROTOCOL, GossipCodec, PEER_PROTOCOL, PeerCodec};
+use super::codec::{GOSSIP_PROTOCOL, GossipCodec};
 use super::{MeshConfig, NetError};
 
 /// meshlog's own Kademlia protocol, so its DHT never mixes with other networks'.
@@ -30,8 +31,8 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     /// Membership gossip.
     pub gossip: request_response::Behaviour<GossipCodec>,
-    /// The peer protocol: produce, replication, topics.
-    pub peer: request_response::Behaviour<PeerCodec>,
+    /// Streams of the peer protocol: produce, replication, fetch, topics.
+    pub stream: libp2p_stream::Behaviour,
 }
 
 impl Behaviour {
@@ -68,24 +69,13 @@ impl Behaviour {
             [(GOSSIP_PROTOCOL, request_response::ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
         );
-        let peer_support = if config.role_is_storage() {
-            request_response::ProtocolSupport::Full
-        } else {
-            request_response::ProtocolSupport::Outbound
-        };
-        let peer = request_response::Behaviour::new(
-            [(PEER_PROTOCOL, peer_support)],
-            request_response::Config::default()
-                .with_request_timeout(Duration::from_secs(60))
-                .with_max_concurrent_streams(1024),
-        );
         Ok(Behaviour {
             limits: connection_limits::Behaviour::new(limits),
             identify,
             kad,
             mdns: mdns.into(),
             gossip,
-            peer,
+            stream: libp2p_stream::Behaviour::new(),
         })
     }
 }

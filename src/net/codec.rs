@@ -1,7 +1,8 @@
 //! The request-response codecs: a 4-byte big-endian length, then a versioned
 //! postcard frame ([`crate::wire`]). Frames over the protocol's cap are
-//! refused before they are read. Two protocols use it: membership gossip and
-//! the peer protocol ([`crate::protocol`]) that carries records.
+//! refused before they are read. Membership gossip uses it; the peer
+//! protocol ([`crate::protocol`]) uses the same framing on long-lived links
+//! ([`super::link`]).
 
 use std::io;
 
@@ -11,7 +12,6 @@ use libp2p::request_response;
 
 use super::NodeId;
 use crate::core::membership::GossipMessage;
-use crate::protocol::{PeerRequest, PeerResponse};
 
 /// The gossip protocol's name.
 pub const GOSSIP_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshlog/membership/1");
@@ -24,9 +24,6 @@ pub type GossipRequest = GossipMessage<NodeId>;
 
 /// The answer: the receiver's whole view when the sender asked for it.
 pub type GossipResponse = Option<GossipMessage<NodeId>>;
-
-/// The peer protocol's name: produce, replication and topic requests.
-pub const PEER_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshlog/peer/1");
 
 /// Largest peer-protocol frame: a stored batch's cap plus room for the envelope.
 pub const MAX_PEER_FRAME: usize = crate::wire::MAX_FRAME_BYTES + 64 * 1024;
@@ -49,9 +46,6 @@ impl<Req, Resp, const MAX: usize> Default for FrameCodec<Req, Resp, MAX> {
 
 /// Reads and writes gossip frames.
 pub type GossipCodec = FrameCodec<GossipRequest, GossipResponse, MAX_GOSSIP_FRAME>;
-
-/// Reads and writes peer-protocol frames.
-pub type PeerCodec = FrameCodec<PeerRequest, PeerResponse, MAX_PEER_FRAME>;
 
 async fn read_frame<T, M>(io: &mut T, max: usize) -> io::Result<M>
 where

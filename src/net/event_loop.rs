@@ -3,15 +3,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use std::collections::HashMap;
-
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, Message};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
@@ -23,7 +20,6 @@ use super::{
 use crate::core::membership::{
     Action, MemberMeta, Membership, MembershipEvent, PROTOCOL_VERSION, Role,
 };
-use crate::protocol::{PeerRequest, PeerResponse};
 
 /// How many gossip rounds between two measurements of free disk space.
 const DISK_REFRESH_ROUNDS: u64 = 20;
@@ -33,17 +29,7 @@ pub(super) struct Channels {
     pub commands: mpsc::Receiver<Command>,
     pub events: broadcast::Sender<MembershipEvent<NodeId>>,
     pub listening: watch::Sender<Vec<Multiaddr>>,
-    pub inbound: mpsc::Sender<super::InboundRequest>,
 }
-
-/// An answer the node is preparing for a peer's request.
-type PendingAnswer = futures::future::BoxFuture<
-    'static,
-    (
-        request_response::ResponseChannel<PeerResponse>,
-        Option<PeerResponse>,
-    ),
->;
 
 pub(super) struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -58,13 +44,7 @@ pub(super) struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     gossip_interval: Duration,
     rounds: u64,
-    /// Our requests waiting for answers, by request id.
-    outbound: HashMap<request_response::OutboundRequestId, OutboundReply>,
-    /// Peers' requests the node is answering.
-    answers: FuturesUnordered<PendingAnswer>,
 }
-
-type OutboundReply = oneshot::Sender<Result<PeerResponse, NetError>>;
 
 impl EventLoop {
     pub fn new(
@@ -134,9 +114,12 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             gossip_interval: config.membership.gossip_interval,
             rounds: 0,
-            outbound: HashMap::new(),
-            answers: FuturesUnordered::new(),
         })
+    }
+
+    /// A handle that opens and accepts the peer links' streams.
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.swarm.behaviour().stream.new_control()
     }
 
     fn now(&self) -> Duration {
@@ -159,11 +142,6 @@ impl EventLoop {
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick(),
-                Some((channel, answer)) = self.answers.next(), if !self.answers.is_empty() => {
-                    if let Some(answer) = answer {
-                        let _ = self.swarm.behaviour_mut().peer.send_response(channel, answer);
-                    }
-                }
             }
         }
         debug!("mesh event loop stopped");
@@ -177,25 +155,9 @@ impl EventLoop {
             Command::Stats(reply) => {
                 let _ = reply.send(self.stats);
             }
-            Command::Request { to, request, reply } => {
-                let Some(peer) = peer_id_of_node(&to) else {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(NetError::Request {
-                            peer: to,
-                            reason: "not a peer id".into(),
-                        }));
-                    }
-                    return;
-                };
-                self.ensure_addresses(&to);
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .peer
-                    .send_request(&peer, *request);
-                if let Some(reply) = reply {
-                    self.outbound.insert(id, reply);
-                }
+            Command::LearnAddresses { peer, done } => {
+                self.ensure_addresses(&NodeId::from(peer));
+                let _ = done.send(());
             }
             Command::SetMeshId(mesh_id) => {
                 self.meta.mesh_id = Some(mesh_id);
@@ -204,55 +166,6 @@ impl EventLoop {
             Command::Shutdown(done) => {
                 let _ = done.send(());
             }
-        }
-    }
-
-    fn on_peer_event(&mut self, event: request_response::Event<PeerRequest, PeerResponse>) {
-        match event {
-            request_response::Event::Message { peer, message, .. } => match message {
-                Message::Request {
-                    request, channel, ..
-                } => {
-                    let (reply, answer) = oneshot::channel();
-                    let inbound = super::InboundRequest {
-                        from: NodeId::from(peer),
-                        request,
-                        reply,
-                    };
-                    if self.channels.inbound.try_send(inbound).is_err() {
-                        debug!(%peer, "peer request dropped: the node is not keeping up");
-                        return;
-                    }
-                    self.answers
-                        .push(Box::pin(async move { (channel, answer.await.ok()) }));
-                }
-                Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(reply) = self.outbound.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                debug!(%peer, %error, "peer request failed");
-                if let Some(reply) = self.outbound.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Request {
-                        peer: NodeId::from(peer),
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "peer request from peer failed");
-            }
-            request_response::Event::ResponseSent { .. } => {}
         }
     }
 
@@ -311,7 +224,7 @@ impl EventLoop {
                 self.membership.add_seed(NodeId::from(peer));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip_event(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Peer(event)) => self.on_peer_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Stream(())) => {}
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,

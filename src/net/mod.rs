@@ -5,7 +5,9 @@
 //! swarm and the [`Membership`] state machine. The loop feeds the machine
 //! gossip messages, discovered peers and ticks, and carries out what it
 //! returns: send gossip, log and publish membership events. Callers talk to
-//! the loop through a bounded command channel.
+//! the loop through a bounded command channel. The peer protocol (records,
+//! replication, topics, groups) does not pass through the loop: it runs on
+//! long-lived [`link`]s, one stream per peer and direction.
 //!
 //! [`Membership`]: crate::core::membership::Membership
 
@@ -13,6 +15,7 @@ mod behaviour;
 pub mod codec;
 mod event_loop;
 pub mod identity;
+pub mod link;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -172,10 +175,10 @@ const INBOUND_DEPTH: usize = 4096;
 enum Command {
     Members(oneshot::Sender<Vec<MemberView<NodeId>>>),
     SetMeshId(u64),
-    Request {
-        to: NodeId,
-        request: Box<PeerRequest>,
-        reply: Option<oneshot::Sender<Result<PeerResponse, NetError>>>,
+    /// Give the swarm the addresses `peer` gossiped, before a link dials it.
+    LearnAddresses {
+        peer: PeerId,
+        done: oneshot::Sender<()>,
     },
     Stats(oneshot::Sender<GossipStats>),
     Shutdown(oneshot::Sender<()>),
@@ -186,6 +189,8 @@ pub struct Mesh {
     peer_id: PeerId,
     inbound: std::sync::Mutex<Option<mpsc::Receiver<InboundRequest>>>,
     commands: mpsc::Sender<Command>,
+    /// The peer protocol's outbound links.
+    links: link::Links,
     events: broadcast::Sender<MembershipEvent<NodeId>>,
     listening: watch::Receiver<Vec<Multiaddr>>,
 }
@@ -207,14 +212,23 @@ impl Mesh {
             commands: receiver,
             events: events.clone(),
             listening: listen_tx,
-            inbound: inbound_tx,
         };
+        let storage = config.role_is_storage();
         let event_loop = event_loop::EventLoop::new(keypair, config, data_dir, channels)?;
+        let mut control = event_loop.stream_control();
+        if storage {
+            let incoming = control
+                .accept(link::LINK_PROTOCOL)
+                .map_err(|e| NetError::Transport(e.to_string()))?;
+            tokio::spawn(link::accept(incoming, inbound_tx));
+        }
         tokio::spawn(event_loop.run());
+        let links = link::Links::new(control, commands.clone());
         Ok(Mesh {
             peer_id,
             inbound: std::sync::Mutex::new(Some(inbound)),
             commands,
+            links,
             events,
             listening,
         })
@@ -254,37 +268,23 @@ impl Mesh {
         self.inbound.lock().ok()?.take()
     }
 
-    /// Sends `request` to `to` and waits for the answer.
+    /// Sends `request` to `to` over the link to it and waits for the answer.
     pub async fn request(
         &self,
         to: NodeId,
         request: PeerRequest,
     ) -> Result<PeerResponse, NetError> {
         let (reply, answer) = oneshot::channel();
-        let command = Command::Request {
-            to,
-            request: Box::new(request),
-            reply: Some(reply),
-        };
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| NetError::Closed)?;
+        self.links.send(&to, request, Some(reply)).await?;
         answer.await.map_err(|_| NetError::Closed)?
     }
 
-    /// Sends `request` to `to` without waiting for the answer (replication
-    /// traffic, whose answers come back as requests of their own).
+    /// Sends `request` to `to` without waiting for an answer (replication
+    /// traffic, whose answers come back as requests of their own). Messages
+    /// sent this way to one peer arrive in the order they were sent, unless
+    /// the link between them broke in between.
     pub async fn send(&self, to: NodeId, request: PeerRequest) -> Result<(), NetError> {
-        let command = Command::Request {
-            to,
-            request: Box::new(request),
-            reply: None,
-        };
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| NetError::Closed)
+        self.links.send(&to, request, None).await
     }
 
     /// Announces the mesh this node belongs to; from then on members of any

@@ -228,7 +228,26 @@ async fn run_case(
     let clock = Instant::now();
     let acked = Arc::new(AtomicU64::new(0));
     let (done, total_rx) = tokio::sync::watch::channel(None::<u64>);
-    let consumer = tokio::spawn(consume(client.clone(), topic.clone(), clock, total_rx));
+    let (ready, assigned) = tokio::sync::oneshot::channel();
+    let consumer = tokio::spawn(consume(
+        client.clone(),
+        topic.clone(),
+        clock,
+        ready,
+        total_rx,
+    ));
+    // Producing starts once the consumer holds its partitions, so that the
+    // end-to-end figures measure the data path, not the group's first join.
+    if assigned.await.is_err() {
+        return Err(consumer
+            .await?
+            .err()
+            .map_or_else(
+                || format!("{topic}: the consumer stopped before it was assigned"),
+                |e| e.to_string(),
+            )
+            .into());
+    }
     let produce_for = Duration::from_secs_f64(args.seconds);
     let mut producers = Vec::new();
     for p in 0..args.producers {
@@ -361,6 +380,7 @@ async fn consume(
     client: Node,
     topic: String,
     clock: Instant,
+    ready: tokio::sync::oneshot::Sender<()>,
     total: tokio::sync::watch::Receiver<Option<u64>>,
 ) -> Result<(u64, f64, Histogram<u64>), Box<dyn std::error::Error + Send + Sync>> {
     // One consumer group of one member (committing every 5 s, as a Kafka
@@ -371,6 +391,15 @@ async fn consume(
     config.max_poll_records = 100_000;
     let mut consumer = client.consumer(config)?;
     consumer.subscribe(&[&topic])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumer.assignment().is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!("{topic}: no partitions assigned to the consumer in 30 s").into());
+        }
+        // Nothing is produced yet, so these polls return no records.
+        consumer.poll(Duration::from_millis(50)).await?;
+    }
+    let _ = ready.send(());
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let (mut consumed, mut last_progress, mut last_at) = (0u64, Instant::now(), 0.0);
     loop {
