@@ -248,3 +248,92 @@ async fn nodes_join_over_quic_alone() {
     .unwrap();
     wait_for_full_membership(&[first, second], Duration::from_secs(30)).await;
 }
+
+/// The peer protocol's link: concurrent requests each get their own answer
+/// though the peer answers them in reverse order; a request the peer drops
+/// fails at once instead of timing out; messages sent without waiting arrive
+/// in the order they were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_pairs_answers_with_requests_and_keeps_order() {
+    use meshlog::protocol::{PeerRequest, PeerResponse};
+    const CONCURRENT: usize = 64;
+    const ORDERED: usize = 500;
+
+    let server = start(None, Role::Storage).await;
+    let server_address = address_of(&server).await;
+    let client = start(Some(&server_address), Role::LightClient).await;
+    let server_id = NodeId::from(server.peer_id());
+    let mut inbound = server.take_inbound().expect("inbound requests");
+
+    let name_of = |request: &PeerRequest| match request {
+        PeerRequest::DescribeTopic { name } => name.clone(),
+        other => panic!("unexpected request {other:?}"),
+    };
+    let answering = tokio::spawn(async move {
+        // Hold the first CONCURRENT requests, then answer them last first;
+        // the one named "drop" is dropped unanswered.
+        let mut held = Vec::new();
+        while held.len() < CONCURRENT + 1 {
+            let request = inbound.recv().await.expect("a request");
+            held.push(request);
+        }
+        while let Some(request) = held.pop() {
+            let name = name_of(&request.request);
+            if name != "drop" {
+                let _ = request.reply.send(PeerResponse::Topics(vec![name]));
+            }
+        }
+        // Then the ordered ones, checked as they arrive.
+        for expected in 0..ORDERED {
+            let request = inbound.recv().await.expect("an ordered message");
+            assert_eq!(name_of(&request.request), format!("ordered-{expected}"));
+        }
+    });
+
+    let client = std::sync::Arc::new(client);
+    let mut asking = Vec::new();
+    for i in 0..CONCURRENT {
+        let client = client.clone();
+        asking.push(tokio::spawn(async move {
+            let name = format!("topic-{i}");
+            let request = PeerRequest::DescribeTopic { name: name.clone() };
+            let answer = client.request(server_id, request).await.expect("answer");
+            (name, answer)
+        }));
+    }
+    let dropped = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let request = PeerRequest::DescribeTopic {
+                name: "drop".into(),
+            };
+            client.request(server_id, request).await
+        })
+    };
+    for asked in asking {
+        let (name, answer) = tokio::time::timeout(Duration::from_secs(30), asked)
+            .await
+            .expect("answered within 30 s")
+            .expect("task");
+        match answer {
+            PeerResponse::Topics(names) => assert_eq!(names, vec![name]),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    let dropped = tokio::time::timeout(Duration::from_secs(30), dropped)
+        .await
+        .expect("the dropped request fails within 30 s, not at the request timeout")
+        .expect("task");
+    assert!(dropped.is_err(), "a dropped request is an error");
+
+    for i in 0..ORDERED {
+        let request = PeerRequest::DescribeTopic {
+            name: format!("ordered-{i}"),
+        };
+        client.send(server_id, request).await.expect("queued");
+    }
+    tokio::time::timeout(Duration::from_secs(30), answering)
+        .await
+        .expect("every ordered message within 30 s")
+        .expect("the server saw every message in order");
+}
