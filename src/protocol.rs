@@ -1,11 +1,11 @@
 //! The peer protocol: what nodes (and light clients) ask each other.
 //!
-//! Every message is one request-response exchange on `/meshlog/peer/1`,
-//! framed by [`crate::net::codec`]. Replication traffic is one-way: the
-//! request carries a `core::replication` message (plus the batches an append
-//! ships) and the answer is a bare [`PeerResponse::Ack`]; the replica's real
-//! answer travels back as a request of its own, as the core's messages are
-//! asynchronous.
+//! Every message is a request on the long-lived link from its sender to its
+//! receiver ([`crate::net::link`]), answered on the same link. Replication
+//! traffic is one-way: the request carries a `core::replication` message
+//! (plus the batches an append ships) and asks for no answer (the node's
+//! [`PeerResponse::Ack`] is not sent); the replica's real answer travels back
+//! as a request of its own, as the core's messages are asynchronous.
 
 use serde::{Deserialize, Serialize};
 
